@@ -1,0 +1,155 @@
+"""Quantized building blocks that take the place of timm's modules.
+
+Each quantized module holds its quantizers as named children (``input_quantizer``,
+``weight_quantizer``, ``a_quantizer``/``b_quantizer``), so they can be listed, enabled and disabled
+by name, and their state is part of the model's ``state_dict()``. Weights and biases stay the
+original ``nn.Parameter`` objects.
+
+The attention modules reimplement the attention arithmetic explicitly (timm's fused
+``scaled_dot_product_attention`` hides the two matrix products that must be quantized); they are
+swapped in for timm's modules rather than patching timm's forward functions, and accept the
+arguments of every timm 1.0.x release (``attn_mask``, ``is_causal``, Swin's ``mask``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import Quantizer
+
+
+class Identity(nn.Identity):
+    """Stand-in for an absent quantizer, so every quantized module has the same attributes."""
+
+
+def _quantizer_or_identity(q: Optional[Quantizer]) -> nn.Module:
+    return q if q is not None else Identity()
+
+
+class QuantLinear(nn.Linear):
+    """``y = W^ x^ + b``: input quantizer (optional) and per-output-channel weight quantizer."""
+
+    def __init__(self, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Optional[Quantizer]):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = _quantizer_or_identity(input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """Patch-embedding convolution with a per-output-channel weight quantizer (the image stays float)."""
+
+    def __init__(self, conv: nn.Conv2d, weight_quantizer: Quantizer):
+        nn.Module.__init__(self)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "groups", "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(conv, name))
+        self.weight, self.bias = conv.weight, conv.bias
+        self.weight_quantizer = weight_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantMatMul(nn.Module):
+    """``a^ @ b^`` with one quantizer per operand."""
+
+    def __init__(self, a_quantizer: Quantizer, b_quantizer: Quantizer):
+        super().__init__()
+        self.a_quantizer = a_quantizer
+        self.b_quantizer = b_quantizer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quantizer(a) @ self.b_quantizer(b)
+
+
+def _additive_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, like: torch.Tensor):
+    """timm's attention-mask conventions turned into an additive bias (or None)."""
+    if is_causal:
+        return like.new_full((n, n), float("-inf")).triu_(1)
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros_like(attn_mask, dtype=like.dtype).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
+
+
+class QuantAttention(nn.Module):
+    """Multi-head self-attention of timm's ``Attention`` (ViT, DeiT) with quantized products.
+
+    ``qk`` quantizes both operands of ``q @ k^T`` per tensor; ``av`` quantizes the post-Softmax map
+    (SULQ, log-sqrt2 or uniform) and ``v``. ``qkv`` and ``proj`` are ``QuantLinear``.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise NotImplementedError("gated attention is not supported by isvit yet")
+        self.num_heads = attn.num_heads
+        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+        self.attn_dim = self.num_heads * self.head_dim
+        self.scale = attn.scale
+        self.qkv, self.proj = qkv, proj
+        self.q_norm = getattr(attn, "q_norm", nn.Identity())
+        self.k_norm = getattr(attn, "k_norm", nn.Identity())
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.qk, self.av = qk, av
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1))
+        bias = _additive_mask(attn_mask, is_causal, N, attn)
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(nn.Module):
+    """Swin's window attention (timm ``WindowAttention``) with quantized products.
+
+    The relative position bias and the shifted-window mask are added in floating point before the
+    Softmax.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.window_area = attn.relative_position_index.shape[0]
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.qkv, self.proj = qkv, proj
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.qk, self.av = qk, av
+
+    def relative_position_bias(self) -> torch.Tensor:
+        n = self.window_area
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1)) + self.relative_position_bias()
+        if mask is not None:
+            num_windows = mask.shape[0]
+            attn = attn.view(-1, num_windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,243 @@
+"""The named methods, each a short sequence of named stages.
+
+    minmax : wrap (per-tensor activations, uniform post-Softmax) -> calibrate
+    repq   : wrap (per-channel post-LayerNorm, log-sqrt2 post-Softmax) -> calibrate
+             -> fold the per-channel grids into LayerNorm + Linear -> re-calibrate the new weights
+    both then correct the biases (optional: ``bias_correction=False`` gives the published methods)
+    isvit  : SULQ + three-stage smooth optimisation (next milestone)
+
+Calibration ("initialisation") is one forward pass over the calibration images with every
+quantizer in calibrating mode: each fits itself to what it sees, then quantizes, so later layers are
+fitted to the already-quantized outputs of earlier ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import IsvitError
+from .modules import QuantLinear
+from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits
+from .reparam import reparameterize_layernorm
+from .wrap import Placement, post_layernorm_pairs, wrap_model
+
+METHODS = ("isvit", "repq", "minmax")
+DEFAULT_CALIB_SIZE = {"isvit": 1024, "repq": 32, "minmax": 32}
+DEFAULT_SOFTMAX_QUANTIZER = {"isvit": "sulq", "repq": "log2sqrt2", "minmax": "uniform"}
+# The training-free methods end with bias correction unless told not to (False reproduces the
+# published algorithms); I&S-ViT's reconstruction absorbs the same error by training.
+DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. ``None`` fields take the method's default."""
+
+    method: str = "repq"
+    w_bits: int = 4
+    a_bits: int = 4
+    calib_size: Optional[int] = None
+    softmax_quantizer: Optional[str] = None
+    seed: int = 0
+    bias_correction: Optional[bool] = None
+    iters: Optional[int] = None  # I&S-ViT reconstruction iterations per block (next milestone)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise IsvitError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("w_bits", "a_bits"):
+            try:
+                check_bits(getattr(self, name))
+            except ValueError:
+                raise IsvitError(f"{name} must be an integer from 2 to 8, got {getattr(self, name)!r}") from None
+        if self.softmax_quantizer is not None and self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise IsvitError(
+                f"unknown post-Softmax quantizer {self.softmax_quantizer!r}; choose one of {', '.join(SOFTMAX_QUANTIZERS)}"
+            )
+        if self.calib_size is not None and self.calib_size < 1:
+            raise IsvitError(f"calib_size must be at least 1, got {self.calib_size}")
+
+    @property
+    def resolved_calib_size(self) -> int:
+        return self.calib_size if self.calib_size is not None else DEFAULT_CALIB_SIZE[self.method]
+
+    @property
+    def resolved_softmax_quantizer(self) -> str:
+        return self.softmax_quantizer or DEFAULT_SOFTMAX_QUANTIZER[self.method]
+
+    @property
+    def resolved_bias_correction(self) -> bool:
+        return self.bias_correction if self.bias_correction is not None else DEFAULT_BIAS_CORRECTION[self.method]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bias_correction"] = self.resolved_bias_correction
+        d["calib_size"] = self.resolved_calib_size
+        d["softmax_quantizer"] = self.resolved_softmax_quantizer
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+def collect_calibration(calib: Union[torch.Tensor, Iterable], num_images: int) -> torch.Tensor:
+    """The first ``num_images`` images of ``calib``: a (N, 3, H, W) tensor, or an iterable of such
+    batches or of (images, labels) pairs (a DataLoader)."""
+    if isinstance(calib, torch.Tensor):
+        batches = [calib]
+    else:
+        batches, count = [], 0
+        for batch in calib:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            if not isinstance(batch, torch.Tensor):
+                raise IsvitError(f"calibration batches must be image tensors, got {type(batch).__name__}")
+            batches.append(batch)
+            count += batch.shape[0]
+            if count >= num_images:
+                break
+    if not batches:
+        raise IsvitError("the calibration data is empty")
+    images = torch.cat(batches)[:num_images]
+    if images.dim() != 4:
+        raise IsvitError(f"calibration images must be a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+    return images
+
+
+def quantizers(model: nn.Module, kind: str = "all") -> list[tuple[str, Quantizer]]:
+    """Named quantizers of a wrapped model; ``kind`` is 'all', 'weight' or 'activation'."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            is_weight = name.endswith("weight_quantizer")
+            if kind == "all" or (kind == "weight") == is_weight:
+                found.append((name, module))
+    return found
+
+
+def set_quantizers(model: nn.Module, enabled: bool, kind: str = "all") -> None:
+    """Enable or disable quantizers by kind ('all', 'weight', 'activation')."""
+    for _, q in quantizers(model, kind):
+        q.enabled = enabled
+
+
+@torch.no_grad()
+def calibrate_weights(model: nn.Module, only_uncalibrated: bool = False) -> None:
+    """Fit every weight quantizer to its weight (percentile-MSE per output channel)."""
+    for name, module in model.named_modules():
+        q = getattr(module, "weight_quantizer", None)
+        if isinstance(q, Quantizer) and not (only_uncalibrated and q.is_calibrated):
+            q.calibrate(module.weight.detach())
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, images: torch.Tensor) -> None:
+    """Fit every enabled activation quantizer in one forward pass over ``images``.
+
+    One pass, not several batches: each quantizer fits itself to the whole calibration set as it
+    sees it and then quantizes it, so every layer is fitted to its quantized inputs.
+    """
+    for _, q in quantizers(model, "activation"):
+        if q.enabled:
+            q.calibrating = True
+    model(images)
+
+
+@torch.no_grad()
+def correct_bias(model: nn.Module, images: torch.Tensor) -> None:
+    """Empirical bias correction, in one forward pass over ``images``.
+
+    For every quantized Linear, in forward order, the mean over the calibration tokens of
+    ``W^ x^ + b - (W x + b)`` (its output error on the inputs it really gets in the quantized
+    model) is subtracted from its bias; later layers see the corrected outputs. This removes the
+    systematic part of the quantization error, e.g. the post-GELU values that a coarse per-tensor
+    grid rounds to zero (ViT's few huge activations force a step of ~0.8 on ViT-Ti's fc2 inputs).
+    """
+
+    def hook(linear: QuantLinear, inputs, output):
+        exact = torch.nn.functional.linear(inputs[0], linear.weight, linear.bias)
+        error = (output - exact).reshape(-1, output.shape[-1]).double().mean(dim=0).to(output.dtype)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros_like(error))
+        linear.bias -= error
+        return output - error
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fold_post_layernorm(model: nn.Module) -> None:
+    """RepQ-ViT / SOS stage 2: per-channel post-LayerNorm quantizers become per tensor, exactly."""
+    for _, norm, linear in post_layernorm_pairs(model):
+        reparameterize_layernorm(norm, linear)
+        linear.weight_quantizer.scale = torch.empty(0, device=linear.weight.device)  # re-fit on W * r
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+def quantize(
+    model: nn.Module,
+    calib: Union[torch.Tensor, Iterable],
+    config: QuantConfig = QuantConfig(),
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
+
+    ``calib``: unlabeled calibration images, a (N, 3, H, W) tensor already preprocessed as the
+    model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
+    ``device``: where calibration runs (default: where the model is). The model is copied unless
+    ``inplace``.
+    """
+    if config.method == "isvit":
+        raise IsvitError("method 'isvit' is not implemented yet: use 'repq' or 'minmax' for now")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    model.eval()
+    images = collect_calibration(calib, config.resolved_calib_size).to(device)
+    torch.manual_seed(config.seed)
+
+    steps = ["wrap", "calibrate"]
+    if config.method == "repq":
+        steps += ["reparameterise", "re-calibrate"]
+    if config.resolved_bias_correction:
+        steps += ["correct bias"]
+    bar = tqdm(steps, desc=f"{config.method} W{config.w_bits}/A{config.a_bits}", disable=not progress, leave=False)
+    placement = Placement(
+        w_bits=config.w_bits,
+        a_bits=config.a_bits,
+        softmax_quantizer=config.resolved_softmax_quantizer,
+        post_ln_per_channel=config.method == "repq",
+    )
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step == "wrap":
+            wrap_model(model, placement)
+        elif step == "calibrate":
+            calibrate_weights(model)
+            calibrate_activations(model, images)
+        elif step == "reparameterise":
+            fold_post_layernorm(model)
+        elif step == "re-calibrate":
+            calibrate_weights(model, only_uncalibrated=True)
+        elif step == "correct bias":
+            correct_bias(model, images)
+    return model

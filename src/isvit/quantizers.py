@@ -1,0 +1,330 @@
+"""Fake quantizers: the math of each grid, and how it is fitted to data.
+
+Every quantizer is an ``nn.Module`` whose whole state lives in buffers, so ``state_dict()`` saves it
+and ``load_state_dict()`` restores it (buffers are resized on load: a per-channel quantizer turned
+per-tensor by the reparameterisation loads into a freshly wrapped model). A quantizer has three
+runtime switches, none of which is state:
+
+- ``enabled``: when False the quantizer is the identity;
+- ``calibrating``: when True the next forward fits the parameters to the tensor it sees (the
+  percentile-MSE search), then quantizes it; the flag clears itself;
+- an uncalibrated quantizer that is enabled refuses to run, so a forgotten calibration is an error,
+  not silently full precision.
+
+Rounding uses a straight-through estimator, so the block reconstruction can train weights through
+the quantizers.
+
+The grids:
+
+- ``UniformQuantizer``: asymmetric, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
+  ``x^ = (q - z) * s``; per tensor (scale of one element) or per channel along ``channel_dim``.
+- ``LogSqrt2Quantizer`` (RepQ-ViT, post-Softmax): ``q = clamp(round(-2 log2(x / d)), 0, 2^b - 1)``,
+  ``x^ = d * 2^(-q / 2)``, values past the last code become 0.
+- ``SULQuantizer`` (I&S-ViT, post-Softmax): ``y = log2(x + eta)``, a uniform grid of 2^b levels
+  between ``ymin`` and ``ymax`` in the log domain, ``x^ = 2^(q s + ymin) - eta``. Unlike the
+  authors' code, the exponent is not rounded to an integer, so all 2^b levels are distinct.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+# Clipping percentiles searched at initialisation (method.md): the one with the lowest MSE wins.
+ACTIVATION_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999, 1.0)
+WEIGHT_PERCENTILES: tuple[float, ...] = (
+    0.97, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 1.0,
+)
+# The shift grid of SULQ (method.md).
+SULQ_ETAS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    if not x.requires_grad:
+        return torch.round(x)
+    return x + (torch.round(x) - x).detach()
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+class Quantizer(nn.Module):
+    """Common switches and the resize-on-load of buffers; subclasses define the grid."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.enabled = True
+        self.calibrating = False
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.bits
+
+    @property
+    def is_calibrated(self) -> bool:
+        raise NotImplementedError
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Fit the parameters to ``x`` (no gradient)."""
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.calibrating:
+            with torch.no_grad():
+                self.calibrate(x.detach())
+            self.calibrating = False
+        if not self.is_calibrated:
+            raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated")
+        return self.quantize(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A buffer's shape is part of the state (per-tensor vs per-channel): adopt the saved one.
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty_like(saved, dtype=buf.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}"
+
+
+class UniformQuantizer(Quantizer):
+    """Asymmetric uniform quantizer, per tensor or per channel.
+
+    ``channel_dim`` names the channel axis used when the quantizer is calibrated per channel
+    (``per_channel=True``). After calibration the granularity is read off the scale's size, so a
+    per-channel quantizer can be turned per tensor (the LayerNorm reparameterisation) by
+    ``set_params`` with one-element tensors.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        per_channel: bool = False,
+        channel_dim: int = -1,
+        percentiles: Sequence[float] = ACTIVATION_PERCENTILES,
+    ):
+        super().__init__(bits)
+        self.per_channel = per_channel
+        self.channel_dim = channel_dim
+        self.percentiles = tuple(percentiles)
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))  # integer-valued, kept as float
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def is_per_channel(self) -> bool:
+        return self.scale.numel() > 1
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set the grid; ``zero_point`` is rounded to an integer."""
+        scale = scale.detach().reshape(-1).float()
+        self.scale = scale.clamp_min(1e-8).to(self.scale.device)
+        self.zero_point = torch.round(zero_point.detach().reshape(-1).float()).to(self.scale.device)
+
+    def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 1:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return t.reshape(shape)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._broadcast(self.scale, x).to(x.dtype)
+        zero_point = self._broadcast(self.zero_point, x).to(x.dtype)
+        q = torch.clamp(round_ste(x / scale) + zero_point, 0, self.levels - 1)
+        return (q - zero_point) * scale
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes in 0..2^b-1 (int32), for deployment and tests."""
+        scale = self._broadcast(self.scale, x)
+        zero_point = self._broadcast(self.zero_point, x)
+        return torch.clamp(torch.round(x / scale) + zero_point, 0, self.levels - 1).to(torch.int32)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        scale, zero_point = search_uniform_range(
+            x.float(), self.bits, self.percentiles, self.channel_dim if self.per_channel else None
+        )
+        self.set_params(scale, zero_point)
+
+    def extra_repr(self) -> str:
+        granularity = "per-channel" if (self.is_per_channel or (self.per_channel and not self.is_calibrated)) else "per-tensor"
+        return f"{super().extra_repr()}, {granularity}"
+
+
+def _rows(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    """View ``x`` as (channels, values): one row per channel, or a single row."""
+    if channel_dim is None:
+        return x.reshape(1, -1)
+    return x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+
+
+def _uniform_params(low: torch.Tensor, high: torch.Tensor, levels: int):
+    scale = ((high - low) / (levels - 1)).clamp_min(1e-8)
+    zero_point = torch.round(-low / scale)
+    return scale, zero_point
+
+
+def _fake_quant_rows(rows: torch.Tensor, scale, zero_point, levels: int) -> torch.Tensor:
+    s, z = scale[:, None], zero_point[:, None]
+    return (torch.clamp(torch.round(rows / s) + z, 0, levels - 1) - z) * s
+
+
+def search_uniform_range(
+    x: torch.Tensor, bits: int, percentiles: Sequence[float], channel_dim: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile-MSE initialisation of an asymmetric uniform grid.
+
+    For each candidate percentile p, clip to [quantile(1 - p), quantile(p)] (per channel or over the
+    whole tensor) and keep, per channel, the candidate whose fake-quantized tensor has the lowest
+    mean squared error to ``x``. Returns (scale, zero_point), one entry per channel or one in all.
+    """
+    levels = 2 ** bits
+    rows = _rows(x, channel_dim)
+    n = rows.shape[1]
+    ordered = torch.sort(rows, dim=1).values
+    best_err = torch.full((rows.shape[0],), float("inf"), device=x.device)
+    best_scale = torch.zeros(rows.shape[0], device=x.device)
+    best_zero = torch.zeros(rows.shape[0], device=x.device)
+    for p in percentiles:
+        hi_idx = min(n - 1, max(0, int(round(p * (n - 1)))))
+        lo_idx = n - 1 - hi_idx
+        low, high = ordered[:, lo_idx], ordered[:, hi_idx]
+        scale, zero_point = _uniform_params(low, high, levels)
+        err = (_fake_quant_rows(rows, scale, zero_point, levels) - rows).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero_point, best_zero)
+    return best_scale, best_zero
+
+
+class LogSqrt2Quantizer(Quantizer):
+    """RepQ-ViT's log-sqrt2 quantizer for post-Softmax attention (x >= 0)."""
+
+    def __init__(self, bits: int, percentiles: Sequence[float] = ACTIVATION_PERCENTILES):
+        super().__init__(bits)
+        self.percentiles = tuple(percentiles)
+        self.register_buffer("delta", torch.empty(0))
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.delta.numel() > 0
+
+    def _quantize_with(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        delta = delta.to(x.dtype)
+        code = round_ste(-2 * torch.log2(x.clamp_min(1e-20) / delta))
+        past_last = code.detach() > self.levels - 1
+        code = torch.clamp(code, 0, self.levels - 1)
+        value = delta * torch.exp2(-code / 2)
+        return torch.where(past_last, torch.zeros_like(value), value)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantize_with(x, self.delta)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes 0..2^b-1, and 2^b for values that dequantize to 0."""
+        code = torch.round(-2 * torch.log2(x.clamp_min(1e-20) / self.delta))
+        return torch.where(code > self.levels - 1, self.levels, code.clamp_min(0)).to(torch.int32)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        flat = x.float().reshape(-1)
+        ordered = torch.sort(flat).values
+        best = (float("inf"), None)
+        for p in self.percentiles:
+            delta = ordered[min(flat.numel() - 1, int(round(p * (flat.numel() - 1))))].clamp_min(1e-8)
+            err = (self._quantize_with(flat, delta) - flat).pow(2).mean().item()
+            if err < best[0]:
+                best = (err, delta)
+        self.delta = best[1].reshape(1).to(self.delta.device)
+
+
+class SULQuantizer(Quantizer):
+    """Shift-uniform-log2 quantizer (I&S-ViT) for post-Softmax attention in [0, 1].
+
+    ``y = log2(x + eta)``; ``q = clamp(round((y - ymin) / s), 0, 2^b - 1)`` with
+    ``s = (ymax - ymin) / (2^b - 1)``; ``x^ = 2^(q s + ymin) - eta``. The 2^b values
+    ``2^(q s + ymin) - eta`` are all distinct (a look-up table at inference).
+    ``eta`` is chosen by MSE over ``SULQ_ETAS``; ``ymin``/``ymax`` are log2 of the data's range
+    shifted by eta.
+    """
+
+    def __init__(self, bits: int, etas: Sequence[float] = SULQ_ETAS):
+        super().__init__(bits)
+        self.etas = tuple(etas)
+        self.register_buffer("eta", torch.empty(0))
+        self.register_buffer("ymin", torch.empty(0))
+        self.register_buffer("ymax", torch.empty(0))
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.eta.numel() > 0
+
+    def _quantize_with(self, x, eta, ymin, ymax) -> torch.Tensor:
+        eta, ymin, ymax = (t.to(x.dtype) for t in (eta, ymin, ymax))
+        step = (ymax - ymin) / (self.levels - 1)
+        y = torch.log2(x + eta)
+        code = torch.clamp(round_ste((y - ymin) / step), 0, self.levels - 1)
+        return torch.exp2(code * step + ymin) - eta
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantize_with(x, self.eta, self.ymin, self.ymax)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        step = (self.ymax - self.ymin) / (self.levels - 1)
+        code = torch.round((torch.log2(x + self.eta) - self.ymin) / step)
+        return code.clamp(0, self.levels - 1).to(torch.int32)
+
+    def table(self) -> torch.Tensor:
+        """The 2^b dequantized values, code 0 first."""
+        step = (self.ymax - self.ymin) / (self.levels - 1)
+        return torch.exp2(torch.arange(self.levels, device=self.eta.device) * step + self.ymin) - self.eta
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        flat = x.float().reshape(-1)
+        lo, hi = flat.min().clamp_min(0), flat.max()
+        best = (float("inf"), None)
+        for eta in self.etas:
+            eta_t = torch.tensor(eta, device=flat.device)
+            ymin, ymax = torch.log2(lo + eta_t), torch.log2(hi + eta_t)
+            if not ymax > ymin:
+                continue
+            err = (self._quantize_with(flat, eta_t, ymin, ymax) - flat).pow(2).mean().item()
+            if err < best[0]:
+                best = (err, (eta_t, ymin, ymax))
+        if best[1] is None:  # constant input: any grid through the value reproduces it
+            eta_t = torch.tensor(self.etas[0], device=flat.device)
+            best = (0.0, (eta_t, torch.log2(lo + eta_t), torch.log2(lo + eta_t) + 1))
+        eta, ymin, ymax = best[1]
+        device = self.eta.device
+        self.eta, self.ymin, self.ymax = (t.reshape(1).to(device) for t in (eta, ymin, ymax))
+
+
+SOFTMAX_QUANTIZERS = ("sulq", "log2sqrt2", "uniform")
+
+
+def make_softmax_quantizer(kind: str, bits: int) -> Quantizer:
+    """The post-Softmax quantizer named by ``kind``: one of ``SOFTMAX_QUANTIZERS``."""
+    if kind == "sulq":
+        return SULQuantizer(bits)
+    if kind == "log2sqrt2":
+        return LogSqrt2Quantizer(bits)
+    if kind == "uniform":
+        return UniformQuantizer(bits)
+    raise ValueError(f"unknown post-Softmax quantizer {kind!r}; choose one of {', '.join(SOFTMAX_QUANTIZERS)}")

@@ -1,0 +1,173 @@
+"""Model surgery: where each quantizer goes, one function per architecture.
+
+Placement (method.md):
+
+- weights of every Linear (qkv, proj, fc1, fc2, head, Swin ``reduction``) and of the patch-embed
+  Conv2d: uniform, per output channel, ``w_bits``;
+- activations at ``a_bits``: inputs of ``qkv`` and ``fc1`` (post-LayerNorm) per channel when
+  ``post_ln_per_channel`` (per tensor otherwise); inputs of ``proj``, ``fc2``, ``head`` and
+  ``reduction`` per tensor; both operands of ``q @ k^T`` and ``v`` per tensor; the post-Softmax map
+  with the quantizer named by ``softmax_quantizer``;
+- the image, LayerNorm, Softmax, GELU, residual adds, cls token / position embedding and Swin's
+  relative position bias and mask stay floating point.
+
+Supported: timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT) with the standard pre-norm
+``Block``, and ``SwinTransformer``. Anything else is refused with a clear error rather than
+quantized half-way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from timm.layers import Attention
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .errors import IsvitError
+from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from .quantizers import WEIGHT_PERCENTILES, Quantizer, UniformQuantizer, make_softmax_quantizer
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What to build: bit-widths and the two choices the methods differ in."""
+
+    w_bits: int
+    a_bits: int
+    softmax_quantizer: str = "sulq"
+    post_ln_per_channel: bool = True
+
+    def weight(self) -> UniformQuantizer:
+        return UniformQuantizer(self.w_bits, per_channel=True, channel_dim=0, percentiles=WEIGHT_PERCENTILES)
+
+    def activation(self, per_channel: bool = False) -> UniformQuantizer:
+        return UniformQuantizer(self.a_bits, per_channel=per_channel, channel_dim=-1)
+
+    def linear(self, linear: nn.Linear, input_granularity: str) -> QuantLinear:
+        """``input_granularity``: 'post_ln' (per channel if so placed), 'tensor' or 'none'."""
+        if input_granularity == "none":
+            input_quantizer = None
+        else:
+            input_quantizer = self.activation(input_granularity == "post_ln" and self.post_ln_per_channel)
+        return QuantLinear(linear, self.weight(), input_quantizer)
+
+    def matmuls(self) -> tuple[QuantMatMul, QuantMatMul]:
+        qk = QuantMatMul(self.activation(), self.activation())
+        av = QuantMatMul(make_softmax_quantizer(self.softmax_quantizer, self.a_bits), self.activation())
+        return qk, av
+
+
+def architecture(model: nn.Module) -> str:
+    """'vit' or 'swin'; a clear error for anything isvit cannot wrap."""
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    raise IsvitError(
+        f"isvit supports timm VisionTransformer (ViT, DeiT) and SwinTransformer models, not {type(model).__name__}"
+    )
+
+
+def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
+    """Swap quantized modules into ``model`` in place and return it."""
+    if any(isinstance(m, Quantizer) for m in model.modules()):
+        raise IsvitError("the model is already quantized")
+    if architecture(model) == "vit":
+        _wrap_vit(model, placement)
+    else:
+        _wrap_swin(model, placement)
+    return model
+
+
+def post_layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, QuantLinear]]:
+    """(name, LayerNorm, the Linear it alone feeds) for every reparameterisable pair of a wrapped model."""
+    blocks = _vit_blocks(model) if architecture(model) == "vit" else _swin_blocks(model)
+    pairs = []
+    for name, block in blocks:
+        pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
+        pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
+    return pairs
+
+
+def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The units optimised one at a time, in forward order: patch-embed, blocks (with Swin's
+    ``reduction`` as single layers), head."""
+    if architecture(model) == "vit":
+        units = [("patch_embed", model.patch_embed)] + _vit_blocks(model)
+        units += [(name, getattr(model, name)) for name in ("head", "head_dist") if isinstance(getattr(model, name, None), QuantLinear)]
+        return units
+    units = [("patch_embed", model.patch_embed)]
+    for i, stage in enumerate(model.layers):
+        if isinstance(stage.downsample, PatchMerging):
+            units.append((f"layers.{i}.downsample", stage.downsample))
+        units += [(f"layers.{i}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
+    units.append(("head", model.head))
+    return units
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT / DeiT
+# ---------------------------------------------------------------------------------------------
+
+def _vit_blocks(model) -> list[tuple[str, nn.Module]]:
+    return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+
+
+def _check_layernorm(norm: nn.Module, where: str) -> None:
+    if not isinstance(norm, nn.LayerNorm):
+        raise IsvitError(f"{where} is a {type(norm).__name__}; isvit needs LayerNorm there")
+
+
+def _wrap_vit(model: VisionTransformer, p: Placement) -> None:
+    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+    for name, block in _vit_blocks(model):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise IsvitError(
+                f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports the "
+                "standard pre-norm ViT block (timm Block with Attention)"
+            )
+        _check_layernorm(block.norm1, f"{name}.norm1")
+        _check_layernorm(block.norm2, f"{name}.norm2")
+        qk, av = p.matmuls()
+        block.attn = QuantAttention(
+            block.attn, p.linear(block.attn.qkv, "post_ln"), p.linear(block.attn.proj, "tensor"), qk, av
+        )
+        block.mlp.fc1 = p.linear(block.mlp.fc1, "post_ln")
+        block.mlp.fc2 = p.linear(block.mlp.fc2, "tensor")
+    for head in ("head", "head_dist"):
+        if isinstance(getattr(model, head, None), nn.Linear):
+            setattr(model, head, p.linear(getattr(model, head), "tensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Swin
+# ---------------------------------------------------------------------------------------------
+
+def _swin_blocks(model) -> list[tuple[str, nn.Module]]:
+    return [
+        (f"layers.{i}.blocks.{j}", block)
+        for i, stage in enumerate(model.layers)
+        for j, block in enumerate(stage.blocks)
+    ]
+
+
+def _wrap_swin(model: SwinTransformer, p: Placement) -> None:
+    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+    for i, stage in enumerate(model.layers):
+        if isinstance(stage.downsample, PatchMerging):
+            stage.downsample.reduction = p.linear(stage.downsample.reduction, "tensor")
+    for name, block in _swin_blocks(model):
+        if type(block) is not SwinTransformerBlock or type(block.attn) is not WindowAttention:
+            raise IsvitError(f"{name} is a {type(block).__name__}; isvit supports timm's SwinTransformerBlock")
+        _check_layernorm(block.norm1, f"{name}.norm1")
+        _check_layernorm(block.norm2, f"{name}.norm2")
+        qk, av = p.matmuls()
+        block.attn = QuantWindowAttention(
+            block.attn, p.linear(block.attn.qkv, "post_ln"), p.linear(block.attn.proj, "tensor"), qk, av
+        )
+        block.mlp.fc1 = p.linear(block.mlp.fc1, "post_ln")
+        block.mlp.fc2 = p.linear(block.mlp.fc2, "tensor")
+    if isinstance(getattr(model.head, "fc", None), nn.Linear):
+        model.head.fc = p.linear(model.head.fc, "tensor")
