@@ -83,6 +83,16 @@ class QuantConfig:
         return d
 
 
+def placement_for(config: QuantConfig) -> Placement:
+    """Where the quantizers of ``config``'s method go (wrap.py places them)."""
+    return Placement(
+        w_bits=config.w_bits,
+        a_bits=config.a_bits,
+        softmax_quantizer=config.resolved_softmax_quantizer,
+        post_ln_per_channel=config.method in ("repq", "isvit"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +231,7 @@ def quantize(
     if config.resolved_bias_correction:
         steps += ["correct bias"]
     bar = tqdm(steps, desc=f"{config.method} W{config.w_bits}/A{config.a_bits}", disable=not progress, leave=False)
-    placement = Placement(
-        w_bits=config.w_bits,
-        a_bits=config.a_bits,
-        softmax_quantizer=config.resolved_softmax_quantizer,
-        post_ln_per_channel=config.method == "repq",
-    )
+    placement = placement_for(config)
     for step in bar:
         bar.set_postfix_str(step)
         if step == "wrap":

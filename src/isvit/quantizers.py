@@ -198,14 +198,17 @@ def search_uniform_range(
     levels = 2 ** bits
     rows = _rows(x, channel_dim)
     n = rows.shape[1]
-    ordered = torch.sort(rows, dim=1).values
+    # Only the tails are needed: the k largest and k smallest values of each row (sorted), which is
+    # much cheaper than sorting millions of activations.
+    k = min(n, n - int(round(min(percentiles) * (n - 1))))
+    top = torch.topk(rows, k, dim=1, largest=True, sorted=True).values  # descending
+    bottom = torch.topk(rows, k, dim=1, largest=False, sorted=True).values  # ascending
     best_err = torch.full((rows.shape[0],), float("inf"), device=x.device)
     best_scale = torch.zeros(rows.shape[0], device=x.device)
     best_zero = torch.zeros(rows.shape[0], device=x.device)
     for p in percentiles:
-        hi_idx = min(n - 1, max(0, int(round(p * (n - 1)))))
-        lo_idx = n - 1 - hi_idx
-        low, high = ordered[:, lo_idx], ordered[:, hi_idx]
+        tail = n - 1 - min(n - 1, max(0, int(round(p * (n - 1)))))  # values beyond the clip, each side
+        low, high = bottom[:, tail], top[:, tail]
         scale, zero_point = _uniform_params(low, high, levels)
         err = (_fake_quant_rows(rows, scale, zero_point, levels) - rows).pow(2).mean(dim=1)
         better = err < best_err
@@ -245,10 +248,12 @@ class LogSqrt2Quantizer(Quantizer):
 
     def calibrate(self, x: torch.Tensor) -> None:
         flat = x.float().reshape(-1)
-        ordered = torch.sort(flat).values
+        n = flat.numel()
+        k = min(n, n - int(round(min(self.percentiles) * (n - 1))))
+        top = torch.topk(flat, k, largest=True, sorted=True).values  # descending
         best = (float("inf"), None)
         for p in self.percentiles:
-            delta = ordered[min(flat.numel() - 1, int(round(p * (flat.numel() - 1))))].clamp_min(1e-8)
+            delta = top[n - 1 - min(n - 1, int(round(p * (n - 1))))].clamp_min(1e-8)
             err = (self._quantize_with(flat, delta) - flat).pow(2).mean().item()
             if err < best[0]:
                 best = (err, delta)

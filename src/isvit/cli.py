@@ -1,0 +1,214 @@
+"""Command line: ``isvit eval`` and ``isvit quantize``.
+
+    isvit eval --model NAME [--weights PATH] --data DIR [--limit N] [--batch-size B] [--device D] [--json OUT]
+    isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
+                   --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
+                   [--save OUT] [--json OUT]
+
+Results are printed as a table and, with ``--json``, written (atomically) as JSON. Bad input ends
+the program with one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from typing import Optional, Sequence
+
+import timm
+import torch
+
+from . import __version__
+from .checkpoint import atomic_write, save_quantized
+from .data import (
+    ImageFolderDataset,
+    build_transform,
+    clean_error_message,
+    load_calibration_images,
+    make_loader,
+    resolve_data_config,
+)
+from .errors import IsvitError
+from .evaluate import evaluate
+from .models import create_model
+from .pipeline import METHODS, QuantConfig, quantize
+from .quantizers import SOFTMAX_QUANTIZERS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _floats3(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.replace(",", " ").split()]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers such as 0.5,0.5,0.5, got {text!r}")
+    return tuple(parts)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm architecture name, e.g. vit_tiny_patch16_224")
+    p.add_argument("--weights", help="safetensors or PyTorch state dict; default: timm's pretrained download")
+    p.add_argument("--data", required=True, help="evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG")
+    p.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    pre = p.add_argument_group("preprocessing (default: timm's pretrained config of the model)")
+    pre.add_argument("--mean", type=_floats3, help="normalisation mean, e.g. 0.485,0.456,0.406")
+    pre.add_argument("--std", type=_floats3, help="normalisation std")
+    pre.add_argument("--crop-pct", type=float, help="center-crop fraction, e.g. 0.875")
+    pre.add_argument("--interpolation", help="resize interpolation: bicubic, bilinear, ...")
+    pre.add_argument("--input-size", type=_positive_int, help="square input side in pixels")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isvit", description="Post-training quantization of timm Vision Transformers.")
+    parser.add_argument("--version", action="version", version=f"isvit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 of a full-precision model")
+    _add_common(ev)
+
+    qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
+    _add_common(qu)
+    qu.add_argument("--calib", required=True, help="calibration images (labels not needed; flat folders work)")
+    qu.add_argument("--method", required=True, choices=METHODS)
+    qu.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
+    qu.add_argument("--a-bits", type=int, required=True, help="activation bits, 2..8")
+    qu.add_argument("--calib-size", type=_positive_int, help="calibration images (default: 32 for repq/minmax, 1024 for isvit)")
+    qu.add_argument("--iters", type=_positive_int, help="I&S-ViT reconstruction iterations per block")
+    qu.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and optimisation (default 0)")
+    qu.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-Softmax quantizer (default: the method's)")
+    qu.add_argument("--no-bias-correction", action="store_true", help="skip bias correction (the published repq/minmax)")
+    qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
+    qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT (safetensors)")
+    return parser
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise IsvitError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IsvitError(f"device {name} was asked for but CUDA is not available")
+    return device
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _environment() -> dict:
+    return {"isvit": __version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = f"{'model':<24} {'method':<8} {'W/A':>5} {'top-1':>7} {'top-5':>7} {'images':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:<24} {r['method']:<8} {r['wa']:>5} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>6}")
+
+
+def _write_json(path: Optional[str], result: dict) -> None:
+    if path:
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+
+def _prepare(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    model = create_model(args.model, args.weights, device=device)
+    data_config = resolve_data_config(
+        model, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
+        interpolation=args.interpolation, input_size=args.input_size,
+    )
+    transform = build_transform(data_config)
+    dataset = ImageFolderDataset(args.data, transform, limit=args.limit)
+    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    return device, model, data_config, transform, loader
+
+
+def run_eval(args) -> dict:
+    device, model, data_config, _, loader = _prepare(args)
+    metrics = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
+    result = {"model": args.model, "method": "fp32", "w_bits": 32, "a_bits": 32, **metrics,
+              "data": args.data, "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), **_environment()}
+    _print_table([{"name": args.model, "method": "fp32", "wa": "32/32", **metrics}])
+    print(f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
+    _write_json(args.json, result)
+    return result
+
+
+def run_quantize(args) -> dict:
+    config = QuantConfig(
+        method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.calib_size,
+        softmax_quantizer=args.softmax_quantizer, seed=args.seed, iters=args.iters,
+        bias_correction=False if args.no_bias_correction else None,
+    )
+    if config.method == "isvit":
+        raise IsvitError("method 'isvit' is not implemented yet: use 'repq' or 'minmax' for now")
+    device, model, data_config, transform, loader = _prepare(args)
+    rows, result = [], {"model": args.model, "data": args.data, "calib": args.calib, "data_config": data_config}
+    if not args.no_fp:
+        fp = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
+        result.update(fp_top1=fp["top1"], fp_top5=fp["top5"])
+        rows.append({"name": args.model, "method": "fp32", "wa": "32/32", **fp})
+
+    start = time.perf_counter()
+    calib = load_calibration_images(args.calib, transform, config.resolved_calib_size, seed=config.seed, progress=not args.quiet)
+    qmodel = quantize(model, calib, config, device=device, progress=not args.quiet)
+    calib_seconds = time.perf_counter() - start
+    metrics = evaluate(qmodel, loader, device=device, progress=not args.quiet, desc=f"W{config.w_bits}/A{config.a_bits}")
+    rows.append({"name": args.model, "method": config.method, "wa": f"{config.w_bits}/{config.a_bits}", **metrics})
+
+    result.update(
+        top1=metrics["top1"], top5=metrics["top5"], images=metrics["images"],
+        **config.to_dict(), calib_images=int(calib.shape[0]),
+        calib_seconds=calib_seconds, eval_seconds=metrics["eval_seconds"],
+        peak_rss_mb=_peak_rss_mb(), device=str(device), **_environment(),
+    )
+    _print_table(rows)
+    print(f"calibration {calib_seconds:.1f} s, eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
+    if args.save:
+        save_quantized(qmodel, args.save, model_name=args.model, config=config, data_config=data_config)
+        result["saved"] = args.save
+        print(f"saved {args.save}")
+    _write_json(args.json, result)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            run_eval(args)
+        else:
+            run_quantize(args)
+    except IsvitError as exc:
+        print(f"isvit: error: {clean_error_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("isvit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Shared fixtures: where ../shared is, small random models, and the real ViT-Ti with its data.
+
+The real model and data live in ``../shared`` beside the repository (CI clones the repository
+elsewhere with ``shared/`` beside it); tests that need them are skipped when it is absent.
+Real-data fixtures are session-scoped: the model is loaded once and the 200 validation images and
+32 calibration images are decoded once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VIT_TINY_WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
+VAL_DIR = SHARED / "data" / "imagenet-val-1300"
+CALIB_DIR = SHARED / "data" / "imagenet-calib-1000"
+
+VAL_IMAGES = 200
+VAL_BATCH = 50
+CALIB_IMAGES = 32
+
+
+def require_shared() -> None:
+    """Skip the calling test when the real model or data are not beside the repository."""
+    missing = [p for p in (VIT_TINY_WEIGHTS, VAL_DIR / "labels.txt", CALIB_DIR) if not p.exists()]
+    if missing:
+        pytest.skip(f"real model/data not found in {SHARED} (missing {missing[0].name})")
+
+
+def small_vit(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised 2-block ViT-Ti on 64x64 images (16 patches + cls), in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(pretrained=False, depth=2, img_size=64, num_classes=10)
+    kwargs.update(overrides)
+    return timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    require_shared()
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def real_vit(shared_dir):
+    """The real ImageNet ViT-Ti, loaded with plain timm + safetensors (strict), eval mode.
+
+    Session-scoped and shared: tests must not modify it (``isvit.quantize`` copies by default).
+    """
+    from safetensors.torch import load_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model.load_state_dict(load_file(str(VIT_TINY_WEIGHTS)), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_transform(real_vit):
+    import isvit
+
+    return isvit.build_transform(isvit.resolve_data_config(real_vit))
+
+
+@pytest.fixture(scope="session")
+def val_loader(real_transform):
+    """isvit's loader over the first 200 images of imagenet-val-1300, batch 50."""
+    import isvit
+
+    dataset = isvit.ImageFolderDataset(VAL_DIR, real_transform, limit=VAL_IMAGES)
+    return isvit.make_loader(dataset, batch_size=VAL_BATCH)
+
+
+@pytest.fixture(scope="session")
+def val_batches(val_loader):
+    """The same 200 images decoded once: a list of (images, labels) batches of 50.
+
+    ``isvit.evaluate`` takes any iterable of (images, labels), so repeated evaluations need not
+    decode the JPEGs again.
+    """
+    batches = [(images.clone(), labels.clone()) for images, labels in val_loader]
+    assert sum(len(labels) for _, labels in batches) == VAL_IMAGES
+    return batches
+
+
+@pytest.fixture(scope="session")
+def calib32(real_transform) -> torch.Tensor:
+    """32 calibration images of imagenet-calib-1000 (the seeded random subset, seed 0)."""
+    import isvit
+
+    images = isvit.load_calibration_images(CALIB_DIR, real_transform, CALIB_IMAGES, seed=0, progress=False)
+    assert images.shape == (CALIB_IMAGES, 3, 224, 224)
+    return images

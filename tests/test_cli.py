@@ -1,0 +1,112 @@
+"""The CLI contract: options, JSON fields, one-sentence errors, no half-written outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from isvit.checkpoint import load_quantized
+from isvit.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
+VAL = SHARED / "data" / "imagenet-val-1300"
+CALIB = SHARED / "data" / "imagenet-calib-1000"
+needs_shared = pytest.mark.skipif(not WEIGHTS.is_file(), reason="../shared is not present")
+
+
+def quantize_args(tmp_path, *extra):
+    return [
+        "quantize", "--model", "vit_tiny_patch16_224", "--weights", str(WEIGHTS), "--calib", str(CALIB),
+        "--data", str(VAL), "--quiet", *extra,
+    ]
+
+
+def error_of(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("isvit: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("bits", ["1", "9"])
+def test_bits_out_of_range_is_one_sentence(tmp_path, capsys, bits):
+    err = error_of(capsys, quantize_args(tmp_path, "--method", "repq", "--w-bits", bits, "--a-bits", "4"))
+    assert "w_bits must be an integer from 2 to 8" in err
+
+
+def test_unknown_model(tmp_path, capsys):
+    err = error_of(capsys, ["eval", "--model", "vit_gigantic_nonsense", "--data", str(tmp_path), "--quiet"])
+    assert "unknown model 'vit_gigantic_nonsense'" in err
+
+
+def test_missing_weights_file(tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    err = error_of(capsys, ["eval", "--model", "vit_tiny_patch16_224", "--weights", str(missing), "--data", str(tmp_path)])
+    assert str(missing) in err and "does not exist" in err
+
+
+def test_weights_of_another_architecture(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "small.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2).state_dict(), str(path))
+    err = error_of(capsys, ["eval", "--model", "vit_tiny_patch16_224", "--weights", str(path), "--data", str(tmp_path)])
+    assert "missing keys" in err and "blocks.2" in err
+
+
+@needs_shared
+def test_missing_data_folder(tmp_path, capsys):
+    err = error_of(capsys, ["eval", "--model", "vit_tiny_patch16_224", "--weights", str(WEIGHTS), "--data", str(tmp_path / "none")])
+    assert "does not exist" in err
+
+
+def test_isvit_method_says_not_implemented(tmp_path, capsys):
+    err = error_of(capsys, quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4"))
+    assert "not implemented yet" in err
+
+
+def test_unknown_method_rejected_by_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(quantize_args(tmp_path, "--method", "gptq", "--w-bits", "4", "--a-bits", "4"))
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'gptq'" in capsys.readouterr().err
+
+
+@needs_shared
+def test_corrupt_image_is_one_sentence_and_writes_no_json(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.JPEG").write_bytes(b"not a jpeg at all")
+    (data / "labels.txt").write_text("broken.JPEG\t3\n")
+    out = tmp_path / "out.json"
+    err = error_of(capsys, ["eval", "--model", "vit_tiny_patch16_224", "--weights", str(WEIGHTS), "--data", str(data),
+                            "--json", str(out), "--quiet"])
+    assert "broken.JPEG" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [data]
+
+
+@needs_shared
+def test_quantize_json_and_saved_model(tmp_path, capsys):
+    out, saved = tmp_path / "r.json", tmp_path / "q.safetensors"
+    argv = quantize_args(tmp_path, "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--limit", "16",
+                         "--calib-size", "8", "--batch-size", "16", "--json", str(out), "--save", str(saved))
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "fp32" in table and "minmax" in table and "8/8" in table
+    result = json.loads(out.read_text())
+    for key in ("top1", "top5", "images", "method", "w_bits", "a_bits", "calib_size", "iters", "calib_seconds",
+                "eval_seconds", "peak_rss_mb", "torch", "timm", "fp_top1"):
+        assert key in result, key
+    assert result["images"] == 16 and result["calib_size"] == 8 and result["method"] == "minmax"
+    assert 0 <= result["top1"] <= 100 and result["peak_rss_mb"] > 0
+
+    # The saved file alone rebuilds the same quantized model: same top-1 on the same images.
+    model, info = load_quantized(saved)
+    assert info["model"] == "vit_tiny_patch16_224" and info["config"].w_bits == 8
+    from isvit import ImageFolderDataset, build_transform, evaluate, make_loader
+
+    loader = make_loader(ImageFolderDataset(VAL, build_transform(info["data_config"]), limit=16), batch_size=16)
+    assert evaluate(model, loader, progress=False)["top1"] == pytest.approx(result["top1"], abs=1e-9)
