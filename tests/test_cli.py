@@ -63,9 +63,19 @@ def test_missing_data_folder(tmp_path, capsys):
     assert "does not exist" in err
 
 
-def test_isvit_method_says_not_implemented(tmp_path, capsys):
-    err = error_of(capsys, quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4"))
-    assert "not implemented yet" in err
+@needs_shared
+def test_isvit_with_ablation_flags(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--limit", "8",
+                         "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
+                         "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
+                         "log2sqrt2", "--cache-dtype", "float16", "--no-fp", "--json", str(out))
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
+    assert result["stage1"] is False and result["reparameterize"] is False
+    assert result["softmax_quantizer"] == "log2sqrt2" and result["learn_scales"] is True
+    assert "fp_top1" not in result
 
 
 def test_unknown_method_rejected_by_parser(tmp_path, capsys):

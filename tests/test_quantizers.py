@@ -219,12 +219,6 @@ def test_straight_through_estimator_per_channel_weight():
     assert torch.allclose(w.grad, torch.tensor([[2.0, 0.0, 5.0], [2.0, 3.0, 0.0]]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: round_ste then torch.clamp gives zero gradient to every value whose rounded code "
-    "is the first or last code (torch.clamp's gradient is 0 at the bound), although those values "
-    "are inside the range and not clamped; torch.fake_quantize_* passes gradient 1 there",
-)
 def test_straight_through_estimator_at_the_first_and_last_code():
     q = uniform(3, 0.5, 3.0)  # codes 0..7 represent [-1.5, 2.0]
     # -1.4 and -1.5 round to code 0, 1.9 and 2.0 to code 7: all inside [-1.5, 2.0], none clamped

@@ -252,13 +252,30 @@ def test_quantized_state_dict_loads_into_a_fresh_wrap(method):
         assert (fresh(x) - expected).abs().max() > 1e-4
 
 
-def test_quantized_swin_state_dict_round_trip():
+def _swin_round_trip(config: isvit.QuantConfig) -> None:
     calib = images(4, 64, seed=3)
-    quantized = isvit.quantize(small_swin(0), calib, isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4),
-                               progress=False)
-    fresh = wrap_model(small_swin(7), Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2"))
+    quantized = isvit.quantize(small_swin(0), calib, config, progress=False)
+    fresh = wrap_model(small_swin(7), Placement(w_bits=4, a_bits=4, softmax_quantizer=config.resolved_softmax_quantizer))
     fresh.load_state_dict(quantized.state_dict(), strict=True)
     x = images(2, 64, seed=4)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))
+
+
+def test_quantized_swin_state_dict_round_trip_without_bias_correction():
+    _swin_round_trip(isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4, bias_correction=False))
+
+
+def test_quantized_swin_state_dict_round_trip_with_bias_correction():
+    _swin_round_trip(isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4))
+
+
+def test_quantized_vit_without_qkv_bias_state_dict_round_trip():
+    config = isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4, bias_correction=False)
+    quantized = isvit.quantize(small_vit(seed=0, qkv_bias=False), images(4, 64, seed=5), config, progress=False)
+    fresh = wrap_model(small_vit(seed=1, qkv_bias=False), Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2"))
+    fresh.load_state_dict(quantized.state_dict(), strict=True)
+    x = images(2, 64, seed=6)
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized(x))
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from .errors import IsvitError
-from .modules import QuantLinear
 from .pipeline import QuantConfig, placement_for
 from .wrap import wrap_model
 
@@ -71,9 +70,6 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
     config = QuantConfig(**json.loads(metadata["config"]))
     model = timm.create_model(metadata["model"], pretrained=False)
     wrap_model(model, placement_for(config))
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and module.bias is None and f"{name}.bias" in state:
-            module.bias = nn.Parameter(torch.zeros(module.out_features))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -3,7 +3,7 @@
     isvit eval --model NAME [--weights PATH] --data DIR [--limit N] [--batch-size B] [--device D] [--json OUT]
     isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
-                   [--save OUT] [--json OUT]
+                   [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] ...
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. Bad input ends
 the program with one sentence on stderr and exit status 2.
@@ -35,7 +35,7 @@ from .data import (
 from .errors import IsvitError
 from .evaluate import evaluate
 from .models import create_model
-from .pipeline import METHODS, QuantConfig, quantize
+from .pipeline import METHODS, PRESETS, QuantConfig, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 
 
@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-Softmax quantizer (default: the method's)")
     qu.add_argument("--no-bias-correction", action="store_true", help="skip bias correction (the published repq/minmax)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
+    sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
+    sos.add_argument("--preset", choices=PRESETS, default="paper",
+                     help="paper: Adam 4e-5, batch 64, 1000 iters/block at <=4 bits, 200 above; fast: minutes on a CPU")
+    sos.add_argument("--recon-batch-size", type=_positive_int, help="reconstruction batch size (default: the preset's)")
+    sos.add_argument("--lr", type=float, help="reconstruction learning rate (default: the preset's)")
+    sos.add_argument("--learn-scales", action=argparse.BooleanOptionalAction, default=None,
+                     help="also learn the uniform quantizers' scales (default: the preset's)")
+    sos.add_argument("--no-stage1", action="store_true", help="skip stage 1 (reconstruction with full-precision weights)")
+    sos.add_argument("--no-reparam", action="store_true",
+                     help="skip stage 2: post-LayerNorm activations per tensor from the start")
+    sos.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                     help="precision of the cached block inputs/outputs (float16 halves their memory)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT (safetensors)")
     return parser
 
@@ -161,9 +173,9 @@ def run_quantize(args) -> dict:
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.calib_size,
         softmax_quantizer=args.softmax_quantizer, seed=args.seed, iters=args.iters,
         bias_correction=False if args.no_bias_correction else None,
+        preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales,
+        stage1=not args.no_stage1, reparameterize=not args.no_reparam, cache_dtype=args.cache_dtype,
     )
-    if config.method == "isvit":
-        raise IsvitError("method 'isvit' is not implemented yet: use 'repq' or 'minmax' for now")
     device, model, data_config, transform, loader = _prepare(args)
     rows, result = [], {"model": args.model, "data": args.data, "calib": args.calib, "data_config": data_config}
     if not args.no_fp:

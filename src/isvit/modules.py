@@ -36,7 +36,13 @@ class QuantLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Optional[Quantizer]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self.weight = linear.weight
+        # Always a bias: the LayerNorm fold and bias correction give every layer one, and a model
+        # wrapped afresh must have the same state-dict keys as a quantized one.
+        if linear.bias is None:
+            self.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype))
+        else:
+            self.bias = linear.bias
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = _quantizer_or_identity(input_quantizer)
 

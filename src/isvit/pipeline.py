@@ -4,7 +4,9 @@
     repq   : wrap (per-channel post-LayerNorm, log-sqrt2 post-Softmax) -> calibrate
              -> fold the per-channel grids into LayerNorm + Linear -> re-calibrate the new weights
     both then correct the biases (optional: ``bias_correction=False`` gives the published methods)
-    isvit  : SULQ + three-stage smooth optimisation (next milestone)
+    isvit  : wrap (per-channel post-LayerNorm, SULQ post-Softmax) -> calibrate activations
+             -> stage 1 block reconstruction (full-precision weights) -> stage 2 fold
+             -> calibrate weights -> stage 3 sequential block reconstruction
 
 Calibration ("initialisation") is one forward pass over the calibration images with every
 quantizer in calibrating mode: each fits itself to what it sees, then quantizes, so later layers are
@@ -25,7 +27,14 @@ from .errors import IsvitError
 from .modules import QuantLinear
 from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits
 from .reparam import reparameterize_layernorm
-from .wrap import Placement, post_layernorm_pairs, wrap_model
+from .reconstruct import (
+    ReconstructionSettings,
+    has_enabled_quantizer,
+    reconstruct_unit,
+    reconstruction_loss,
+    run_unit,
+)
+from .wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
 
 METHODS = ("isvit", "repq", "minmax")
 DEFAULT_CALIB_SIZE = {"isvit": 1024, "repq": 32, "minmax": 32}
@@ -33,6 +42,12 @@ DEFAULT_SOFTMAX_QUANTIZER = {"isvit": "sulq", "repq": "log2sqrt2", "minmax": "un
 # The training-free methods end with bias correction unless told not to (False reproduces the
 # published algorithms); I&S-ViT's reconstruction absorbs the same error by training.
 DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
+# Block-reconstruction settings. "paper": I&S-ViT's (Adam 4e-5 with cosine decay, batch 64,
+# 1000 iterations per block at 3/4 bits, 200 at 6 bits). "fast": for a CPU budget of minutes.
+PRESETS = {
+    "paper": {"iters_low_bits": 1000, "iters": 200, "batch_size": 64, "lr": 4e-5, "learn_scales": False},
+    "fast": {"iters_low_bits": 100, "iters": 50, "batch_size": 32, "lr": 2e-4, "learn_scales": True},
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,16 @@ class QuantConfig:
     softmax_quantizer: Optional[str] = None
     seed: int = 0
     bias_correction: Optional[bool] = None
-    iters: Optional[int] = None  # I&S-ViT reconstruction iterations per block (next milestone)
+    # I&S-ViT: block reconstruction (defaults from the paper, or the "fast" preset for CPUs)
+    preset: str = "paper"
+    iters: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    learn_scales: Optional[bool] = None
+    stage1: bool = True
+    reparameterize: bool = True
+    init_size: int = 64
+    cache_dtype: str = "float32"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -62,6 +86,16 @@ class QuantConfig:
             )
         if self.calib_size is not None and self.calib_size < 1:
             raise IsvitError(f"calib_size must be at least 1, got {self.calib_size}")
+        if self.preset not in PRESETS:
+            raise IsvitError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("iters", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise IsvitError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise IsvitError(f"lr must be positive, got {self.lr!r}")
+        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise IsvitError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
 
     @property
     def resolved_calib_size(self) -> int:
@@ -75,9 +109,23 @@ class QuantConfig:
     def resolved_bias_correction(self) -> bool:
         return self.bias_correction if self.bias_correction is not None else DEFAULT_BIAS_CORRECTION[self.method]
 
+    def reconstruction(self) -> dict:
+        """The block-reconstruction settings after the preset's defaults are applied."""
+        preset = PRESETS[self.preset]
+        low_bits = min(self.w_bits, self.a_bits) <= 4
+        iters = self.iters if self.iters is not None else preset["iters_low_bits" if low_bits else "iters"]
+        return {
+            "iters": iters,
+            "batch_size": self.batch_size or preset["batch_size"],
+            "lr": self.lr or preset["lr"],
+            "learn_scales": preset["learn_scales"] if self.learn_scales is None else self.learn_scales,
+        }
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["bias_correction"] = self.resolved_bias_correction
+        if self.method == "isvit":
+            d.update(self.reconstruction())
         d["calib_size"] = self.resolved_calib_size
         d["softmax_quantizer"] = self.resolved_softmax_quantizer
         return d
@@ -89,7 +137,7 @@ def placement_for(config: QuantConfig) -> Placement:
         w_bits=config.w_bits,
         a_bits=config.a_bits,
         softmax_quantizer=config.resolved_softmax_quantizer,
-        post_ln_per_channel=config.method in ("repq", "isvit"),
+        post_ln_per_channel=config.method == "repq" or (config.method == "isvit" and config.reparameterize),
     )
 
 
@@ -174,8 +222,6 @@ def correct_bias(model: nn.Module, images: torch.Tensor) -> None:
     def hook(linear: QuantLinear, inputs, output):
         exact = torch.nn.functional.linear(inputs[0], linear.weight, linear.bias)
         error = (output - exact).reshape(-1, output.shape[-1]).double().mean(dim=0).to(output.dtype)
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros_like(error))
         linear.bias -= error
         return output - error
 
@@ -198,6 +244,111 @@ def fold_post_layernorm(model: nn.Module) -> None:
 # Methods
 # ---------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def reconstruct_blocks(
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    images: torch.Tensor,
+    settings: ReconstructionSettings,
+    *,
+    sequential: bool,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "",
+) -> dict[str, tuple[float, float]]:
+    """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
+
+    Targets are always the full-precision model's outputs; inputs are the full-precision model's
+    (``sequential=False``, stage 1) or the quantized model's so far (``sequential=True``, stage 3).
+    A unit whose loss over the first ``settings.check_size`` calibration images ends higher than it
+    started is put back as it was (a guard against a learning rate too large for a unit).
+    Returns {unit: (loss before, loss after)} on those images.
+    """
+    cache_device = settings.cache_device or device
+    q_units, fp_units = forward_units(qmodel), forward_units(fp_model)
+    x_fp = images.to(cache_device, settings.cache_dtype)
+    x_q = x_fp if sequential else None
+    report = {}
+    for q_unit, fp_unit in zip(q_units, fp_units):
+        y_fp = run_unit(fp_unit, x_fp, device, settings.batch_size, settings.cache_dtype, cache_device)
+        if has_enabled_quantizer(q_unit) and settings.iters > 0:
+            inputs = x_q if sequential else x_fp
+            check = slice(0, settings.check_size)
+            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size)
+            snapshot = copy.deepcopy(q_unit.body.state_dict())
+            reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
+            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size)
+            if after > before:
+                q_unit.body.load_state_dict(snapshot)
+            report[q_unit.name] = (before, min(before, after))
+        if sequential:
+            x_q = run_unit(q_unit, x_q, device, settings.batch_size, settings.cache_dtype, cache_device)
+        x_fp = y_fp
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, progress: bool) -> None:
+    """minmax / repq: wrap, calibrate (and fold + re-calibrate for repq), correct biases."""
+    steps = ["wrap", "calibrate"]
+    if config.method == "repq":
+        steps += ["reparameterise", "re-calibrate"]
+    if config.resolved_bias_correction:
+        steps += ["correct bias"]
+    bar = tqdm(steps, desc=f"{config.method} W{config.w_bits}/A{config.a_bits}", disable=not progress, leave=False)
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step == "wrap":
+            wrap_model(model, placement_for(config))
+        elif step == "calibrate":
+            calibrate_weights(model)
+            calibrate_activations(model, images)
+        elif step == "reparameterise":
+            fold_post_layernorm(model)
+        elif step == "re-calibrate":
+            calibrate_weights(model, only_uncalibrated=True)
+        elif step == "correct bias":
+            correct_bias(model, images)
+
+
+def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool) -> dict:
+    """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
+
+    stage 1: activations quantized (post-LayerNorm per channel), weights full precision; every
+             unit trained towards the full-precision model on full-precision inputs;
+    stage 2: the per-channel post-LayerNorm grids folded into LayerNorm + Linear (exact);
+    stage 3: weights quantized per output channel; units trained again in sequence, on the
+             quantized model's own inputs, towards the full-precision outputs.
+    """
+    fp_model = copy.deepcopy(model)
+    for p in fp_model.parameters():
+        p.requires_grad_(False)
+    settings = ReconstructionSettings(
+        **config.reconstruction(), cache_dtype=getattr(torch, config.cache_dtype), seed=config.seed
+    )
+    wrap_model(model, placement_for(config))
+    set_quantizers(model, False, "weight")
+    calibrate_activations(model, images[: config.init_size])
+    report = {}
+    if config.stage1:
+        report["stage1"] = reconstruct_blocks(
+            model, fp_model, images, settings, sequential=False, device=device, progress=progress, desc="stage 1"
+        )
+    if config.reparameterize:
+        fold_post_layernorm(model)
+    set_quantizers(model, True, "weight")
+    calibrate_weights(model)
+    report["stage3"] = reconstruct_blocks(
+        model, fp_model, images, settings, sequential=True, device=device, progress=progress, desc="stage 3"
+    )
+    if config.resolved_bias_correction:
+        correct_bias(model, images[: config.init_size])
+    return report
+
+
 def quantize(
     model: nn.Module,
     calib: Union[torch.Tensor, Iterable],
@@ -214,35 +365,16 @@ def quantize(
     ``device``: where calibration runs (default: where the model is). The model is copied unless
     ``inplace``.
     """
-    if config.method == "isvit":
-        raise IsvitError("method 'isvit' is not implemented yet: use 'repq' or 'minmax' for now")
     if not inplace:
         model = copy.deepcopy(model)
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
     model.eval()
-    images = collect_calibration(calib, config.resolved_calib_size).to(device)
+    images = collect_calibration(calib, config.resolved_calib_size)
     torch.manual_seed(config.seed)
-
-    steps = ["wrap", "calibrate"]
-    if config.method == "repq":
-        steps += ["reparameterise", "re-calibrate"]
-    if config.resolved_bias_correction:
-        steps += ["correct bias"]
-    bar = tqdm(steps, desc=f"{config.method} W{config.w_bits}/A{config.a_bits}", disable=not progress, leave=False)
-    placement = placement_for(config)
-    for step in bar:
-        bar.set_postfix_str(step)
-        if step == "wrap":
-            wrap_model(model, placement)
-        elif step == "calibrate":
-            calibrate_weights(model)
-            calibrate_activations(model, images)
-        elif step == "reparameterise":
-            fold_post_layernorm(model)
-        elif step == "re-calibrate":
-            calibrate_weights(model, only_uncalibrated=True)
-        elif step == "correct bias":
-            correct_bias(model, images)
+    if config.method == "isvit":
+        _isvit(model, images, config, device, progress)
+    else:
+        _training_free(model, images.to(device), config, progress)
     return model

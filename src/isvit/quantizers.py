@@ -48,6 +48,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def clamp_codes(code: torch.Tensor, levels: int) -> torch.Tensor:
+    """clamp(code, 0, levels - 1) whose gradient is 1 for every code in range, the first and
+    last included (torch.clamp gives 0 at its bounds), and 0 for codes clamped from outside."""
+    if not code.requires_grad:
+        return torch.clamp(code, 0, levels - 1)
+    inside = (code.detach() >= 0) & (code.detach() <= levels - 1)
+    return torch.where(inside, code, torch.clamp(code, 0, levels - 1).detach())
+
+
 def check_bits(bits: int) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
@@ -138,6 +147,19 @@ class UniformQuantizer(Quantizer):
         self.scale = scale.clamp_min(1e-8).to(self.scale.device)
         self.zero_point = torch.round(zero_point.detach().reshape(-1).float()).to(self.scale.device)
 
+    def learnable_scale(self) -> nn.Parameter:
+        """Turn the scale into a trainable parameter (same state-dict key); see ``freeze_scale``."""
+        if not isinstance(self.scale, nn.Parameter):
+            value = self._buffers.pop("scale")
+            self.scale = nn.Parameter(value.detach().clone())
+        return self.scale
+
+    def freeze_scale(self) -> None:
+        """Make the scale a plain buffer again, keeping its learnt value."""
+        if isinstance(self.scale, nn.Parameter):
+            value = self._parameters.pop("scale")
+            self.register_buffer("scale", value.detach().clamp_min(1e-8))
+
     def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.numel() == 1:
             return t.reshape(())
@@ -146,9 +168,9 @@ class UniformQuantizer(Quantizer):
         return t.reshape(shape)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self._broadcast(self.scale, x).to(x.dtype)
+        scale = self._broadcast(self.scale, x).to(x.dtype).clamp_min(1e-8)
         zero_point = self._broadcast(self.zero_point, x).to(x.dtype)
-        q = torch.clamp(round_ste(x / scale) + zero_point, 0, self.levels - 1)
+        q = clamp_codes(round_ste(x / scale) + zero_point, self.levels)
         return (q - zero_point) * scale
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +256,7 @@ class LogSqrt2Quantizer(Quantizer):
         delta = delta.to(x.dtype)
         code = round_ste(-2 * torch.log2(x.clamp_min(1e-20) / delta))
         past_last = code.detach() > self.levels - 1
-        code = torch.clamp(code, 0, self.levels - 1)
+        code = clamp_codes(code, self.levels)
         value = delta * torch.exp2(-code / 2)
         return torch.where(past_last, torch.zeros_like(value), value)
 
@@ -285,7 +307,7 @@ class SULQuantizer(Quantizer):
         eta, ymin, ymax = (t.to(x.dtype) for t in (eta, ymin, ymax))
         step = (ymax - ymin) / (self.levels - 1)
         y = torch.log2(x + eta)
-        code = torch.clamp(round_ste((y - ymin) / step), 0, self.levels - 1)
+        code = clamp_codes(round_ste((y - ymin) / step), self.levels)
         return torch.exp2(code * step + ymin) - eta
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,5 @@ def reparameterize_layernorm(norm: nn.LayerNorm, linear: QuantLinear) -> None:
     norm.weight.copy_(norm.weight / r)
     norm.bias.copy_(norm.bias / r - b)
     linear.weight.copy_(linear.weight * r)
-    shift = linear.weight @ b
-    if linear.bias is None:
-        linear.bias = nn.Parameter(shift)
-    else:
-        linear.bias.copy_(linear.bias + shift)
+    linear.bias.add_(linear.weight @ b)  # QuantLinear always has a bias
     quantizer.set_params(d_new, z_new)

@@ -86,25 +86,77 @@ def post_layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, Quan
     blocks = _vit_blocks(model) if architecture(model) == "vit" else _swin_blocks(model)
     pairs = []
     for name, block in blocks:
-        pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
+        if not _pads_windows(block):
+            pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
         pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
     return pairs
 
 
-def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The units optimised one at a time, in forward order: patch-embed, blocks (with Swin's
-    ``reduction`` as single layers), head."""
+def _pads_windows(block: nn.Module) -> bool:
+    """True for a Swin block whose token grid is not a multiple of its window: timm pads the
+    post-LayerNorm tokens with zeros there, and zeros do not follow the fold's shift, so its
+    (norm1, qkv) pair keeps its per-channel quantizer instead of being folded."""
+    if not isinstance(block, SwinTransformerBlock):
+        return False
+    height, width = block.input_resolution
+    return bool(height % block.window_size[0] or width % block.window_size[1])
+
+
+class Unit(nn.Module):
+    """One piece of the model's forward pass, optimised as a whole by block reconstruction.
+
+    ``forward`` runs ``pre`` (fixed float glue such as position embedding, or the final norm and
+    pooling before the head), then ``body``; ``body`` holds the quantized modules to train.
+    Running a model's units in order gives exactly its forward pass.
+    """
+
+    def __init__(self, name: str, body: nn.Module, pre=None, post=None):
+        super().__init__()
+        self.name = name
+        self.body = body
+        self._pre, self._post = pre, post
+
+    def forward(self, x):
+        if self._pre is not None:
+            x = self._pre(x)
+        x = self.body(x)
+        if self._post is not None:
+            x = self._post(x)
+        return x
+
+
+def forward_units(model: nn.Module) -> list[Unit]:
+    """The model's forward pass cut into reconstruction units, in order: patch embedding, every
+    transformer block (and Swin's patch merging as a single layer), the head."""
     if architecture(model) == "vit":
-        units = [("patch_embed", model.patch_embed)] + _vit_blocks(model)
-        units += [(name, getattr(model, name)) for name in ("head", "head_dist") if isinstance(getattr(model, name, None), QuantLinear)]
+        def embed_tokens(x):
+            return model.norm_pre(model.patch_drop(model._pos_embed(x)))
+
+        units = [Unit("patch_embed", model.patch_embed, post=embed_tokens)]
+        units += [Unit(name, block) for name, block in _vit_blocks(model)]
+        units.append(Unit("head", _Head(model), pre=model.norm))
         return units
-    units = [("patch_embed", model.patch_embed)]
+    units = [Unit("patch_embed", model.patch_embed)]
     for i, stage in enumerate(model.layers):
-        if isinstance(stage.downsample, PatchMerging):
-            units.append((f"layers.{i}.downsample", stage.downsample))
-        units += [(f"layers.{i}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
-    units.append(("head", model.head))
+        if not isinstance(stage.downsample, nn.Identity):
+            units.append(Unit(f"layers.{i}.downsample", stage.downsample))
+        units += [Unit(f"layers.{i}.blocks.{j}", block) for j, block in enumerate(stage.blocks)]
+    units.append(Unit("head", _Head(model), pre=model.norm))
     return units
+
+
+class _Head(nn.Module):
+    """``model.forward_head`` as a module whose parameters are the head's (pooling, fc_norm, head)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(
+            m for m in (getattr(model, n, None) for n in ("fc_norm", "head", "head_dist")) if isinstance(m, nn.Module)
+        )
+        self._forward_head = model.forward_head
+
+    def forward(self, x):
+        return self._forward_head(x)
 
 
 # ---------------------------------------------------------------------------------------------

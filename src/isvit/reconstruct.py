@@ -1,0 +1,136 @@
+"""Block-wise reconstruction: train one unit (a transformer block, the patch embedding, the head)
+at a time so that its quantized output matches the full-precision model's.
+
+For a unit u with quantized copy u^, full-precision input X and quantized-model input X^:
+
+    minimise  E_batch  sum_features (u^(X_in) - u(X))^2   over u^'s weights and biases
+              (and, with ``learn_scales``, its quantizers' scales)
+
+with X_in = X (stage 1: inputs from the full-precision model) or X_in = X^ (stage 3: sequential,
+inputs from the quantized model so far). Adam with cosine decay to 0, batches drawn at random
+from the calibration set. Rounding passes gradients straight through.
+
+The calibration set's activations at the current unit are cached whole (on ``cache_device``, in
+``cache_dtype``): only the current unit's inputs and targets are held, never all units'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .quantizers import Quantizer, UniformQuantizer
+from .wrap import Unit
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    iters: int
+    batch_size: int = 64
+    lr: float = 4e-5
+    scale_lr: float = 1e-4
+    learn_scales: bool = False
+    cache_dtype: torch.dtype = torch.float32
+    cache_device: Optional[torch.device] = None  # default: where the model runs
+    seed: int = 0
+    check_size: int = 256  # calibration images on which a unit's loss is compared before/after
+
+
+def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
+    """The float parameters the reconstruction trains: every weight and bias in the unit."""
+    return [p for p in unit.parameters() if p.dtype.is_floating_point]
+
+
+def scale_parameters(unit: nn.Module, kinds=("weight",)) -> list[nn.Parameter]:
+    """Make the scales of the unit's uniform quantizers of the given kinds learnable; returns them."""
+    params = []
+    for name, q in unit.named_modules():
+        if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated:
+            is_weight = name.endswith("weight_quantizer")
+            if ("weight" in kinds and is_weight) or ("activation" in kinds and not is_weight):
+                params.append(q.learnable_scale())
+    return params
+
+
+def freeze_scales(unit: nn.Module) -> None:
+    for q in unit.modules():
+        if isinstance(q, UniformQuantizer):
+            q.freeze_scale()
+
+
+@torch.no_grad()
+def run_unit(unit: nn.Module, x: torch.Tensor, device, batch_size: int, out_dtype, out_device) -> torch.Tensor:
+    """``unit`` applied to all of ``x`` in batches (no gradient)."""
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        outs.append(unit(x[i:i + batch_size].to(device, torch.float32)).to(out_device, out_dtype))
+    return torch.cat(outs)
+
+
+def reconstruct_unit(
+    unit: Unit,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: ReconstructionSettings,
+    device,
+    *,
+    progress: bool = True,
+    desc: str = "",
+) -> list[float]:
+    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step."""
+    params = unit_parameters(unit)
+    groups = [{"params": params, "lr": settings.lr}]
+    if settings.learn_scales:
+        scales = scale_parameters(unit, kinds=("weight", "activation"))
+        if scales:
+            groups.append({"params": scales, "lr": settings.scale_lr})
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iters, eta_min=0.0)
+    generator = torch.Generator().manual_seed(settings.seed)
+    n = inputs.shape[0]
+    losses = []
+    was_training = unit.training
+    unit.train(False)  # dropout/drop-path off: reconstruction matches the eval-mode function
+    bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
+    try:
+        for _ in bar:
+            idx = torch.randint(n, (min(settings.batch_size, n),), generator=generator)
+            x = inputs[idx].to(device, torch.float32)
+            y = targets[idx].to(device, torch.float32)
+            with torch.enable_grad():
+                out = unit(x)
+                loss = (out - y).pow(2).sum(dim=-1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+    finally:
+        unit.train(was_training)
+        if settings.learn_scales:
+            freeze_scales(unit)
+        for p in params:
+            p.requires_grad_(True)
+    return losses
+
+
+@torch.no_grad()
+def reconstruction_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, batch_size: int = 64) -> float:
+    """The reconstruction objective of ``unit`` over the whole set (for reports and tests)."""
+    total, count = 0.0, 0
+    for i in range(0, inputs.shape[0], batch_size):
+        out = unit(inputs[i:i + batch_size].to(device, torch.float32))
+        y = targets[i:i + batch_size].to(device, torch.float32)
+        total += (out - y).pow(2).sum(dim=-1).sum().item()
+        count += math.prod(y.shape[:-1])
+    return total / count
+
+
+def has_enabled_quantizer(unit: nn.Module) -> bool:
+    return any(isinstance(m, Quantizer) and m.enabled for m in unit.modules())
