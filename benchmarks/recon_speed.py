@@ -1,0 +1,57 @@
+"""Seconds per block-iteration of the I&S-ViT reconstruction on the shared ViT-Ti (stage 3, W4/A4).
+
+    python benchmarks/recon_speed.py [--batch-sizes 64 32] [--iters 10]
+
+Times `reconstruct_unit` on one transformer block with its inputs cached, after warm-up, and
+prints the median seconds per iteration (the authors' code: 0.61 s at batch 64 on these 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import isvit
+from isvit.pipeline import QuantConfig, calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for
+from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
+from isvit.wrap import forward_units, wrap_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 32])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--learn-scales", action="store_true")
+    args = parser.parse_args()
+
+    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    transform = isvit.build_transform(isvit.resolve_data_config(model))
+    images = isvit.load_calibration_images(SHARED / "data" / "imagenet-calib-1000", transform, 128, progress=False)
+    fp = copy.deepcopy(model)
+    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
+    calibrate_activations(q, images[:64])
+    fold_post_layernorm(q)
+    calibrate_weights(q)
+    units, fp_units = forward_units(q), forward_units(fp)
+    x = run_unit(fp_units[0], images, "cpu", 64, torch.float32, "cpu")
+    y = run_unit(fp_units[1], x, "cpu", 64, torch.float32, "cpu")
+    for batch in args.batch_sizes:
+        times = []
+        for _ in range(3):
+            settings = ReconstructionSettings(iters=args.iters, batch_size=batch, lr=4e-5, learn_scales=args.learn_scales)
+            start = time.perf_counter()
+            reconstruct_unit(units[1], x, y, settings, "cpu", progress=False)
+            times.append((time.perf_counter() - start) / args.iters)
+        print(f"batch {batch}: {statistics.median(times):.3f} s per block-iteration "
+              f"(median of 3 x {args.iters}; threads {torch.get_num_threads()})")
+
+
+if __name__ == "__main__":
+    main()
