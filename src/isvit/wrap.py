@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from timm.layers import Attention
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
-from timm.models.vision_transformer import Block, VisionTransformer
+# Attention moved to timm.layers in later 1.0 releases; vision_transformer has it in all of them.
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from .errors import IsvitError
 from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
