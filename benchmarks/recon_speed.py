@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import isvit
-from isvit.pipeline import QuantConfig, calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for
+from isvit.pipeline import QuantConfig, calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
 from isvit.wrap import forward_units, wrap_model
 
@@ -36,8 +36,10 @@ def main() -> None:
     images = isvit.load_calibration_images(SHARED / "data" / "imagenet-calib-1000", transform, 128, progress=False)
     fp = copy.deepcopy(model)
     q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
+    set_quantizers(q, False, "weight")
     calibrate_activations(q, images[:64])
     fold_post_layernorm(q)
+    set_quantizers(q, True, "weight")
     calibrate_weights(q)
     units, fp_units = forward_units(q), forward_units(fp)
     x = run_unit(fp_units[0], images, "cpu", 64, torch.float32, "cpu")
