@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from isvit.checkpoint import load_quantized
 from isvit.cli import main

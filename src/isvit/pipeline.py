@@ -16,7 +16,7 @@ fitted to the already-quantized outputs of earlier ones.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Union
 
 import torch
@@ -331,7 +331,7 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     )
     wrap_model(model, placement_for(config))
     set_quantizers(model, False, "weight")
-    calibrate_activations(model, images[: config.init_size])
+    calibrate_activations(model, images[: config.init_size].to(device))
     report = {}
     if config.stage1:
         report["stage1"] = reconstruct_blocks(
@@ -345,7 +345,7 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
         model, fp_model, images, settings, sequential=True, device=device, progress=progress, desc="stage 3"
     )
     if config.resolved_bias_correction:
-        correct_bias(model, images[: config.init_size])
+        correct_bias(model, images[: config.init_size].to(device))
     return report
 
 

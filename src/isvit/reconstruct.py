@@ -115,8 +115,6 @@ def reconstruct_unit(
         unit.train(was_training)
         if settings.learn_scales:
             freeze_scales(unit)
-        for p in params:
-            p.requires_grad_(True)
     return losses
 
 
