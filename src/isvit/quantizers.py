@@ -197,6 +197,12 @@ def _rows(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
     return x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
 
 
+def _tail(p: float, n: int) -> int:
+    """How many of n sorted values lie beyond the p-quantile (on one side): the quantile is the
+    ``_tail(p, n)``-th value from the top (0 = the maximum)."""
+    return n - 1 - min(n - 1, max(0, int(round(p * (n - 1)))))
+
+
 def _uniform_params(low: torch.Tensor, high: torch.Tensor, levels: int):
     scale = ((high - low) / (levels - 1)).clamp_min(1e-8)
     zero_point = torch.round(-low / scale)
@@ -222,15 +228,14 @@ def search_uniform_range(
     n = rows.shape[1]
     # Only the tails are needed: the k largest and k smallest values of each row (sorted), which is
     # much cheaper than sorting millions of activations.
-    k = min(n, n - int(round(min(percentiles) * (n - 1))))
+    k = _tail(min(percentiles), n) + 1
     top = torch.topk(rows, k, dim=1, largest=True, sorted=True).values  # descending
     bottom = torch.topk(rows, k, dim=1, largest=False, sorted=True).values  # ascending
     best_err = torch.full((rows.shape[0],), float("inf"), device=x.device)
     best_scale = torch.zeros(rows.shape[0], device=x.device)
     best_zero = torch.zeros(rows.shape[0], device=x.device)
     for p in percentiles:
-        tail = n - 1 - min(n - 1, max(0, int(round(p * (n - 1)))))  # values beyond the clip, each side
-        low, high = bottom[:, tail], top[:, tail]
+        low, high = bottom[:, _tail(p, n)], top[:, _tail(p, n)]
         scale, zero_point = _uniform_params(low, high, levels)
         err = (_fake_quant_rows(rows, scale, zero_point, levels) - rows).pow(2).mean(dim=1)
         better = err < best_err
@@ -271,11 +276,10 @@ class LogSqrt2Quantizer(Quantizer):
     def calibrate(self, x: torch.Tensor) -> None:
         flat = x.float().reshape(-1)
         n = flat.numel()
-        k = min(n, n - int(round(min(self.percentiles) * (n - 1))))
-        top = torch.topk(flat, k, largest=True, sorted=True).values  # descending
+        top = torch.topk(flat, _tail(min(self.percentiles), n) + 1, largest=True, sorted=True).values
         best = (float("inf"), None)
         for p in self.percentiles:
-            delta = top[n - 1 - min(n - 1, int(round(p * (n - 1))))].clamp_min(1e-8)
+            delta = top[_tail(p, n)].clamp_min(1e-8)
             err = (self._quantize_with(flat, delta) - flat).pow(2).mean().item()
             if err < best[0]:
                 best = (err, delta)
