@@ -17,6 +17,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import timm
@@ -139,7 +140,7 @@ def _print_table(rows: list[dict]) -> None:
 def _write_json(path: Optional[str], result: dict) -> None:
     if path:
         text = json.dumps(result, indent=2) + "\n"
-        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _prepare(args):

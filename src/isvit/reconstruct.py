@@ -46,15 +46,13 @@ def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
     return [p for p in unit.parameters() if p.dtype.is_floating_point]
 
 
-def scale_parameters(unit: nn.Module, kinds=("weight",)) -> list[nn.Parameter]:
-    """Make the scales of the unit's uniform quantizers of the given kinds learnable; returns them."""
-    params = []
-    for name, q in unit.named_modules():
-        if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated:
-            is_weight = name.endswith("weight_quantizer")
-            if ("weight" in kinds and is_weight) or ("activation" in kinds and not is_weight):
-                params.append(q.learnable_scale())
-    return params
+def scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
+    """Make the scales of the unit's enabled, calibrated uniform quantizers learnable; returns them."""
+    return [
+        q.learnable_scale()
+        for q in unit.modules()
+        if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated
+    ]
 
 
 def freeze_scales(unit: nn.Module) -> None:
@@ -86,7 +84,7 @@ def reconstruct_unit(
     params = unit_parameters(unit)
     groups = [{"params": params, "lr": settings.lr}]
     if settings.learn_scales:
-        scales = scale_parameters(unit, kinds=("weight", "activation"))
+        scales = scale_parameters(unit)
         if scales:
             groups.append({"params": scales, "lr": settings.scale_lr})
     optimizer = torch.optim.Adam(groups)
