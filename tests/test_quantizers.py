@@ -230,6 +230,67 @@ def test_straight_through_estimator_at_the_first_and_last_code():
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
+def test_learnt_scale_gradient_matches_torch_lsq():
+    # PyTorch's learnable fake quantization (LSQ) is an independent reference for d x^ / d scale;
+    # values sit away from the rounding and clamping boundaries, where the two conventions agree
+    x = torch.tensor([-3.1, -1.2, -0.3, 0.1, 0.9, 1.6, 2.6, 10.0, -1.9, 0.45]).repeat(5) * torch.linspace(0.9, 1.1, 50)
+    weights = torch.linspace(-1, 2, 50)
+    q = uniform(3, 0.5, 3.0)
+    scale = q.learnable_scale()
+    xa = x.clone().requires_grad_(True)
+    (q(xa) * weights).sum().backward()
+    s_ref = torch.tensor([0.5], requires_grad=True)
+    xb = x.clone().requires_grad_(True)
+    ref = torch._fake_quantize_learnable_per_tensor_affine(xb, s_ref, torch.tensor([3.0]), 0, 7, 1.0)
+    (ref * weights).sum().backward()
+    assert torch.allclose(q(x), ref.detach())
+    assert torch.allclose(scale.grad, s_ref.grad, atol=1e-5)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def autograd_sulq(x, eta, ymin, ymax, bits):
+    """SULQ written with plain autograd ops and an add-detach straight-through estimator."""
+    levels = 2**bits
+    step = (ymax - ymin) / (levels - 1)
+    t = (torch.log2(x + eta) - ymin) / step
+    code = t + (torch.round(t) - t).detach()
+    inside = (code.detach() >= 0) & (code.detach() <= levels - 1)
+    code = torch.where(inside, code, code.detach().clamp(0, levels - 1))
+    return torch.exp2(code * step + ymin) - eta
+
+
+def autograd_log_sqrt2(x, delta, bits):
+    levels = 2**bits
+    t = -2 * torch.log2(x.clamp_min(1e-20) / delta)
+    code = t + (torch.round(t) - t).detach()
+    inside = (code.detach() >= 0) & (code.detach() <= levels - 1)
+    value = delta * torch.exp2(-torch.where(inside, code, code.detach().clamp(0, levels - 1)) / 2)
+    return torch.where(code.detach() > levels - 1, torch.zeros_like(value), value)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_fused_softmax_quantizers_match_autograd_formulas(bits):
+    # the fused forward/backward equal the same formulas written with autograd ops
+    torch.manual_seed(bits)
+    x = torch.softmax(torch.randn(4, 50, 50) * 3, dim=-1)
+    x[0, 0, :5] = torch.tensor([0.0, 1e-30, 1.0, 0.5, 1e-6])
+    weights = torch.randn_like(x)
+    sulq = SULQuantizer(bits)
+    sulq.calibrate(x)
+    log2 = log_sqrt2(bits, delta=0.8)
+    for quantizer, reference in (
+        (sulq, lambda t: autograd_sulq(t, sulq.eta, sulq.ymin, sulq.ymax, bits)),
+        (log2, lambda t: autograd_log_sqrt2(t, log2.delta, bits)),
+    ):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, ref = quantizer(xa), reference(xb)
+        (out * weights).sum().backward()
+        (ref * weights).sum().backward()
+        assert torch.equal(out.detach(), ref.detach())
+        assert torch.equal(quantizer(x), ref.detach())  # the no-gradient path
+        assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # LogSqrt2Quantizer
 # ---------------------------------------------------------------------------------------------
