@@ -19,7 +19,7 @@ from isvit.pipeline import (
     set_quantizers,
 )
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit
-from isvit.wrap import forward_units, post_layernorm_pairs, wrap_model
+from isvit.wrap import forward_units, wrap_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
