@@ -18,7 +18,7 @@ from isvit.pipeline import (
     reconstruct_blocks,
     set_quantizers,
 )
-from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit
+from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit, token_errors
 from isvit.wrap import forward_units, wrap_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -178,3 +178,25 @@ def test_isvit_w8a8_on_real_images_within_a_point(real_vit, val_batches, calib32
     qmodel = isvit.quantize(real_vit, calib32, config, progress=False)
     top1 = isvit.evaluate(qmodel, val_batches, progress=False)["top1"]
     assert abs(top1 - fp_top1) <= 1.0, (top1, fp_top1)
+
+
+def test_token_loss_is_each_tokens_error_relative_to_its_variance():
+    target = torch.tensor([[[1.0, 3.0], [100.0, 300.0]]])  # variances 1 and 10^4
+    out = target + torch.tensor([[[1.0, 0.0], [10.0, 0.0]]])  # squared errors 1 and 100
+    assert token_errors(out, target, "mse").tolist() == [[1.0, 100.0]]
+    assert torch.allclose(token_errors(out, target, "token"), torch.tensor([[1.0, 0.01]]))
+
+
+def test_token_loss_lowers_its_own_objective():
+    x = images()
+    fp, q = activations_quantized(small_vit(), x)
+    unit, inputs, targets = unit_data(fp, q, x, 1)
+    before = reconstruction_loss(unit, inputs, targets, "cpu", loss="token")
+    settings = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4, loss="token")
+    reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
+    assert reconstruction_loss(unit, inputs, targets, "cpu", loss="token") < 0.95 * before
+
+
+def test_quant_config_rejects_an_unknown_loss():
+    with pytest.raises(isvit.IsvitError, match="unknown reconstruction loss 'l1'"):
+        QuantConfig(method="isvit", loss="l1")

@@ -38,6 +38,7 @@ from .evaluate import evaluate
 from .models import create_model
 from .pipeline import METHODS, PRESETS, QuantConfig, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
+from .reconstruct import LOSSES
 
 
 def _positive_int(text: str) -> int:
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     sos.add_argument("--lr", type=float, help="reconstruction learning rate (default: the preset's)")
     sos.add_argument("--learn-scales", action=argparse.BooleanOptionalAction, default=None,
                      help="also learn the uniform quantizers' scales (default: the preset's)")
+    sos.add_argument("--loss", choices=LOSSES,
+                     help="reconstruction loss: mse (the paper's) or token (each token's error relative to its "
+                          "variance, as the next LayerNorm sees it) (default: the preset's)")
     sos.add_argument("--no-stage1", action="store_true", help="skip stage 1 (reconstruction with full-precision weights)")
     sos.add_argument("--no-reparam", action="store_true",
                      help="skip stage 2: post-LayerNorm activations per tensor from the start")
@@ -174,7 +178,7 @@ def run_quantize(args) -> dict:
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.calib_size,
         softmax_quantizer=args.softmax_quantizer, seed=args.seed, iters=args.iters,
         bias_correction=False if args.no_bias_correction else None,
-        preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales,
+        preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales, loss=args.loss,
         stage1=not args.no_stage1, reparameterize=not args.no_reparam, cache_dtype=args.cache_dtype,
     )
     device, model, data_config, transform, loader = _prepare(args)

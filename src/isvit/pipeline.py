@@ -28,6 +28,7 @@ from .modules import QuantLinear
 from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits
 from .reparam import reparameterize_layernorm
 from .reconstruct import (
+    LOSSES,
     ReconstructionSettings,
     has_enabled_quantizer,
     reconstruct_unit,
@@ -45,8 +46,8 @@ DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
 # Block-reconstruction settings. "paper": I&S-ViT's (Adam 4e-5 with cosine decay, batch 64,
 # 1000 iterations per block at 3/4 bits, 200 at 6 bits). "fast": for a CPU budget of minutes.
 PRESETS = {
-    "paper": {"iters_low_bits": 1000, "iters": 200, "batch_size": 64, "lr": 4e-5, "learn_scales": False},
-    "fast": {"iters_low_bits": 100, "iters": 50, "batch_size": 32, "lr": 2e-4, "learn_scales": True},
+    "paper": {"iters_low_bits": 1000, "iters": 200, "batch_size": 64, "lr": 4e-5, "learn_scales": False, "loss": "mse"},
+    "fast": {"iters_low_bits": 100, "iters": 50, "batch_size": 32, "lr": 2e-4, "learn_scales": True, "loss": "mse"},
 }
 
 
@@ -67,6 +68,7 @@ class QuantConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     learn_scales: Optional[bool] = None
+    loss: Optional[str] = None
     stage1: bool = True
     reparameterize: bool = True
     init_size: int = 64
@@ -92,6 +94,8 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise IsvitError(f"{name} must be a positive integer, got {value!r}")
+        if self.loss is not None and self.loss not in LOSSES:
+            raise IsvitError(f"unknown reconstruction loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.lr is not None and not self.lr > 0:
             raise IsvitError(f"lr must be positive, got {self.lr!r}")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
@@ -119,6 +123,7 @@ class QuantConfig:
             "batch_size": self.batch_size or preset["batch_size"],
             "lr": self.lr or preset["lr"],
             "learn_scales": preset["learn_scales"] if self.learn_scales is None else self.learn_scales,
+            "loss": self.loss or preset["loss"],
         }
 
     def to_dict(self) -> dict:
@@ -274,10 +279,10 @@ def reconstruct_blocks(
         if has_enabled_quantizer(q_unit) and settings.iters > 0:
             inputs = x_q if sequential else x_fp
             check = slice(0, settings.check_size)
-            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size)
+            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
             reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
-            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size)
+            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
             if after > before:
                 q_unit.body.load_state_dict(snapshot)
             report[q_unit.name] = (before, min(before, after))

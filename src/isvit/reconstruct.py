@@ -39,6 +39,21 @@ class ReconstructionSettings:
     cache_device: Optional[torch.device] = None  # default: where the model runs
     seed: int = 0
     check_size: int = 256  # calibration images on which a unit's loss is compared before/after
+    loss: str = "mse"  # or "token": each token's squared error relative to its target's variance
+
+
+LOSSES = ("mse", "token")
+
+
+def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-token reconstruction error: the squared error summed over the features ("mse", the
+    paper's), or that divided by the target token's variance over its features ("token"): the error
+    as the next LayerNorm, which normalises every token, sees it. ViT's residual stream carries a
+    few tokens whose values are 100x the others'; under plain MSE their errors drown the rest."""
+    err = (out - target).pow(2).sum(dim=-1)
+    if loss == "token":
+        err = err / target.var(dim=-1, unbiased=False).clamp_min(1e-6)
+    return err
 
 
 def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
@@ -102,7 +117,7 @@ def reconstruct_unit(
             y = targets[idx].to(device, torch.float32)
             with torch.enable_grad():
                 out = unit(x)
-                loss = (out - y).pow(2).sum(dim=-1).mean()
+                loss = token_errors(out, y, settings.loss).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
@@ -117,13 +132,15 @@ def reconstruct_unit(
 
 
 @torch.no_grad()
-def reconstruction_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, batch_size: int = 64) -> float:
+def reconstruction_loss(
+    unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, batch_size: int = 64, loss: str = "mse"
+) -> float:
     """The reconstruction objective of ``unit`` over the whole set (for reports and tests)."""
     total, count = 0.0, 0
     for i in range(0, inputs.shape[0], batch_size):
         out = unit(inputs[i:i + batch_size].to(device, torch.float32))
         y = targets[i:i + batch_size].to(device, torch.float32)
-        total += (out - y).pow(2).sum(dim=-1).sum().item()
+        total += token_errors(out, y, loss).sum().item()
         count += math.prod(y.shape[:-1])
     return total / count
 

@@ -1,0 +1,93 @@
+"""Choose I&S-ViT's hyperparameters on held-out calibration images, never on the evaluation set.
+
+    python benchmarks/tune_heldout.py --set preset=fast,iters=30 --set preset=fast,iters=30,loss=token
+
+imagenet-calib-1000 has labels: a seeded split gives the calibration images (default 640) and a
+held-out set (the other 360) on which each setting is scored by top-1, top-1 agreement with the
+full-precision model and the mean KL divergence from it (less noisy than top-1 on 360 images).
+Each ``--set`` is a comma-separated list of QuantConfig fields (method=isvit, w_bits=4 and
+a_bits=4 unless given). Prints one JSON line per setting and appends it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import isvit
+from isvit.data import ImageFolderDataset, make_loader
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def parse_setting(text: str) -> dict:
+    fields = {"method": "isvit", "w_bits": 4, "a_bits": 4}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        if value in ("True", "False"):
+            value = value == "True"
+        fields[key] = value
+    return fields
+
+
+@torch.no_grad()
+def logits_of(model, images, batch_size=100):
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", action="append", default=[], dest="settings")
+    parser.add_argument("--calib-size", type=int, default=640)
+    parser.add_argument("--split-seed", type=int, default=123)
+    parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
+    parser.add_argument("--out", default="results/tune_heldout.jsonl")
+    args = parser.parse_args()
+
+    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    if Path(args.cache).exists():
+        images, labels = torch.load(args.cache)
+    else:
+        transform = isvit.build_transform(isvit.resolve_data_config(model))
+        dataset = ImageFolderDataset(SHARED / "data" / "imagenet-calib-1000", transform)
+        batches = list(make_loader(dataset, batch_size=50))
+        images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        torch.save((images, labels), args.cache)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.split_seed))
+    calib, held = order[: args.calib_size], order[args.calib_size:]
+    fp_logits = logits_of(model, images[held])
+    fp_pred = fp_logits.argmax(1)
+    print(f"full precision: held-out top-1 {100 * (fp_pred == labels[held]).float().mean():.2f} on {len(held)} images")
+    for text in args.settings:
+        fields = parse_setting(text)
+        start = time.perf_counter()
+        qmodel = isvit.quantize(model, images[calib], isvit.QuantConfig(**fields), progress=False)
+        seconds = time.perf_counter() - start
+        logits = logits_of(qmodel, images[held])
+        pred = logits.argmax(1)
+        kl = F.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True, reduction="batchmean")
+        row = {
+            "setting": text,
+            "top1": round(100 * (pred == labels[held]).float().mean().item(), 2),
+            "agree": round(100 * (pred == fp_pred).float().mean().item(), 2),
+            "kl": round(kl.item(), 4),
+            "seconds": round(seconds, 1),
+        }
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
