@@ -200,3 +200,16 @@ def test_token_loss_lowers_its_own_objective():
 def test_quant_config_rejects_an_unknown_loss():
     with pytest.raises(isvit.IsvitError, match="unknown reconstruction loss 'l1'"):
         QuantConfig(method="isvit", loss="l1")
+
+
+def test_half_precision_cache_on_a_named_device():
+    x = images(16)
+    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=3, batch_size=8, cache_dtype="bfloat16", cache_device="cpu")
+    qmodel = isvit.quantize(small_vit(), x, config, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(x)).all()
+
+
+def test_quant_config_rejects_a_bad_cache_device():
+    with pytest.raises(isvit.IsvitError, match="cache_device must name a torch device"):
+        QuantConfig(method="isvit", cache_device="gpu0")

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip stage 2: post-LayerNorm activations per tensor from the start")
     sos.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="precision of the cached block inputs/outputs (float16 halves their memory)")
+    sos.add_argument("--cache-device", help="where the cached block inputs/outputs live, e.g. cpu while the "
+                                            "model trains on cuda (default: the model's device)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT (safetensors)")
     return parser
 
@@ -180,6 +182,7 @@ def run_quantize(args) -> dict:
         bias_correction=False if args.no_bias_correction else None,
         preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales, loss=args.loss,
         stage1=not args.no_stage1, reparameterize=not args.no_reparam, cache_dtype=args.cache_dtype,
+        cache_device=args.cache_device,
     )
     device, model, data_config, transform, loader = _prepare(args)
     rows, result = [], {"model": args.model, "data": args.data, "calib": args.calib, "data_config": data_config}

@@ -73,6 +73,7 @@ class QuantConfig:
     reparameterize: bool = True
     init_size: int = 64
     cache_dtype: str = "float32"
+    cache_device: Optional[str] = None  # where cached block inputs/outputs live (default: the model's device)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -98,6 +99,11 @@ class QuantConfig:
             raise IsvitError(f"unknown reconstruction loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.lr is not None and not self.lr > 0:
             raise IsvitError(f"lr must be positive, got {self.lr!r}")
+        if self.cache_device is not None:
+            try:
+                torch.device(self.cache_device)
+            except (RuntimeError, TypeError):
+                raise IsvitError(f"cache_device must name a torch device such as 'cpu' or 'cuda', got {self.cache_device!r}") from None
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise IsvitError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
 
@@ -332,7 +338,10 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     for p in fp_model.parameters():
         p.requires_grad_(False)
     settings = ReconstructionSettings(
-        **config.reconstruction(), cache_dtype=getattr(torch, config.cache_dtype), seed=config.seed
+        **config.reconstruction(),
+        cache_dtype=getattr(torch, config.cache_dtype),
+        cache_device=torch.device(config.cache_device) if config.cache_device else None,
+        seed=config.seed,
     )
     wrap_model(model, placement_for(config))
     set_quantizers(model, False, "weight")
