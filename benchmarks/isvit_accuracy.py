@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--preset", default="fast", choices=["fast", "paper"])
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
     parser.add_argument("--limit", type=int, help="evaluate on the first N images only (quick check)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: the CLI's)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -59,7 +60,7 @@ def main() -> None:
         "--weights", str(SHARED / "models" / "vit_tiny_patch16_224.safetensors"),
         "--calib", str(SHARED / "data" / "imagenet-calib-1000"),
         "--data", str(SHARED / "data" / "imagenet-val-1300"),
-    ] + (["--limit", str(args.limit)] if args.limit else [])
+    ] + (["--limit", str(args.limit)] if args.limit else []) + (["--threads", str(args.threads)] if args.threads else [])
     for name in args.only or list(SETTINGS):
         key = f"{args.preset}/{name}"
         if key in results:
@@ -68,11 +69,11 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
 
-    print("| setting | preset | top-1 | top-5 | calib s | peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | preset | top-1 | top-5 | calib s | threads | peak MB |")
+    print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         print(f"| {key.split('/', 1)[1]} | {r['preset']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-              f"{r['calib_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+              f"{r['calib_seconds']:.0f} | {r.get('threads', '-')} | {r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,10 @@ def _peak_rss_mb() -> float:
 
 
 def _environment() -> dict:
-    return {"isvit": __version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+    return {
+        "isvit": __version__, "torch": torch.__version__, "timm": timm.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }
 
 
 def _print_table(rows: list[dict]) -> None:
