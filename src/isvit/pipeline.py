@@ -45,9 +45,9 @@ DEFAULT_SOFTMAX_QUANTIZER = {"isvit": "sulq", "repq": "log2sqrt2", "minmax": "un
 DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
 # Block-reconstruction settings. "paper": I&S-ViT's (Adam 4e-5 with cosine decay, batch 64,
 # 1000 iterations per block at 3/4 bits, 200 at 6 bits). "fast": for a CPU budget of minutes,
-# chosen on held-out calibration images (benchmarks/tune_heldout.py, W4/A4): with 16x fewer
-# iterations a larger learning rate and the token-normalised loss recover most of the gap, and
-# learnt scales did not help at this budget.
+# chosen on held-out calibration images (benchmarks/tune_heldout.py, W4/A4, results in
+# results/tune_heldout.jsonl): at 16x fewer iterations, a larger learning rate and the
+# token-normalised loss scored best of the settings tried; learnt scales did not help.
 PRESETS = {
     "paper": {"iters_low_bits": 1000, "iters": 200, "batch_size": 64, "lr": 4e-5, "learn_scales": False, "loss": "mse"},
     "fast": {"iters_low_bits": 60, "iters": 30, "batch_size": 32, "lr": 5e-4, "learn_scales": False, "loss": "token"},
