@@ -68,12 +68,14 @@ def test_isvit_with_ablation_flags(tmp_path, capsys):
     argv = quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--limit", "8",
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
                          "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
-                         "log2sqrt2", "--cache-dtype", "float16", "--no-fp", "--json", str(out))
+                         "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
+                         "--cache-device", "cpu", "--no-fp", "--json", str(out))
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
     assert result["stage1"] is False and result["reparameterize"] is False
     assert result["softmax_quantizer"] == "log2sqrt2" and result["learn_scales"] is True
+    assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
     assert "fp_top1" not in result
 
 
