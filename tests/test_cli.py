@@ -113,6 +113,9 @@ def test_quantize_json_and_saved_model(tmp_path, capsys):
         assert key in result, key
     assert result["images"] == 16 and result["calib_size"] == 8 and result["method"] == "minmax"
     assert 0 <= result["top1"] <= 100 and result["peak_rss_mb"] > 0
+    assert result["saved"] == str(saved) and result["saved_bytes"] == saved.stat().st_size
+    assert result["fp32_bytes"] > 3.5 * result["saved_bytes"]  # 8-bit codes instead of float32 weights
+    assert f"saved {saved}: " in table and "x smaller)" in table
 
     # The saved file alone rebuilds the same quantized model: same top-1 on the same images.
     model, info = load_quantized(saved)

@@ -170,6 +170,26 @@ def test_quantize_isvit_runs_every_stage_on_swin_and_improves_on_no_training():
     assert err_trained < 0.85 * err_untrained, (err_trained, err_untrained)
 
 
+
+def test_reconstruction_puts_back_each_modules_mode():
+    """The Unit wrapper is a fresh module in training mode: training a unit must not switch its
+    block's drop-path on (Swin's default rate is 0.1) for the stages that follow."""
+    x = images(8)
+    fp, q = activations_quantized(small_swin(), x)
+    unit, inputs, targets = unit_data(fp, q, x, 1)
+    before = [m.training for m in unit.body.modules()]
+    reconstruct_unit(unit, inputs, targets, ReconstructionSettings(iters=1, batch_size=4), "cpu", progress=False)
+    assert [m.training for m in unit.body.modules()] == before
+
+def test_quantize_isvit_leaves_every_module_in_eval_mode():
+    """Reconstruction must not leave drop-path on (Swin's default rate is 0.1): the quantized model
+    is deterministic."""
+    x = images(8)
+    q = isvit.quantize(small_swin(), x, QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=1, batch_size=4), progress=False)
+    assert not any(m.training for m in q.modules())
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x))
+
 @pytest.mark.real
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared is not present")
 def test_isvit_w8a8_on_real_images_within_a_point(real_vit, val_batches, calib32):

@@ -1,12 +1,14 @@
 """Command line: ``isvit eval`` and ``isvit quantize``.
 
     isvit eval --model NAME [--weights PATH] --data DIR [--limit N] [--batch-size B] [--device D] [--json OUT]
+    isvit eval --quantized FILE --data DIR [--limit N] ...      (a model saved by quantize --save)
     isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
                    [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] ...
 
-Results are printed as a table and, with ``--json``, written (atomically) as JSON. Bad input ends
-the program with one sentence on stderr and exit status 2.
+Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
+the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
+alone. Bad input ends the program with one sentence on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import timm
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write, save_quantized
+from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
 from .data import (
     ImageFolderDataset,
     build_transform,
@@ -55,8 +57,10 @@ def _floats3(text: str) -> tuple[float, float, float]:
     return tuple(parts)
 
 
+MODEL_HELP = "timm architecture name, e.g. vit_tiny_patch16_224"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="timm architecture name, e.g. vit_tiny_patch16_224")
     p.add_argument("--weights", help="safetensors or PyTorch state dict; default: timm's pretrained download")
     p.add_argument("--data", required=True, help="evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG")
     p.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only")
@@ -66,7 +70,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    pre = p.add_argument_group("preprocessing (default: timm's pretrained config of the model)")
+    pre = p.add_argument_group("preprocessing (default: timm's pretrained config of the model, or the one saved "
+                               "with a --quantized model)")
     pre.add_argument("--mean", type=_floats3, help="normalisation mean, e.g. 0.485,0.456,0.406")
     pre.add_argument("--std", type=_floats3, help="normalisation std")
     pre.add_argument("--crop-pct", type=float, help="center-crop fraction, e.g. 0.875")
@@ -79,10 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"isvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="top-1/top-5 of a full-precision model")
+    ev = sub.add_parser("eval", help="top-1/top-5 of a full-precision model or of a saved quantized one")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help=MODEL_HELP)
+    which.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save' "
+                                                          "(architecture, weights and preprocessing come from it)")
     _add_common(ev)
 
     qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
+    qu.add_argument("--model", required=True, help=MODEL_HELP)
     _add_common(qu)
     qu.add_argument("--calib", required=True, help="calibration images (labels not needed; flat folders work)")
     qu.add_argument("--method", required=True, choices=METHODS)
@@ -111,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="precision of the cached block inputs/outputs (float16 halves their memory)")
     sos.add_argument("--cache-device", help="where the cached block inputs/outputs live, e.g. cpu while the "
                                             "model trains on cuda (default: the model's device)")
-    qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT (safetensors)")
+    qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT: integer weight codes and "
+                                                  "quantizer parameters in one safetensors file")
     return parser
 
 
@@ -152,22 +163,40 @@ def _write_json(path: Optional[str], result: dict) -> None:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _prepare(args):
+def _setup_device(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    model = create_model(args.model, args.weights, device=device)
-    data_config = resolve_data_config(
+    return _device(args.device)
+
+
+def _preprocessing(args, model, base: Optional[dict] = None) -> dict:
+    """The data config: ``base`` (or timm's for the model) with the command line's overrides."""
+    return resolve_data_config(
         model, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
-        interpolation=args.interpolation, input_size=args.input_size,
+        interpolation=args.interpolation, input_size=args.input_size, base=base,
     )
-    transform = build_transform(data_config)
+
+
+def _eval_loader(args, transform):
     dataset = ImageFolderDataset(args.data, transform, limit=args.limit)
-    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    return device, model, data_config, transform, loader
+    return make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+
+
+def _prepare(args):
+    device = _setup_device(args)
+    model = create_model(args.model, args.weights, device=device)
+    data_config = _preprocessing(args, model)
+    transform = build_transform(data_config)
+    return device, model, data_config, transform, _eval_loader(args, transform)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def run_eval(args) -> dict:
+    if args.quantized:
+        return run_eval_quantized(args)
     device, model, data_config, _, loader = _prepare(args)
     metrics = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
     result = {"model": args.model, "method": "fp32", "w_bits": 32, "a_bits": 32, **metrics,
@@ -176,6 +205,33 @@ def run_eval(args) -> dict:
     print(f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
     _write_json(args.json, result)
     return result
+
+
+def run_eval_quantized(args) -> dict:
+    """Evaluate a model rebuilt from its integer checkpoint alone."""
+    if args.weights:
+        raise IsvitError("--weights cannot be used with --quantized: the quantized model file holds the weights")
+    device = _setup_device(args)
+    model, info = load_quantized(args.quantized, device=device)
+    config = info["config"]
+    data_config = _preprocessing(args, model, base=info["data_config"])
+    loader = _eval_loader(args, build_transform(data_config))
+    wa = f"{config.w_bits}/{config.a_bits}"
+    metrics = evaluate(model, loader, device=device, progress=not args.quiet, desc=f"W{config.w_bits}/A{config.a_bits}")
+    result = {"model": info["model"], "quantized": args.quantized, **config.to_dict(), **metrics, "data": args.data,
+              "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), "device": str(device), **_environment()}
+    _print_table([{"name": info["model"], "method": config.method, "wa": wa, **metrics}])
+    print(f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
+    _write_json(args.json, result)
+    return result
+
+
+def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
+    """Write the integer checkpoint, print its size next to the fp32 weights' and return both."""
+    save_quantized(qmodel, args.save, model_name=args.model, config=config, data_config=data_config)
+    size, fp32 = Path(args.save).stat().st_size, float32_size(fp_model)
+    print(f"saved {args.save}: {_megabytes(size)} (fp32 weights: {_megabytes(fp32)}, {fp32 / size:.1f}x smaller)")
+    return {"saved": args.save, "saved_bytes": size, "fp32_bytes": fp32}
 
 
 def run_quantize(args) -> dict:
@@ -210,9 +266,7 @@ def run_quantize(args) -> dict:
     _print_table(rows)
     print(f"calibration {calib_seconds:.1f} s, eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
     if args.save:
-        save_quantized(qmodel, args.save, model_name=args.model, config=config, data_config=data_config)
-        result["saved"] = args.save
-        print(f"saved {args.save}")
+        result.update(_save_with_sizes(args, qmodel, model, config, data_config))
     _write_json(args.json, result)
     return result
 

@@ -63,18 +63,23 @@ def resolve_data_config(
     crop_pct=None,
     interpolation=None,
     input_size=None,
+    base=None,
 ) -> dict:
     """Return the model's preprocessing config, with any given override applied.
 
-    The base is timm's ``resolve_data_config({}, model=model)`` (the model's pretrained
-    config). ``input_size`` may be an int image side (giving ``(3, s, s)``) or a
-    ``(3, H, W)`` sequence; ``mean`` and ``std`` are 3 floats each.
+    The base is ``base`` when given (e.g. the preprocessing saved with a quantized model), else
+    timm's ``resolve_data_config({}, model=model)`` (the model's pretrained config).
+    ``input_size`` may be an int image side (giving ``(3, s, s)``) or a ``(3, H, W)`` sequence;
+    ``mean`` and ``std`` are 3 floats each.
 
     Returns a plain JSON-serialisable dict with keys ``input_size``, ``interpolation``,
     ``mean``, ``std``, ``crop_pct`` and ``crop_mode`` (sequences as lists).
     Raises :class:`IsvitError` for an invalid value.
     """
-    config = dict(timm.data.resolve_data_config({}, model=model))
+    config = dict(base) if base is not None else dict(timm.data.resolve_data_config({}, model=model))
+    missing = [k for k in ("input_size", "interpolation", "mean", "std", "crop_pct") if k not in config]
+    if missing:
+        raise IsvitError(f"the preprocessing config lacks {', '.join(missing)}.")
     if mean is not None:
         config["mean"] = _three_floats("mean", mean)
     if std is not None:

@@ -380,7 +380,7 @@ def quantize(
     ``calib``: unlabeled calibration images, a (N, 3, H, W) tensor already preprocessed as the
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
     ``device``: where calibration runs (default: where the model is). The model is copied unless
-    ``inplace``.
+    ``inplace``. The model returned is in eval mode.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -394,4 +394,4 @@ def quantize(
         _isvit(model, images, config, device, progress)
     else:
         _training_free(model, images.to(device), config, progress)
-    return model
+    return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too

@@ -108,8 +108,10 @@ def reconstruct_unit(
     generator = torch.Generator().manual_seed(settings.seed)
     n = inputs.shape[0]
     losses = []
-    was_training = unit.training
-    unit.train(False)  # dropout/drop-path off: reconstruction matches the eval-mode function
+    # Dropout/drop-path off: reconstruction matches the eval-mode function. Each module's own mode
+    # is put back afterwards (the Unit wrapper is a fresh module, always in training mode).
+    modes = [(m, m.training) for m in unit.modules()]
+    unit.train(False)
     bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
     try:
         for _ in bar:
@@ -130,7 +132,8 @@ def reconstruct_unit(
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4g}")
     finally:
-        unit.train(was_training)
+        for module, mode in modes:
+            module.training = mode
         if settings.learn_scales:
             freeze_scales(unit)
     return losses
