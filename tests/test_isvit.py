@@ -170,7 +170,6 @@ def test_quantize_isvit_runs_every_stage_on_swin_and_improves_on_no_training():
     assert err_trained < 0.85 * err_untrained, (err_trained, err_untrained)
 
 
-
 def test_reconstruction_puts_back_each_modules_mode():
     """The Unit wrapper is a fresh module in training mode: training a unit must not switch its
     block's drop-path on (Swin's default rate is 0.1) for the stages that follow."""
@@ -180,6 +179,7 @@ def test_reconstruction_puts_back_each_modules_mode():
     before = [m.training for m in unit.body.modules()]
     reconstruct_unit(unit, inputs, targets, ReconstructionSettings(iters=1, batch_size=4), "cpu", progress=False)
     assert [m.training for m in unit.body.modules()] == before
+
 
 def test_quantize_isvit_leaves_every_module_in_eval_mode():
     """Reconstruction must not leave drop-path on (Swin's default rate is 0.1): the quantized model
