@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+
+from accuracy import run  # benchmarks/accuracy.py: one CLI run, its JSON back
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -32,15 +31,6 @@ SETTINGS = {
     "w4a4-no-stage1": ["--w-bits", "4", "--a-bits", "4", "--no-stage1"],
     "w4a4-no-reparam": ["--w-bits", "4", "--a-bits", "4", "--no-reparam"],
 }
-
-
-def run(args: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "isvit.cli", *args, "--json", str(out), "--quiet"]
-        print("$", " ".join(cmd), file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
-        return json.loads(out.read_text())
 
 
 def main() -> None:
