@@ -292,11 +292,6 @@ def _uniform_params(low: torch.Tensor, high: torch.Tensor, levels: int):
     return scale, zero_point
 
 
-def _fake_quant_rows(rows: torch.Tensor, scale, zero_point, levels: int) -> torch.Tensor:
-    s, z = scale[:, None], zero_point[:, None]
-    return (torch.clamp(torch.round(rows / s) + z, 0, levels - 1) - z) * s
-
-
 def search_uniform_range(
     x: torch.Tensor, bits: int, percentiles: Sequence[float], channel_dim: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +315,7 @@ def search_uniform_range(
     for p in percentiles:
         low, high = bottom[:, _tail(p, n)], top[:, _tail(p, n)]
         scale, zero_point = _uniform_params(low, high, levels)
-        err = (_fake_quant_rows(rows, scale, zero_point, levels) - rows).pow(2).mean(dim=1)
+        err = (fake_quant_uniform(rows, scale[:, None], zero_point[:, None], levels) - rows).pow(2).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
