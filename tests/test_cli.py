@@ -69,13 +69,14 @@ def test_isvit_with_ablation_flags(tmp_path, capsys):
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
                          "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
                          "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
-                         "--cache-device", "cpu", "--no-fp", "--json", str(out))
+                         "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--no-fp", "--json", str(out))
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
     assert result["stage1"] is False and result["reparameterize"] is False
     assert result["softmax_quantizer"] == "log2sqrt2" and result["learn_scales"] is True
     assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
+    assert result["gptq"] is True and result["drop_prob"] == 0.5
     assert "fp_top1" not in result
 
 

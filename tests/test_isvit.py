@@ -18,6 +18,7 @@ from isvit.pipeline import (
     reconstruct_blocks,
     set_quantizers,
 )
+from isvit.quantizers import UniformQuantizer
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit, token_errors
 from isvit.wrap import forward_units, wrap_model
 
@@ -222,6 +223,12 @@ def test_quant_config_rejects_an_unknown_loss():
         QuantConfig(method="isvit", loss="l1")
 
 
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_quant_config_rejects_a_drop_probability_outside_0_1(p):
+    with pytest.raises(isvit.IsvitError, match="drop_prob must be in"):
+        QuantConfig(method="isvit", drop_prob=p)
+
+
 def test_half_precision_cache_on_a_named_device():
     x = images(16)
     config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=3, batch_size=8, cache_dtype="bfloat16", cache_device="cpu")
@@ -250,3 +257,35 @@ def test_micro_batches_give_the_same_training_as_whole_batches():
     # amplifies last-bit differences of near-zero gradients a little, so the paths only stay close
     assert losses_a[0] == pytest.approx(losses_b[0], rel=1e-6)
     assert losses_a == pytest.approx(losses_b, rel=5e-3)
+
+
+def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training():
+    x = torch.randn(200, 50, generator=torch.Generator().manual_seed(0))
+    q = UniformQuantizer(3)
+    q.calibrate(x)
+    quantized = q(x)
+    q.drop_prob = 0.5
+    torch.manual_seed(0)
+    mixed = q(x)
+    kept = mixed == x
+    assert torch.equal(mixed[~kept], quantized[~kept])
+    assert 0.45 < kept.float().mean().item() < 0.55  # (about 2% of x lie on the grid already)
+    q.drop_prob = 0.0
+
+    # reconstruct_unit sets it on the unit's activation quantizers for its training steps only
+    fp, model = activations_quantized(small_vit(), images())
+    set_quantizers(model, True, "weight")
+    calibrate_weights(model)
+    unit, inputs, targets = unit_data(fp, model, images(), 1)
+    fc2 = unit.body.mlp.fc2
+    seen = {"input": [], "weight": []}
+    hooks = [
+        fc2.input_quantizer.register_forward_hook(lambda m, i, o: seen["input"].append(m.drop_prob)),
+        fc2.weight_quantizer.register_forward_hook(lambda m, i, o: seen["weight"].append(m.drop_prob)),
+    ]
+    settings = ReconstructionSettings(iters=2, batch_size=16, lr=1e-4, drop_prob=0.5)
+    reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
+    for h in hooks:
+        h.remove()
+    assert set(seen["input"]) == {0.5} and set(seen["weight"]) == {0.0}  # weights are never dropped
+    assert all(q.drop_prob == 0.0 for _, q in quantizers(model))

@@ -4,7 +4,7 @@
     isvit eval --quantized FILE --data DIR [--limit N] ...      (a model saved by quantize --save)
     isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
-                   [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] ...
+                   [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] [--gptq] ...
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
 the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     sos.add_argument("--no-stage1", action="store_true", help="skip stage 1 (reconstruction with full-precision weights)")
     sos.add_argument("--no-reparam", action="store_true",
                      help="skip stage 2: post-LayerNorm activations per tensor from the start")
+    sos.add_argument("--qdrop", type=float, default=0.0, metavar="P",
+                     help="QDrop: while training, each activation keeps its float value with probability P (default 0)")
+    sos.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=False,
+                     help="start stage 3 from GPTQ-rounded weights instead of round-to-nearest ones (the paper's; default)")
     sos.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="precision of the cached block inputs/outputs (float16 halves their memory)")
     sos.add_argument("--cache-device", help="where the cached block inputs/outputs live, e.g. cpu while the "
@@ -240,7 +244,8 @@ def run_quantize(args) -> dict:
         softmax_quantizer=args.softmax_quantizer, seed=args.seed, iters=args.iters,
         bias_correction=False if args.no_bias_correction else None,
         preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales, loss=args.loss,
-        stage1=not args.no_stage1, reparameterize=not args.no_reparam, cache_dtype=args.cache_dtype,
+        stage1=not args.no_stage1, reparameterize=not args.no_reparam, gptq=args.gptq, drop_prob=args.qdrop,
+        cache_dtype=args.cache_dtype,
         cache_device=args.cache_device,
     )
     device, model, data_config, transform, loader = _prepare(args)

@@ -6,7 +6,8 @@
     both then correct the biases (optional: ``bias_correction=False`` gives the published methods)
     isvit  : wrap (per-channel post-LayerNorm, SULQ post-Softmax) -> calibrate activations
              -> stage 1 block reconstruction (full-precision weights) -> stage 2 fold
-             -> calibrate weights -> stage 3 sequential block reconstruction
+             -> calibrate weights -> stage 3 sequential block reconstruction (with ``gptq=True``
+             each unit's weights are first rounded by GPTQ)
 
 Calibration ("initialisation") is one forward pass over the calibration images with every
 quantizer in calibrating mode: each fits itself to what it sees, then quantizes, so later layers are
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import IsvitError
+from .gptq import gptq_unit
 from .modules import QuantLinear
 from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits
 from .reparam import reparameterize_layernorm
@@ -74,6 +76,8 @@ class QuantConfig:
     loss: Optional[str] = None
     stage1: bool = True
     reparameterize: bool = True
+    drop_prob: float = 0.0  # QDrop during block reconstruction
+    gptq: bool = False  # stage 3 starts from GPTQ-rounded weights (default: round to nearest, the paper's)
     init_size: int = 64
     cache_dtype: str = "float32"
     cache_device: Optional[str] = None  # where cached block inputs/outputs live (default: the model's device)
@@ -100,6 +104,8 @@ class QuantConfig:
                 raise IsvitError(f"{name} must be a positive integer, got {value!r}")
         if self.loss is not None and self.loss not in LOSSES:
             raise IsvitError(f"unknown reconstruction loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise IsvitError(f"drop_prob must be in [0, 1), got {self.drop_prob!r}")
         if self.lr is not None and not self.lr > 0:
             raise IsvitError(f"lr must be positive, got {self.lr!r}")
         if self.cache_device is not None:
@@ -267,6 +273,7 @@ def reconstruct_blocks(
     *,
     sequential: bool,
     device: torch.device,
+    round_weights: bool = False,
     progress: bool = True,
     desc: str = "",
 ) -> dict[str, tuple[float, float]]:
@@ -276,6 +283,8 @@ def reconstruct_blocks(
     (``sequential=False``, stage 1) or the quantized model's so far (``sequential=True``, stage 3).
     A unit whose loss over the first ``settings.check_size`` calibration images ends higher than it
     started is put back as it was (a guard against a learning rate too large for a unit).
+    With ``round_weights``, a unit's weights are first rounded by GPTQ on its inputs (the first
+    ``settings.check_size`` images), and training starts from there.
     Returns {unit: (loss before, loss after)} on those images.
     """
     cache_device = settings.cache_device or device
@@ -288,6 +297,8 @@ def reconstruct_blocks(
         if has_enabled_quantizer(q_unit) and settings.iters > 0:
             inputs = x_q if sequential else x_fp
             check = slice(0, settings.check_size)
+            if round_weights:
+                gptq_unit(q_unit, inputs[check], device, settings.batch_size)
             before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
             reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
@@ -342,6 +353,7 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
         p.requires_grad_(False)
     settings = ReconstructionSettings(
         **config.reconstruction(),
+        drop_prob=config.drop_prob,
         cache_dtype=getattr(torch, config.cache_dtype),
         cache_device=torch.device(config.cache_device) if config.cache_device else None,
         seed=config.seed,
@@ -359,7 +371,8 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     set_quantizers(model, True, "weight")
     calibrate_weights(model)
     report["stage3"] = reconstruct_blocks(
-        model, fp_model, images, settings, sequential=True, device=device, progress=progress, desc="stage 3"
+        model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
+        progress=progress, desc="stage 3",
     )
     if config.resolved_bias_correction:
         correct_bias(model, images[: config.init_size].to(device))

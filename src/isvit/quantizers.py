@@ -155,6 +155,8 @@ class Quantizer(nn.Module):
         self.bits = check_bits(bits)
         self.enabled = True
         self.calibrating = False
+        # QDrop (block reconstruction only): each element keeps its float value with this probability.
+        self.drop_prob = 0.0
 
     @property
     def levels(self) -> int:
@@ -180,7 +182,10 @@ class Quantizer(nn.Module):
             self.calibrating = False
         if not self.is_calibrated:
             raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated")
-        return self.quantize(x)
+        out = self.quantize(x)
+        if self.drop_prob > 0:
+            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A buffer's shape is part of the state (per-tensor vs per-channel): adopt the saved one.

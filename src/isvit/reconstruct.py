@@ -41,6 +41,7 @@ class ReconstructionSettings:
     check_size: int = 256  # calibration images on which a unit's loss is compared before/after
     micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
     loss: str = "mse"  # or "token": each token's squared error relative to its target's variance
+    drop_prob: float = 0.0  # QDrop: while training, activations keep their float value with this probability
 
 
 LOSSES = ("mse", "token")
@@ -112,6 +113,9 @@ def reconstruct_unit(
     # is put back afterwards (the Unit wrapper is a fresh module, always in training mode).
     modes = [(m, m.training) for m in unit.modules()]
     unit.train(False)
+    dropping = [q for name, q in unit.named_modules() if isinstance(q, Quantizer) and not name.endswith("weight_quantizer")]
+    for q in dropping:
+        q.drop_prob = settings.drop_prob
     bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
     try:
         for _ in bar:
@@ -134,6 +138,8 @@ def reconstruct_unit(
     finally:
         for module, mode in modes:
             module.training = mode
+        for q in dropping:
+            q.drop_prob = 0.0
         if settings.learn_scales:
             freeze_scales(unit)
     return losses
