@@ -241,7 +241,7 @@ def _log2(b: _Builder, x: str) -> str:
 
 
 def _lookup(b: _Builder, code: str, table: torch.Tensor, output: str) -> None:
-    index = b.op("Cast", [code], to=7)  # INT64
+    index = b.op("Cast", [code], to=6)  # INT32 (Gather takes int32 or int64 indices; int32 is faster)
     b.op("Gather", [b.constant("table", _f32(table)), index], output, axis=0)
 
 
