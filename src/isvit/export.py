@@ -127,8 +127,11 @@ def exporting_quantizers(model: nn.Module):
 
 def trace(model: nn.Module, input_size) -> onnx.ModelProto:
     """The model as an ONNX graph with a dynamic batch, quantizers left as placeholders."""
+    if not hasattr(torch.onnx, "ops"):
+        raise IsvitError(f"the ONNX export needs torch 2.8 or later (torch.onnx.ops), this is torch {torch.__version__}")
     _require("onnxscript")  # the dynamo exporter's ONNX builder
-    example = torch.zeros(2, *input_size)  # batch 2: a batch of 1 would be specialised
+    device = next(model.parameters()).device
+    example = torch.zeros(2, *input_size, device=device)  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch")
     with exporting_quantizers(model), torch.no_grad():
         try:
