@@ -533,10 +533,11 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 
 @pytest.mark.real
 def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_batches, tmp_path, capsys):
-    """Tolerance (measured: 198 of 200 predictions equal, top-1 82.0 vs 82.5, mean |logit
-    difference| 0.17 and max 1.4 on logits up to 20, where PyTorch's own logits move by 0.18 mean
-    and 1.2 max under a 1e-6 relative perturbation of the image): top-1 within 1 point, at least
-    97% of the predictions equal, mean |logit difference| at most 0.3 and max at most 3."""
+    """Tolerance: top-1 within 1 point, at least 95% of the predictions equal, mean |logit
+    difference| at most 0.3 and max at most 4. Measured here: 198 of 200 predictions equal, top-1
+    82.0 vs 82.5, mean 0.17 and max 1.4 on logits up to 20; on all 1300 images (benchmarks/
+    onnx_accuracy.py) 96.8% equal, mean 0.17, max 2.6, where PyTorch's own model, given the images
+    times (1 + 1e-6 noise), keeps 97.2% of its predictions and moves by 0.18 mean and 1.7 max."""
     model, config = real_w8a8("repq")
     path = tmp_path / "vit_tiny_w8a8.onnx"
     counts = export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
@@ -550,8 +551,8 @@ def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_b
     top1 = {name: 100.0 * (logits.argmax(1) == labels).float().mean().item() for name, logits in
             (("onnx", got), ("pytorch", expected))}
     assert abs(top1["onnx"] - top1["pytorch"]) <= 1.0, top1
-    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.97
-    assert (got - expected).abs().mean() <= 0.3 and (got - expected).abs().max() <= 3.0
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95
+    assert (got - expected).abs().mean() <= 0.3 and (got - expected).abs().max() <= 4.0
 
     # eval --onnx: the same preprocessing and dataset code, so the same top-1 as this session's run
     out = tmp_path / "eval.json"
