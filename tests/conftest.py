@@ -94,3 +94,20 @@ def calib32(real_transform) -> torch.Tensor:
     images = isvit.load_calibration_images(CALIB_DIR, real_transform, CALIB_IMAGES, seed=0, progress=False)
     assert images.shape == (CALIB_IMAGES, 3, 224, 224)
     return images
+
+
+@pytest.fixture(scope="session")
+def real_w8a8(real_vit, calib32):
+    """``real_w8a8(method)``: the real ViT-Ti quantized at W8/A8 by ``method`` on ``calib32``, once
+    per session (shared by the accuracy and the ONNX tests): (model, config). Tests must not modify it."""
+    import isvit
+
+    cache = {}
+
+    def get(method: str):
+        if method not in cache:
+            config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8)
+            cache[method] = (isvit.quantize(real_vit, calib32, config, progress=False), config)
+        return cache[method]
+
+    return get

@@ -245,11 +245,11 @@ def test_eval_quantized_refuses_weights(tmp_path, capsys, saved_files):
     assert "--weights" in capsys.readouterr().err
 
 
-def test_eval_needs_model_or_quantized(tmp_path, capsys):
+def test_eval_needs_model_quantized_or_onnx(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--data", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "one of the arguments --model --quantized is required" in capsys.readouterr().err
+    assert "one of the arguments --model --quantized --onnx is required" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""Command line: ``isvit eval`` and ``isvit quantize``.
+"""Command line: ``isvit eval``, ``isvit quantize`` and ``isvit export``.
 
     isvit eval --model NAME [--weights PATH] --data DIR [--limit N] [--batch-size B] [--device D] [--json OUT]
     isvit eval --quantized FILE --data DIR [--limit N] ...      (a model saved by quantize --save)
+    isvit eval --onnx FILE --data DIR [--limit N] ...           (a model exported by isvit export, run by onnxruntime)
     isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
                    [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] [--gptq] ...
+    isvit export --quantized FILE --onnx OUT      (or --model NAME [--weights PATH]: full precision)
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
 the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
-alone. Bad input ends the program with one sentence on stderr and exit status 2.
+alone; ``export`` writes it as an ONNX model in QDQ form (``export.py``) that ``eval --onnx`` runs
+with onnxruntime. Bad input ends the program with one sentence on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .data import (
 )
 from .errors import IsvitError
 from .evaluate import evaluate
+from .export import export_onnx, load_onnx
 from .models import create_model
 from .pipeline import METHODS, PRESETS, QuantConfig, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
@@ -89,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help=MODEL_HELP)
     which.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save' "
                                                           "(architecture, weights and preprocessing come from it)")
+    which.add_argument("--onnx", metavar="FILE", help="an ONNX model written by 'isvit export', run on the CPU by "
+                                                      "onnxruntime (preprocessing from the file)")
     _add_common(ev)
 
     qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
@@ -127,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "model trains on cuda (default: the model's device)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT: integer weight codes and "
                                                   "quantizer parameters in one safetensors file")
+
+    ex = sub.add_parser("export", help="write a quantized model (or a full-precision one) as an ONNX model in QDQ form")
+    source = ex.add_mutually_exclusive_group(required=True)
+    source.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save'")
+    source.add_argument("--model", help=MODEL_HELP + " (exported in full precision)")
+    ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict; default: timm's pretrained download")
+    ex.add_argument("--onnx", metavar="OUT", required=True, help="the ONNX file to write")
+    ex.add_argument("--threads", type=_positive_int, help="CPU threads for torch while tracing (default: torch's choice)")
     return parser
 
 
@@ -201,6 +215,8 @@ def _megabytes(size: int) -> str:
 def run_eval(args) -> dict:
     if args.quantized:
         return run_eval_quantized(args)
+    if args.onnx:
+        return run_eval_onnx(args)
     device, model, data_config, _, loader = _prepare(args)
     metrics = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
     result = {"model": args.model, "method": "fp32", "w_bits": 32, "a_bits": 32, **metrics,
@@ -228,6 +244,52 @@ def run_eval_quantized(args) -> dict:
     print(f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
     _write_json(args.json, result)
     return result
+
+
+def run_eval_onnx(args) -> dict:
+    """Evaluate an exported ONNX model with onnxruntime on the CPU, on the same data pipeline."""
+    if args.weights:
+        raise IsvitError("--weights cannot be used with --onnx: the ONNX model file holds the weights")
+    if args.device is not None and _device(args.device).type != "cpu":
+        raise IsvitError(f"eval --onnx runs on the CPU with onnxruntime, not on {args.device}")
+    model, info = load_onnx(args.onnx, threads=args.threads)
+    import onnxruntime
+
+    config = info["config"]
+    quant = config.to_dict() if config else {"method": "fp32", "w_bits": 32, "a_bits": 32}
+    wa = f"{quant['w_bits']}/{quant['a_bits']}"
+    data_config = _preprocessing(args, None, base=info["data_config"])
+    if data_config["input_size"] != info["data_config"]["input_size"]:
+        size = "x".join(str(s) for s in info["data_config"]["input_size"][1:])
+        raise IsvitError(f"{args.onnx} takes {size} images: --input-size cannot change that")
+    loader = _eval_loader(args, build_transform(data_config))
+    metrics = evaluate(model, loader, device="cpu", progress=not args.quiet, desc=f"onnxruntime W{quant['w_bits']}/A{quant['a_bits']}")
+    result = {"model": info["model"], "onnx": args.onnx, **quant, **metrics, "data": args.data,
+              "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), "device": "cpu",
+              "onnxruntime": onnxruntime.__version__, **_environment()}
+    _print_table([{"name": info["model"], "method": quant["method"], "wa": wa, **metrics}])
+    print(f"eval {metrics['eval_seconds']:.1f} s (onnxruntime), peak memory {result['peak_rss_mb']:.0f} MB")
+    _write_json(args.json, result)
+    return result
+
+
+def run_export(args) -> dict:
+    """Write a quantized model (from its integer checkpoint) or a full-precision one as ONNX."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quantized:
+        if args.weights:
+            raise IsvitError("--weights cannot be used with --quantized: the quantized model file holds the weights")
+        model, info = load_quantized(args.quantized)
+        name, config, data_config, model_args = info["model"], info["config"], info["data_config"], info["model_args"]
+    else:
+        model = create_model(args.model, args.weights)
+        name, config, data_config, model_args = args.model, None, resolve_data_config(model), {}
+    counts = export_onnx(model, args.onnx, model_name=name, config=config, data_config=data_config, model_args=model_args)
+    size = Path(args.onnx).stat().st_size
+    lowered = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no quantizers"
+    print(f"exported {args.onnx}: {_megabytes(size)} ({lowered})")
+    return {"onnx": args.onnx, "bytes": size, "quantizers": counts}
 
 
 def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
@@ -281,6 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "eval":
             run_eval(args)
+        elif args.command == "export":
+            run_export(args)
         else:
             run_quantize(args)
     except IsvitError as exc:

@@ -1,0 +1,170 @@
+"""PyTorch vs onnxruntime on all of imagenet-val-1300: does the exported model compute what the
+quantized PyTorch model computes?
+
+For each setting the shared ViT-Ti is quantized (repq at W/A bits on 32 calibration images, seed
+0) or read from a checkpoint saved by `isvit quantize --save` (`--quantized FILE`), exported with
+`isvit.export.export_onnx`, and evaluated on the same decoded images by
+
+- PyTorch (the quantized model itself),
+- onnxruntime with all its graph optimizations (its default: integer kernels where it fuses QDQ),
+- onnxruntime with none (every node as written),
+- PyTorch on the images perturbed by 1e-6 (relative, seeded): how much the quantized model itself
+  moves under rounding-sized noise, the yardstick for the two above.
+
+Reports top-1/top-5 of each, how many predictions equal PyTorch's and the max/mean |logit
+difference| to PyTorch; writes JSON and prints a markdown table.
+
+    python benchmarks/onnx_accuracy.py [--settings repq:8 repq:4] [--quantized FILE ...] [--limit N]
+        [--threads T] [--out results/onnx_accuracy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import timm
+import torch
+
+import isvit
+from isvit.checkpoint import load_quantized
+from isvit.export import export_onnx, load_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
+VAL = SHARED / "data" / "imagenet-val-1300"
+CALIB = SHARED / "data" / "imagenet-calib-1000"
+MODEL = "vit_tiny_patch16_224"
+
+
+def decode(data_config: dict, limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    dataset = isvit.ImageFolderDataset(VAL, isvit.build_transform(data_config), limit=limit)
+    return [(x.clone(), y.clone()) for x, y in isvit.make_loader(dataset, batch_size=50)]
+
+
+def logits_of(model, batches) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = torch.cat([model(x) for x, _ in batches])
+    return out, time.perf_counter() - start
+
+
+def perturbed(batches, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(x * (1 + 1e-6 * torch.randn(x.shape, generator=generator)), y) for x, y in batches]
+
+
+def compare(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+    top5 = logits.topk(5, dim=1).indices
+    diff = (logits - reference).abs()
+    return {
+        "top1": 100.0 * (top5[:, 0] == labels).float().mean().item(),
+        "top5": 100.0 * (top5 == labels[:, None]).any(dim=1).float().mean().item(),
+        "same_prediction": int((logits.argmax(1) == reference.argmax(1)).sum()),
+        "max_abs_logit_diff": diff.max().item(),
+        "mean_abs_logit_diff": diff.mean().item(),
+    }
+
+
+def integer_ops(path: Path, threads: int) -> dict[str, int]:
+    """Node types of onnxruntime's optimized graph of ``path`` (what its CPU session runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+    return dict(collections.Counter(n.op_type for n in nodes).most_common())
+
+
+def quantized_model(setting: str, data_config: dict):
+    """(model, config, source) for 'method:bits' or a checkpoint path."""
+    if ":" in setting:
+        method, bits = setting.split(":")
+        config = isvit.QuantConfig(method=method, w_bits=int(bits), a_bits=int(bits))
+        fp = isvit.create_model(MODEL, WEIGHTS)
+        calib = isvit.load_calibration_images(CALIB, isvit.build_transform(data_config), config.resolved_calib_size,
+                                              seed=config.seed, progress=False)
+        return isvit.quantize(fp, calib, config, progress=False), config, f"{method} on {config.resolved_calib_size} calibration images, seed 0"
+    model, info = load_quantized(setting)
+    return model, info["config"], setting
+
+
+def run_setting(setting: str, data_config: dict, batches, labels, threads: int, folder: Path) -> dict:
+    start = time.perf_counter()
+    model, config, source = quantized_model(setting, data_config)
+    calib_seconds = time.perf_counter() - start
+    path = folder / f"{config.method}_w{config.w_bits}a{config.a_bits}.onnx"
+    start = time.perf_counter()
+    lowered = export_onnx(model, path, model_name=MODEL, config=config, data_config=data_config)
+    export_seconds = time.perf_counter() - start
+
+    reference, torch_seconds = logits_of(model, batches)
+    result = {
+        "setting": setting, "source": source, "method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
+        "softmax_quantizer": config.resolved_softmax_quantizer, "images": len(labels), "onnx_bytes": path.stat().st_size,
+        "lowered": lowered, "calib_seconds": calib_seconds, "export_seconds": export_seconds,
+        "pytorch": {**compare(reference, reference, labels), "seconds": torch_seconds},
+    }
+    for name, optimize in (("onnxruntime", True), ("onnxruntime_plain", False)):
+        session, _ = load_onnx(path, threads=threads, optimize=optimize)
+        logits, seconds = logits_of(session, batches)
+        result[name] = {**compare(logits, reference, labels), "seconds": seconds}
+    logits, seconds = logits_of(model, perturbed(batches))
+    result["pytorch_perturbed_1e-6"] = {**compare(logits, reference, labels), "seconds": seconds}
+    result["onnxruntime_graph"] = integer_ops(path, threads)
+    return result
+
+
+def print_table(results: list[dict], out: Path) -> None:
+    print("| model | W/A | post-Softmax | run by | top-1 | top-5 | same prediction as PyTorch | max / mean abs logit diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for key, label in (("pytorch", "PyTorch"), ("onnxruntime", "onnxruntime (all optimizations)"),
+                           ("onnxruntime_plain", "onnxruntime (no optimization)"),
+                           ("pytorch_perturbed_1e-6", "PyTorch, image x (1 + 1e-6 noise)")):
+            m = r[key]
+            print(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {r['softmax_quantizer']} | {label} | {m['top1']:.2f} | "
+                  f"{m['top5']:.2f} | {m['same_prediction']}/{r['images']} | "
+                  f"{m['max_abs_logit_diff']:.3f} / {m['mean_abs_logit_diff']:.3f} |")
+    print(f"\nJSON in {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="*", default=["repq:8", "repq:4"], help="METHOD:BITS to quantize here")
+    parser.add_argument("--quantized", nargs="*", default=[], help="checkpoints saved by isvit quantize --save")
+    parser.add_argument("--limit", type=int, help="the first N images only (quick check)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "onnx_accuracy.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data_config = isvit.resolve_data_config(isvit.create_model(MODEL, WEIGHTS))
+    batches = decode(data_config, args.limit)
+    labels = torch.cat([y for _, y in batches])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in [*args.settings, *args.quantized]:
+            print(f"{setting} ...", flush=True)
+            results.append(run_setting(setting, data_config, batches, labels, args.threads, Path(tmp)))
+    environment = {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
+                   "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+                   "threads": args.threads, "cpu": platform.processor() or platform.machine()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment, "results": results}, indent=2) + "\n")
+    print_table(results, out)
+
+
+if __name__ == "__main__":
+    main()
