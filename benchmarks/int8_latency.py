@@ -9,7 +9,8 @@ The W8/A8 model is RepQ-ViT on 32 calibration images (seed 0) unless --quantized
 checkpoint. Every runtime gets the same thread count (torch.set_num_threads and onnxruntime's
 intra-op threads; inter-op 1). After warm-up the runtimes take turns, one call each, so that a
 change of load on the machine hits all of them alike; reported: median and interquartile range of
-the calls, in ms. The int8 session is also profiled once (onnxruntime's profiler) to list the
+the calls, in ms. onnxruntime's idle threads do not spin (they would steal the cores from the
+runtime whose turn it is). The int8 session is also profiled once (onnxruntime's profiler) to list the
 operators that really ran and their share of the time.
 """
 
@@ -56,6 +57,9 @@ def session(path: Path, threads: int, profile_prefix: str | None = None) -> onnx
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # The runtimes take turns: onnxruntime's idle worker threads must not spin on the cores while
+    # PyTorch (or the other session) runs, or every other runtime is measured on a busy machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
