@@ -209,24 +209,43 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
     return tensors, metadata
 
 
-def check_format(metadata: dict[str, str], path: Path) -> None:
-    """Accept this version's format only, with different sentences for other isvit formats and
-    for files that are not isvit's at all."""
+def check_format(
+    metadata: dict[str, str],
+    path: Path,
+    expected: str = FORMAT,
+    kind: str = "an isvit quantized model file",
+    redo: str = "quantize the model again",
+) -> None:
+    """Accept the ``expected`` format only, with different sentences for other isvit formats and
+    for files that are not isvit's at all (the ONNX export's metadata is checked the same way)."""
     found = metadata.get("format", "")
-    if found == FORMAT:
+    if found == expected:
         return
     if found.startswith("isvit-"):
-        raise IsvitError(f"{path} has format {found!r}, which this isvit cannot read (it reads {FORMAT}): quantize the model again")
-    raise IsvitError(f"{path} is not an isvit quantized model file (its metadata names no isvit format)")
+        raise IsvitError(f"{path} has format {found!r}, which this isvit cannot read (it reads {expected}): {redo}")
+    raise IsvitError(f"{path} is not {kind} (its metadata names no isvit format)")
 
 
-def _metadata_json(metadata: dict[str, str], key: str, path: Path, kind: type):
+def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = False) -> Optional[QuantConfig]:
+    """The ``QuantConfig`` stored as JSON under ``config`` (``null`` accepted with ``allow_none``)."""
+    value = metadata_json(metadata, "config", path, (dict, type(None)) if allow_none else dict)
+    if value is None:
+        return None
+    try:
+        return QuantConfig(**value)
+    except TypeError:
+        raise IsvitError(f"{path} has no valid 'config' entry in its metadata") from None
+
+
+def metadata_json(metadata: dict[str, str], key: str, path: Path, kind):
+    """The JSON value stored under ``key``, which must be an instance of ``kind`` (a type or tuple)."""
+    invalid = IsvitError(f"{path} has no valid {key!r} entry in its metadata")
     try:
         value = json.loads(metadata[key])
     except (KeyError, json.JSONDecodeError):
-        value = None
+        raise invalid from None
     if not isinstance(value, kind):
-        raise IsvitError(f"{path} has no valid {key!r} entry in its metadata")
+        raise invalid
     return value
 
 
@@ -311,13 +330,10 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
     path = Path(path)
     tensors, metadata = read_checkpoint(path)
     name = metadata.get("model", "")
-    model_args = _metadata_json(metadata, "model_args", path, dict)
-    data_config = _metadata_json(metadata, "data_config", path, dict)
-    layers = _metadata_json(metadata, "quantized_weights", path, dict)
-    try:
-        config = QuantConfig(**_metadata_json(metadata, "config", path, dict))
-    except TypeError:
-        raise IsvitError(f"{path} has no valid 'config' entry in its metadata") from None
+    model_args = metadata_json(metadata, "model_args", path, dict)
+    data_config = metadata_json(metadata, "data_config", path, dict)
+    layers = metadata_json(metadata, "quantized_weights", path, dict)
+    config = metadata_config(metadata, path)
     model = _build_model(name, model_args, config, path)
     state = float_state_dict(model, tensors, layers, path, name)
     _check_state_matches(model, state, path, name)

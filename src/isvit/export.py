@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_format, metadata_config, metadata_json
 from .errors import IsvitError
 from .pipeline import QuantConfig, quantizers
 from .quantizers import (
@@ -373,26 +373,13 @@ class OnnxModel(nn.Module):
 
 def _metadata(session, path: Path) -> dict:
     props = session.get_modelmeta().custom_metadata_map
-    found = props.get("format", "")
-    if found != FORMAT:
-        if found.startswith("isvit-"):
-            raise IsvitError(f"{path} has format {found!r}, which this isvit cannot read (it reads {FORMAT}): export the model again")
-        raise IsvitError(f"{path} is not an ONNX model exported by isvit (its metadata names no isvit format)")
-    info = {"model": props.get("model", "")}
-    for key, kinds in (("model_args", dict), ("data_config", dict), ("config", (dict, type(None)))):
-        try:
-            info[key] = json.loads(props[key])
-            valid = isinstance(info[key], kinds)
-        except (KeyError, json.JSONDecodeError):
-            valid = False
-        if not valid:
-            raise IsvitError(f"{path} has no valid {key!r} entry in its metadata")
-    if info["config"] is not None:
-        try:
-            info["config"] = QuantConfig(**info["config"])
-        except TypeError:
-            raise IsvitError(f"{path} has no valid 'config' entry in its metadata") from None
-    return info
+    check_format(props, path, FORMAT, kind="an ONNX model exported by isvit", redo="export the model again")
+    return {
+        "model": props.get("model", ""),
+        "model_args": metadata_json(props, "model_args", path, dict),
+        "data_config": metadata_json(props, "data_config", path, dict),
+        "config": metadata_config(props, path, allow_none=True),
+    }
 
 
 def load_onnx(path: str | Path, *, threads: int | None = None, optimize: bool = True) -> tuple[OnnxModel, dict]:
