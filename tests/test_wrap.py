@@ -147,6 +147,8 @@ def test_quantizer_count_vit_tiny():
                    "attn.av.a_quantizer", "attn.av.b_quantizer", "attn.qkv.weight_quantizer"):
         assert f"blocks.11.{suffix}" in names
     assert {"patch_embed.proj.weight_quantizer", "head.weight_quantizer", "head.input_quantizer"} <= names
+    with pytest.raises(ValueError, match="kind must be"):
+        isvit.quantizers(model, "activations")
 
 
 def test_every_linear_is_quantized_swin():

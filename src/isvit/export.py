@@ -52,13 +52,15 @@ from torch import nn
 
 from .checkpoint import atomic_write, check_format, metadata_config, metadata_json
 from .errors import IsvitError
-from .pipeline import QuantConfig, quantizers
+from .pipeline import QuantConfig
 from .quantizers import (
     ONNX_PLACEHOLDER_DOMAIN,
     ONNX_PLACEHOLDER_OP,
     LogSqrt2Quantizer,
     SULQuantizer,
     UniformQuantizer,
+    is_weight_quantizer,
+    named_quantizers,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +91,7 @@ def _require(module: str):
 def check_exportable(model: nn.Module) -> None:
     """Refuse a model whose ONNX form would not compute what it computes: every quantizer on,
     calibrated and of a kind that has an ONNX form, float32 parameters."""
-    for name, q in quantizers(model):
+    for name, q in named_quantizers(model):
         if type(q) not in EXPORTABLE_QUANTIZERS:  # a subclass may change the grid: not isinstance
             raise IsvitError(
                 f"quantizer {name} is a {type(q).__name__}, which has no ONNX form "
@@ -99,7 +101,7 @@ def check_exportable(model: nn.Module) -> None:
             raise IsvitError(f"quantizer {name} is switched off: switch every quantizer on before exporting the model")
         if not q.is_calibrated:
             raise IsvitError(f"quantizer {name} is not calibrated: quantize the model before exporting it")
-        if isinstance(q, UniformQuantizer) and q.is_per_channel and not name.endswith("weight_quantizer") \
+        if isinstance(q, UniformQuantizer) and q.is_per_channel and not is_weight_quantizer(name) \
                 and q.channel_dim >= 0:
             raise IsvitError(f"quantizer {name} is per channel along dimension {q.channel_dim}; "
                              "the ONNX export takes per-channel activations on the last dimension only")
@@ -115,7 +117,7 @@ def check_exportable(model: nn.Module) -> None:
 @contextmanager
 def exporting_quantizers(model: nn.Module):
     """While inside, each quantizer of ``model`` returns a placeholder node named after it."""
-    found = quantizers(model)
+    found = named_quantizers(model)
     for name, q in found:
         q.onnx_name = name
     try:
@@ -273,7 +275,7 @@ def lower_quantizers(proto, model: nn.Module) -> dict[str, int]:
     many placeholders of each quantizer kind were lowered."""
     from onnx import helper
 
-    found = dict(quantizers(model))
+    found = dict(named_quantizers(model))
     modules = dict(model.named_modules())
     graph = proto.graph
     nodes, counts = [], {}
@@ -285,7 +287,7 @@ def lower_quantizers(proto, model: nn.Module) -> dict[str, int]:
         q = found[name]
         b = _Builder(name)
         x, output = node.input[0], node.output[0]
-        if isinstance(q, UniformQuantizer) and name.endswith("weight_quantizer"):
+        if isinstance(q, UniformQuantizer) and is_weight_quantizer(name):
             lower_weight(b, q, modules[name.rsplit(".", 1)[0]].weight, output)
             kind = "weight"
         elif isinstance(q, UniformQuantizer):
@@ -334,9 +336,9 @@ def export_onnx(
     an ONNX model in QDQ form, atomically. Returns the number of quantizers lowered, by kind."""
     onnx = _require("onnx")
     check_exportable(model)
-    if config is None and quantizers(model):
+    if config is None and named_quantizers(model):
         raise IsvitError("the model is quantized: give its QuantConfig to export it")
-    if config is not None and not quantizers(model):
+    if config is not None and not named_quantizers(model):
         raise IsvitError("the model has no quantizers: quantize it before exporting it with a QuantConfig")
     model = model.eval()
     proto = trace(model, data_config["input_size"])

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
-from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits
+from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits, named_quantizers
 from .reparam import reparameterize_layernorm
 from .reconstruct import (
     LOSSES,
@@ -191,13 +191,7 @@ def collect_calibration(calib: Union[torch.Tensor, Iterable], num_images: int) -
 
 def quantizers(model: nn.Module, kind: str = "all") -> list[tuple[str, Quantizer]]:
     """Named quantizers of a wrapped model; ``kind`` is 'all', 'weight' or 'activation'."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, Quantizer):
-            is_weight = name.endswith("weight_quantizer")
-            if kind == "all" or (kind == "weight") == is_weight:
-                found.append((name, module))
-    return found
+    return named_quantizers(model, kind)
 
 
 def set_quantizers(model: nn.Module, enabled: bool, kind: str = "all") -> None:

@@ -221,6 +221,23 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}, enabled={self.enabled}"
 
 
+def is_weight_quantizer(name: str) -> bool:
+    """Whether the quantizer registered under ``name`` quantizes a layer's weight (the wrappers
+    name those ``<layer>.weight_quantizer``); every other quantizer quantizes an activation."""
+    return name.endswith("weight_quantizer")
+
+
+def named_quantizers(model: nn.Module, kind: str = "all") -> list[tuple[str, Quantizer]]:
+    """The quantizers in ``model`` with their names; ``kind`` is 'all', 'weight' or 'activation'."""
+    if kind not in ("all", "weight", "activation"):
+        raise ValueError(f"kind must be 'all', 'weight' or 'activation', got {kind!r}")
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, Quantizer) and (kind == "all" or (kind == "weight") == is_weight_quantizer(name))
+    ]
+
+
 class UniformQuantizer(Quantizer):
     """Asymmetric uniform quantizer, per tensor or per channel.
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quantizers import Quantizer, UniformQuantizer
+from .quantizers import Quantizer, UniformQuantizer, named_quantizers
 from .wrap import Unit
 
 
@@ -113,7 +113,7 @@ def reconstruct_unit(
     # is put back afterwards (the Unit wrapper is a fresh module, always in training mode).
     modes = [(m, m.training) for m in unit.modules()]
     unit.train(False)
-    dropping = [q for name, q in unit.named_modules() if isinstance(q, Quantizer) and not name.endswith("weight_quantizer")]
+    dropping = [q for _, q in named_quantizers(unit, "activation")]
     for q in dropping:
         q.drop_prob = settings.drop_prob
     bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
