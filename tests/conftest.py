@@ -31,12 +31,28 @@ def require_shared() -> None:
         pytest.skip(f"real model/data not found in {SHARED} (missing {missing[0].name})")
 
 
+# The small random models of the unit tests: timm architecture and its arguments (lists, not
+# tuples, so that they survive a JSON round trip through a checkpoint's metadata).
+SMALL_VIT = ("vit_tiny_patch16_224", {"depth": 2, "img_size": 64, "num_classes": 10})
+# 64 pixels: 16x16 then 8x8 tokens, windows of 4, shifted blocks.
+SMALL_SWIN = ("swin_tiny_patch4_window7_224",
+              {"embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4], "img_size": 64, "window_size": 4, "num_classes": 10})
+
+
+def _small(spec, seed: int, overrides: dict) -> torch.nn.Module:
+    name, args = spec
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **{**args, **overrides}).eval()
+
+
 def small_vit(seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised 2-block ViT-Ti on 64x64 images (16 patches + cls), in eval mode."""
-    torch.manual_seed(seed)
-    kwargs = dict(pretrained=False, depth=2, img_size=64, num_classes=10)
-    kwargs.update(overrides)
-    return timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    return _small(SMALL_VIT, seed, overrides)
+
+
+def small_swin(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised 2-stage Swin (2 + 2 blocks) on 64x64 images, in eval mode."""
+    return _small(SMALL_SWIN, seed, overrides)
 
 
 @pytest.fixture(scope="session")

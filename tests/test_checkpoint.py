@@ -3,10 +3,8 @@
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -26,13 +24,9 @@ from isvit.checkpoint import (
 from isvit.cli import main
 from isvit.errors import IsvitError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
-VAL = SHARED / "data" / "imagenet-val-1300"
-CALIB = SHARED / "data" / "imagenet-calib-1000"
-VIT_ARGS = dict(depth=2, img_size=64, num_classes=10)
-SWIN_ARGS = dict(embed_dim=32, depths=[2, 2], num_heads=[2, 4], img_size=64, window_size=4, num_classes=10)
-ARCHITECTURES = {"vit": ("vit_tiny_patch16_224", VIT_ARGS), "swin": ("swin_tiny_patch4_window7_224", SWIN_ARGS)}
+from conftest import CALIB_DIR as CALIB, SMALL_SWIN, SMALL_VIT, VAL_DIR as VAL, VIT_TINY_WEIGHTS as WEIGHTS, small_swin, small_vit
+
+ARCHITECTURES = {"vit": SMALL_VIT, "swin": SMALL_SWIN}
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -40,9 +34,7 @@ def images(n: int, seed: int) -> torch.Tensor:
 
 
 def small_model(arch: str) -> torch.nn.Module:
-    name, args = ARCHITECTURES[arch]
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **args).eval()
+    return small_vit() if arch == "vit" else small_swin()
 
 
 def quantized(arch: str, method: str, bits: int):

@@ -1,17 +1,14 @@
 """The CLI contract: options, JSON fields, one-sentence errors, no half-written outputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from isvit.checkpoint import load_quantized
 from isvit.cli import main
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
-VAL = SHARED / "data" / "imagenet-val-1300"
-CALIB = SHARED / "data" / "imagenet-calib-1000"
+from conftest import CALIB_DIR as CALIB, VAL_DIR as VAL, VIT_TINY_WEIGHTS as WEIGHTS
+
 needs_shared = pytest.mark.skipif(not WEIGHTS.is_file(), reason="../shared is not present")
 
 

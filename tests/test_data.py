@@ -19,9 +19,7 @@ from isvit.data import (
 )
 from isvit.errors import DataError, IsvitError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VAL_DIR = SHARED / "data" / "imagenet-val-1300"
-CALIB_DIR = SHARED / "data" / "imagenet-calib-1000"
+from conftest import CALIB_DIR, SHARED, VAL_DIR
 
 
 # --------------------------------------------------------------------------------------

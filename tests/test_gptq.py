@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_isvit import images, small_swin, small_vit, unit_data
+from conftest import small_swin, small_vit
+from test_isvit import images, unit_data
 
 import isvit
 from isvit.gptq import _as_rows, gptq_round, gptq_unit

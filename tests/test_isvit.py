@@ -1,10 +1,8 @@
 """I&S-ViT: each stage does what it claims, on small random models, plus a smoke run on ViT-Ti."""
 
 import copy
-from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import isvit
@@ -22,21 +20,7 @@ from isvit.quantizers import UniformQuantizer
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit, token_errors
 from isvit.wrap import forward_units, wrap_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def small_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=10).eval()
-
-
-def small_swin():
-    torch.manual_seed(0)
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
-        img_size=64, window_size=4, num_classes=10,
-    ).eval()
-
+from conftest import SHARED, small_swin, small_vit
 
 def images(n=48, seed=1):
     return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
 import isvit
@@ -16,7 +15,7 @@ from isvit.quantizers import UniformQuantizer
 from isvit.reparam import reparameterize_layernorm
 from isvit.wrap import Placement, post_layernorm_pairs, wrap_model
 
-from conftest import small_vit
+from conftest import small_swin, small_vit
 
 PLACEMENT = Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2", post_ln_per_channel=True)
 
@@ -230,16 +229,8 @@ def test_fold_refuses_a_per_tensor_quantizer():
 # ---------------------------------------------------------------------------------------------
 
 
-def small_swin(window_size: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
-        img_size=64, window_size=window_size, num_classes=10,
-    ).eval()
-
-
 def _swin_fold_changes(window_size: int) -> tuple[float, float, float]:
-    model = calibrated(small_swin(window_size))
+    model = calibrated(small_swin(window_size=window_size))
     x = images(8, seed=2)
     fp_before, q_before = logits(model, x, "none"), logits(model, x, "activation")
     fold_post_layernorm(model)
@@ -263,7 +254,7 @@ def test_fold_is_exact_on_a_padded_swin():
 def test_padded_swin_keeps_qkv_per_channel_and_folds_fc1():
     # timm pads the post-LayerNorm tokens of such blocks with zeros, which the fold's shift would
     # not reach: their (norm1, qkv) pair is left per channel, everything else is folded.
-    model = calibrated(small_swin(6))
+    model = calibrated(small_swin(window_size=6))
     fold_post_layernorm(model)
     for block in (b for stage in model.layers for b in stage.blocks):
         assert block.attn.qkv.input_quantizer.is_per_channel

@@ -16,21 +16,12 @@ from isvit.pipeline import calibrate_activations, calibrate_weights
 from isvit.quantizers import LogSqrt2Quantizer, Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
 
-from conftest import small_vit
+from conftest import small_swin, small_vit
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def small_swin(seed: int = 0) -> nn.Module:
-    """A random 2-stage Swin on 64x64 images: 16x16 then 8x8 tokens, windows of 4, shifted blocks."""
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
-        img_size=64, window_size=4, num_classes=10,
-    ).eval()
 
 
 def vit_tiny() -> nn.Module:
