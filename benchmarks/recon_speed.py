@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 
 import isvit
-from isvit.pipeline import QuantConfig, calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
+from isvit.pipeline import (
+    QuantConfig,
+    calibrate_activations,
+    calibrate_weights,
+    fold_post_layernorm,
+    placement_for,
+    set_quantizers,
+)
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
 from isvit.wrap import forward_units, wrap_model
 

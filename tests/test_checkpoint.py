@@ -24,7 +24,10 @@ from isvit.checkpoint import (
 from isvit.cli import main
 from isvit.errors import IsvitError
 
-from conftest import CALIB_DIR as CALIB, SMALL_SWIN, SMALL_VIT, VAL_DIR as VAL, VIT_TINY_WEIGHTS as WEIGHTS, small_swin, small_vit
+from conftest import CALIB_DIR as CALIB
+from conftest import SMALL_SWIN, SMALL_VIT, small_swin, small_vit
+from conftest import VAL_DIR as VAL
+from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
 ARCHITECTURES = {"vit": SMALL_VIT, "swin": SMALL_SWIN}
 
@@ -164,7 +167,7 @@ def saved_files(tmp_path_factory):
 def rewrite(source, target, **metadata_changes):
     """Copy a checkpoint with some metadata entries replaced."""
     with safe_open(str(source), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         metadata = dict(f.metadata())
     metadata.update(metadata_changes)
     save_file(tensors, str(target), metadata=metadata)
@@ -185,7 +188,7 @@ def random_bytes(source, target):
 def short_codes(source, target):
     """A well-formed safetensors file whose codes of one layer lost their last byte."""
     with safe_open(str(source), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         metadata = f.metadata()
     key = "blocks.1.mlp.fc2" + CODES_SUFFIX
     tensors[key] = tensors[key][:-1].clone()

@@ -7,7 +7,9 @@ import pytest
 from isvit.checkpoint import load_quantized
 from isvit.cli import main
 
-from conftest import CALIB_DIR as CALIB, VAL_DIR as VAL, VIT_TINY_WEIGHTS as WEIGHTS
+from conftest import CALIB_DIR as CALIB
+from conftest import VAL_DIR as VAL
+from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
 needs_shared = pytest.mark.skipif(not WEIGHTS.is_file(), reason="../shared is not present")
 

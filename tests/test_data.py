@@ -21,7 +21,6 @@ from isvit.errors import DataError, IsvitError
 
 from conftest import CALIB_DIR, SHARED, VAL_DIR
 
-
 # --------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------
@@ -67,7 +66,7 @@ def a_real_jpeg() -> Path:
     """Any real JPEG from the shared data, or skip."""
     if not VAL_DIR.is_dir():
         pytest.skip(f"real data not found in {SHARED}")
-    return sorted(VAL_DIR.glob("*.JPEG"))[0]
+    return min(VAL_DIR.glob("*.JPEG"))
 
 
 # --------------------------------------------------------------------------------------

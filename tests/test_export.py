@@ -23,7 +23,6 @@ import onnxruntime as ort
 import pytest
 import timm
 import torch
-from conftest import VAL_BATCH, VAL_DIR
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -44,6 +43,8 @@ from isvit.export import (
 from isvit.pipeline import calibrate_activations, calibrate_weights, quantizers
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
+
+from conftest import VAL_BATCH, VAL_DIR
 
 # One block each where one suffices: tracing for ONNX costs seconds per block.
 VIT = ("vit_tiny_patch16_224", {"depth": 1, "img_size": 64, "num_classes": 10})

@@ -7,8 +7,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_swin, small_vit
-from test_isvit import images, unit_data
 
 import isvit
 from isvit.gptq import _as_rows, gptq_round, gptq_unit
@@ -23,6 +21,9 @@ from isvit.pipeline import (
 from isvit.quantizers import UniformQuantizer, fake_quant_uniform
 from isvit.reconstruct import reconstruction_loss
 from isvit.wrap import forward_units, wrap_model
+
+from conftest import small_swin, small_vit
+from test_isvit import images, unit_data
 
 
 def grid(weight, bits):

@@ -22,6 +22,7 @@ from isvit.wrap import forward_units, wrap_model
 
 from conftest import SHARED, small_swin, small_vit
 
+
 def images(n=48, seed=1):
     return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
@@ -211,6 +212,7 @@ def test_quant_config_rejects_an_unknown_loss():
 def test_quant_config_rejects_a_drop_probability_outside_0_1(p):
     with pytest.raises(isvit.IsvitError, match="drop_prob must be in"):
         QuantConfig(method="isvit", drop_prob=p)
+
 
 
 def test_half_precision_cache_on_a_named_device():

@@ -24,10 +24,10 @@ from .pipeline import METHODS, QuantConfig, quantize, quantizers, set_quantizers
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "DataError",
     "ImageFolderDataset",
     "IsvitError",
-    "METHODS",
     "QuantConfig",
     "build_transform",
     "create_model",

@@ -32,8 +32,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import timm
 import torch
@@ -49,7 +49,7 @@ FORMAT = "isvit-int-v1"
 CODES_SUFFIX = ".weight_codes"
 
 
-def atomic_write(path: Union[str, Path], write) -> None:
+def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then move the result onto ``path``: no half-written file on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,12 +152,12 @@ def integer_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 
 def save_quantized(
     model: nn.Module,
-    path: Union[str, Path],
+    path: str | Path,
     *,
     model_name: str,
     config: QuantConfig,
     data_config: dict,
-    model_args: Optional[dict] = None,
+    model_args: dict | None = None,
 ) -> None:
     """Write ``model`` (quantized by ``isvit.quantize``) as an integer checkpoint, atomically.
 
@@ -189,7 +189,7 @@ def float32_size(model: nn.Module) -> int:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of an isvit integer checkpoint, after checking that it is one."""
     from safetensors import safe_open
 
@@ -200,7 +200,7 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             check_format(metadata, path)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
     except IsvitError:
         raise
     except Exception as exc:  # safetensors' own error type: a bad header, a truncated file
@@ -226,7 +226,7 @@ def check_format(
     raise IsvitError(f"{path} is not {kind} (its metadata names no isvit format)")
 
 
-def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = False) -> Optional[QuantConfig]:
+def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = False) -> QuantConfig | None:
     """The ``QuantConfig`` stored as JSON under ``config`` (``null`` accepted with ``allow_none``)."""
     value = metadata_json(metadata, "config", path, (dict, type(None)) if allow_none else dict)
     if value is None:
@@ -323,7 +323,7 @@ def _check_state_matches(model: nn.Module, state: dict, path: Path, name: str) -
             raise _mismatch(path, name, f"{key} has shape {tuple(state[key].shape)} in the file, the model expects {tuple(value.shape)}")
 
 
-def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, dict]:
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a quantized model from a file written by ``save_quantized``, in eval mode on
     ``device``; returns (model, info) with info's keys ``model`` (the architecture name),
     ``model_args``, ``config`` (a ``QuantConfig``) and ``data_config``."""

@@ -22,8 +22,8 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import timm
 import torch
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: Optional[str]) -> torch.device:
+def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -175,7 +175,7 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{r['name']:<24} {r['method']:<8} {r['wa']:>5} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['images']:>6}")
 
 
-def _write_json(path: Optional[str], result: dict) -> None:
+def _write_json(path: str | None, result: dict) -> None:
     if path:
         text = json.dumps(result, indent=2) + "\n"
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -187,7 +187,7 @@ def _setup_device(args) -> torch.device:
     return _device(args.device)
 
 
-def _preprocessing(args, model, base: Optional[dict] = None) -> dict:
+def _preprocessing(args, model, base: dict | None = None) -> dict:
     """The data config: ``base`` (or timm's for the model) with the command line's overrides."""
     return resolve_data_config(
         model, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
@@ -338,7 +338,7 @@ def run_quantize(args) -> dict:
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":

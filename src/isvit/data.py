@@ -26,12 +26,12 @@ from tqdm import tqdm
 from .errors import DataError, IsvitError
 
 __all__ = [
-    "resolve_data_config",
-    "build_transform",
     "ImageFolderDataset",
-    "make_loader",
+    "build_transform",
     "clean_error_message",
     "load_calibration_images",
+    "make_loader",
+    "resolve_data_config",
 ]
 
 #: Interpolation names timm's transforms understand.

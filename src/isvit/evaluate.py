@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ def evaluate(
     model: nn.Module,
     loader: Iterable,
     *,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "eval",
 ) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import timm
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from .errors import IsvitError
 
 
-def create_model(name: str, weights: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu") -> nn.Module:
+def create_model(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """A timm model in eval mode: weights from ``weights`` (safetensors or a PyTorch state dict,
     loaded strictly) or, without a path, timm's pretrained download."""
     if not timm.is_model(name):
@@ -30,7 +29,7 @@ def create_model(name: str, weights: Optional[Union[str, Path]] = None, device: 
     return model.to(device).eval()
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or of a ``torch.save``d state dict (also nested under
     'model' / 'state_dict' keys, as training checkpoints often are)."""
     path = Path(path)
@@ -53,7 +52,7 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: Union[str, Path]) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict strictly, with one clear sentence about missing or unexpected keys."""
     state = read_state_dict(path)
     expected = model.state_dict()

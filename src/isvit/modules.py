@@ -13,8 +13,6 @@ arguments of every timm 1.0.x release (``attn_mask``, ``is_causal``, Swin's ``ma
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,14 +24,14 @@ class Identity(nn.Identity):
     """Stand-in for an absent quantizer, so every quantized module has the same attributes."""
 
 
-def _quantizer_or_identity(q: Optional[Quantizer]) -> nn.Module:
+def _quantizer_or_identity(q: Quantizer | None) -> nn.Module:
     return q if q is not None else Identity()
 
 
 class QuantLinear(nn.Linear):
     """``y = W^ x^ + b``: input quantizer (optional) and per-output-channel weight quantizer."""
 
-    def __init__(self, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Optional[Quantizer]):
+    def __init__(self, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer | None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -77,7 +75,7 @@ class QuantMatMul(nn.Module):
         return self.a_quantizer(a) @ self.b_quantizer(b)
 
 
-def _additive_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, like: torch.Tensor):
+def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n: int, like: torch.Tensor):
     """timm's attention-mask conventions turned into an additive bias (or None)."""
     if is_causal:
         return like.new_full((n, n), float("-inf")).triu_(1)
@@ -110,7 +108,7 @@ class QuantAttention(nn.Module):
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.qk, self.av = qk, av
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -148,8 +146,8 @@ class QuantWindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         return bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B_, N, C = x.shape
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = self.qk(q * self.scale, k.transpose(-2, -1)) + self.relative_position_bias()
         if mask is not None:

@@ -17,8 +17,8 @@ fitted to the already-quantized outputs of earlier ones.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
 from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits, named_quantizers
-from .reparam import reparameterize_layernorm
 from .reconstruct import (
     LOSSES,
     ReconstructionSettings,
@@ -37,6 +36,7 @@ from .reconstruct import (
     reconstruction_loss,
     run_unit,
 )
+from .reparam import reparameterize_layernorm
 from .wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
 
 METHODS = ("isvit", "repq", "minmax")
@@ -63,24 +63,24 @@ class QuantConfig:
     method: str = "repq"
     w_bits: int = 4
     a_bits: int = 4
-    calib_size: Optional[int] = None
-    softmax_quantizer: Optional[str] = None
+    calib_size: int | None = None
+    softmax_quantizer: str | None = None
     seed: int = 0
-    bias_correction: Optional[bool] = None
+    bias_correction: bool | None = None
     # I&S-ViT: block reconstruction (defaults from the paper, or the "fast" preset for CPUs)
     preset: str = "paper"
-    iters: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    learn_scales: Optional[bool] = None
-    loss: Optional[str] = None
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    learn_scales: bool | None = None
+    loss: str | None = None
     stage1: bool = True
     reparameterize: bool = True
     drop_prob: float = 0.0  # QDrop during block reconstruction
     gptq: bool = False  # stage 3 starts from GPTQ-rounded weights (default: round to nearest, the paper's)
     init_size: int = 64
     cache_dtype: str = "float32"
-    cache_device: Optional[str] = None  # where cached block inputs/outputs live (default: the model's device)
+    cache_device: str | None = None  # where cached block inputs/outputs live (default: the model's device)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -165,7 +165,7 @@ def placement_for(config: QuantConfig) -> Placement:
 # Stages
 # ---------------------------------------------------------------------------------------------
 
-def collect_calibration(calib: Union[torch.Tensor, Iterable], num_images: int) -> torch.Tensor:
+def collect_calibration(calib: torch.Tensor | Iterable, num_images: int) -> torch.Tensor:
     """The first ``num_images`` images of ``calib``: a (N, 3, H, W) tensor, or an iterable of such
     batches or of (images, labels) pairs (a DataLoader)."""
     if isinstance(calib, torch.Tensor):
@@ -375,10 +375,10 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
 
 def quantize(
     model: nn.Module,
-    calib: Union[torch.Tensor, Iterable],
+    calib: torch.Tensor | Iterable,
     config: QuantConfig = QuantConfig(),
     *,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     inplace: bool = False,
     progress: bool = True,
 ) -> nn.Module:

@@ -29,7 +29,7 @@ The grids:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -327,7 +327,7 @@ def _rows(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
 def _tail(p: float, n: int) -> int:
     """How many of n sorted values lie beyond the p-quantile (on one side): the quantile is the
     ``_tail(p, n)``-th value from the top (0 = the maximum)."""
-    return n - 1 - min(n - 1, max(0, int(round(p * (n - 1)))))
+    return n - 1 - min(n - 1, max(0, round(p * (n - 1))))
 
 
 def _uniform_params(low: torch.Tensor, high: torch.Tensor, levels: int):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ class ReconstructionSettings:
     scale_lr: float = 1e-4
     learn_scales: bool = False
     cache_dtype: torch.dtype = torch.float32
-    cache_device: Optional[torch.device] = None  # default: where the model runs
+    cache_device: torch.device | None = None  # default: where the model runs
     seed: int = 0
     check_size: int = 256  # calibration images on which a unit's loss is compared before/after
     micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated

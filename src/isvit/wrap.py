@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
+
 # Attention moved to timm.layers in later 1.0 releases; vision_transformer has it in all of them.
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import nn
 
 from .errors import IsvitError
 from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
