@@ -214,6 +214,12 @@ def test_quant_config_rejects_a_drop_probability_outside_0_1(p):
         QuantConfig(method="isvit", drop_prob=p)
 
 
+def test_presets_set_qdrop_and_an_explicit_value_wins():
+    assert QuantConfig(method="isvit", preset="paper").reconstruction()["drop_prob"] == 0.0
+    assert QuantConfig(method="isvit", preset="fast").reconstruction()["drop_prob"] == 0.5
+    assert QuantConfig(method="isvit", preset="fast", drop_prob=0.0).reconstruction()["drop_prob"] == 0.0
+    assert QuantConfig(method="isvit", preset="fast").to_dict()["drop_prob"] == 0.5
+
 
 def test_half_precision_cache_on_a_named_device():
     x = images(16)

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sos.add_argument("--no-stage1", action="store_true", help="skip stage 1 (reconstruction with full-precision weights)")
     sos.add_argument("--no-reparam", action="store_true",
                      help="skip stage 2: post-LayerNorm activations per tensor from the start")
-    sos.add_argument("--qdrop", type=float, default=0.0, metavar="P",
-                     help="QDrop: while training, each activation keeps its float value with probability P (default 0)")
+    sos.add_argument("--qdrop", type=float, metavar="P",
+                     help="QDrop: while training, each activation keeps its float value with probability P "
+                          "(default: the preset's, 0.5 fast, 0 paper)")
     sos.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=False,
                      help="start stage 3 from GPTQ-rounded weights instead of round-to-nearest ones (the paper's; default)")
     sos.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
