@@ -46,6 +46,22 @@ def logits_of(model, images, batch_size=100):
     return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
+def heldout_split(model, cache: str, calib_size: int = 640, seed: int = 123):
+    """imagenet-calib-1000 preprocessed for ``model`` (decoded once, kept in ``cache``), split by
+    ``seed`` into ``calib_size`` calibration images and the held-out rest: ((images, labels), (images, labels))."""
+    if Path(cache).exists():
+        images, labels = torch.load(cache)
+    else:
+        transform = isvit.build_transform(isvit.resolve_data_config(model))
+        dataset = ImageFolderDataset(SHARED / "data" / "imagenet-calib-1000", transform)
+        batches = list(make_loader(dataset, batch_size=50))
+        images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        torch.save((images, labels), cache)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    calib, held = order[:calib_size], order[calib_size:]
+    return (images[calib], labels[calib]), (images[held], labels[held])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", default=[], dest="settings")
@@ -56,30 +72,21 @@ def main() -> None:
     args = parser.parse_args()
 
     model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
-    if Path(args.cache).exists():
-        images, labels = torch.load(args.cache)
-    else:
-        transform = isvit.build_transform(isvit.resolve_data_config(model))
-        dataset = ImageFolderDataset(SHARED / "data" / "imagenet-calib-1000", transform)
-        batches = list(make_loader(dataset, batch_size=50))
-        images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-        torch.save((images, labels), args.cache)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.split_seed))
-    calib, held = order[: args.calib_size], order[args.calib_size:]
-    fp_logits = logits_of(model, images[held])
+    (calib, _), (held, held_labels) = heldout_split(model, args.cache, args.calib_size, args.split_seed)
+    fp_logits = logits_of(model, held)
     fp_pred = fp_logits.argmax(1)
-    print(f"full precision: held-out top-1 {100 * (fp_pred == labels[held]).float().mean():.2f} on {len(held)} images")
+    print(f"full precision: held-out top-1 {100 * (fp_pred == held_labels).float().mean():.2f} on {len(held)} images")
     for text in args.settings:
         fields = parse_setting(text)
         start = time.perf_counter()
-        qmodel = isvit.quantize(model, images[calib], isvit.QuantConfig(**fields), progress=False)
+        qmodel = isvit.quantize(model, calib, isvit.QuantConfig(**fields), progress=False)
         seconds = time.perf_counter() - start
-        logits = logits_of(qmodel, images[held])
+        logits = logits_of(qmodel, held)
         pred = logits.argmax(1)
         kl = F.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True, reduction="batchmean")
         row = {
             "setting": text,
-            "top1": round(100 * (pred == labels[held]).float().mean().item(), 2),
+            "top1": round(100 * (pred == held_labels).float().mean().item(), 2),
             "agree": round(100 * (pred == fp_pred).float().mean().item(), 2),
             "kl": round(kl.item(), 4),
             "seconds": round(seconds, 1),
