@@ -8,7 +8,8 @@ already in the output file is not run again, so an interrupted benchmark resumes
     python benchmarks/isvit_accuracy.py [--preset fast] [--only w4a4 ...] [--out results/isvit_accuracy.json]
 
 The ablation (W4/A4): post-Softmax quantizer SULQ vs log-sqrt2 vs uniform, without stage 1, without
-the reparameterisation (per-tensor post-LayerNorm quantizers from the start).
+the reparameterisation (per-tensor post-LayerNorm quantizers from the start), without the outlier
+channels' own grid (one grid per tensor, as the paper has it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SETTINGS = {
     "w4a4-uniform-softmax": ["--w-bits", "4", "--a-bits", "4", "--softmax-quantizer", "uniform"],
     "w4a4-no-stage1": ["--w-bits", "4", "--a-bits", "4", "--no-stage1"],
     "w4a4-no-reparam": ["--w-bits", "4", "--a-bits", "4", "--no-reparam"],
+    "w4a4-no-outlier-split": ["--w-bits", "4", "--a-bits", "4", "--outlier-ratio", "0"],
 }
 
 

@@ -102,6 +102,35 @@ def test_rebuilt_model_gives_bit_identical_logits(tmp_path, arch, bits, method):
         assert torch.equal(q.codes(layer.weight), original.weight_quantizer.codes(original.weight)), name
 
 
+def vit_with_an_outlier_channel() -> torch.nn.Module:
+    """The small ViT with channel 3 of block 0's fc2 input near 60 on every token (the rest ~1)."""
+    model = small_vit()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.bias[3] = 60.0
+    return model
+
+
+def test_a_split_grid_is_placed_on_linear_inputs_and_rebuilt_exactly(tmp_path):
+    config = isvit.QuantConfig(method="minmax", w_bits=4, a_bits=4, calib_size=16, outlier_ratio=8.0)
+    model = isvit.quantize(vit_with_an_outlier_channel(), images(16, seed=1), config, progress=False)
+    fc2_input = model.blocks[0].mlp.fc2.input_quantizer
+    assert fc2_input.scale.shape == (fc2_input.scale.numel(),) and fc2_input.scale.unique().numel() == 2
+    top = (fc2_input.levels - 1 - fc2_input.zero_point) * fc2_input.scale  # each channel's largest value
+    assert top[3] > 55 and top[0] < 10  # channel 3 keeps its ~60, the others a fine grid
+    for q in (model.blocks[0].attn.qk.a_quantizer, model.blocks[0].attn.av.b_quantizer):
+        assert q.outlier_ratio == 0 and q.scale.numel() == 1  # matrix-product operands keep one grid
+    assert model.blocks[0].attn.qkv.input_quantizer.outlier_ratio == 0  # post-LayerNorm: the fold's business
+    assert model.blocks[0].mlp.fc1.input_quantizer.outlier_ratio == 0
+    assert model.blocks[0].attn.proj.input_quantizer.outlier_ratio == 8.0
+    path = save(model, config, tmp_path / "q.safetensors")
+    rebuilt, info = load_quantized(path)
+    assert info["config"].resolved_outlier_ratio == 8.0
+    assert torch.equal(rebuilt.blocks[0].mlp.fc2.input_quantizer.scale, fc2_input.scale)
+    x = images(4, seed=2)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
 def test_file_holds_codes_not_float_weights(tmp_path):
     model, config = quantized("vit", "repq", 4)
     path = save(model, config, tmp_path / "q.safetensors")

@@ -34,6 +34,12 @@ def test_bits_out_of_range_is_one_sentence(tmp_path, capsys, bits):
     assert "w_bits must be an integer from 2 to 8" in err
 
 
+def test_outlier_ratio_of_at_most_one_is_one_sentence(tmp_path, capsys):
+    err = error_of(capsys, quantize_args(tmp_path, "--method", "repq", "--w-bits", "4", "--a-bits", "4",
+                                         "--outlier-ratio", "0.5"))
+    assert "outlier_ratio must be 0 (off) or greater than 1" in err
+
+
 def test_unknown_model(tmp_path, capsys):
     err = error_of(capsys, ["eval", "--model", "vit_gigantic_nonsense", "--data", str(tmp_path), "--quiet"])
     assert "unknown model 'vit_gigantic_nonsense'" in err
@@ -68,14 +74,15 @@ def test_isvit_with_ablation_flags(tmp_path, capsys):
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
                          "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
                          "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
-                         "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--no-fp", "--json", str(out))
+                         "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--outlier-ratio", "12", "--no-fp",
+                         "--json", str(out))
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
     assert result["stage1"] is False and result["reparameterize"] is False
     assert result["softmax_quantizer"] == "log2sqrt2" and result["learn_scales"] is True
     assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
-    assert result["gptq"] is True and result["drop_prob"] == 0.5
+    assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
     assert "fp_top1" not in result
 
 

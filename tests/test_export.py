@@ -164,6 +164,20 @@ def test_each_quantizer_of_a_small_model_computes_the_same_in_onnx(arch, bits, s
             assert torch.equal(got, q(layer.weight)), name
 
 
+def test_a_split_grid_is_exported_as_its_float_arithmetic():
+    """Outlier channels on a grid of their own (per channel, two distinct pairs): the same values as
+    PyTorch's, computed elementwise (no QDQ pair can carry two grids)."""
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(0))
+    x[:, :3, 7] = 80.0
+    q = UniformQuantizer(4, outlier_ratio=8.0)
+    q.calibrating = True
+    with torch.no_grad():
+        expected = q(x)
+    assert q.scale.unique().numel() == 2
+    got, ops = run_activation(lower_activation, q, x)
+    assert torch.equal(got, expected) and "QuantizeLinear" not in ops
+
+
 def uniform(bits: int, scale, zero_point) -> UniformQuantizer:
     q = UniformQuantizer(bits)
     q.set_params(torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(zero_point, dtype=torch.float32))

@@ -20,6 +20,8 @@ from isvit.quantizers import (
     SULQuantizer,
     UniformQuantizer,
     check_bits,
+    outlier_channels,
+    search_split_range,
     search_uniform_range,
 )
 
@@ -188,6 +190,67 @@ def test_search_per_channel_chooses_per_channel():
     assert scale[1].item() == 0.5 and zero_point[1].item() == 2.0
     for c in range(2):
         assert _mse_of_grid(w[c], scale[c].item(), zero_point[c].item(), 3) <= _min_max_mse(w[c], 3) * (1 + 1e-5)
+
+
+def _tokens_with_an_outlier_channel(bits_seed: int = 6) -> torch.Tensor:
+    """(tokens, channels) activations: 16 channels of N(0, 1), channel 5 reaching 100 on a few tokens."""
+    torch.manual_seed(bits_seed)
+    x = torch.randn(400, 16)
+    x[:4, 5] = 100.0
+    return x
+
+
+def test_outlier_channels_are_found_by_their_peak_against_the_median_channel():
+    x = _tokens_with_an_outlier_channel()
+    assert outlier_channels(x, -1, 8.0).nonzero().flatten().tolist() == [5]
+    assert not outlier_channels(torch.randn(400, 16), -1, 8.0).any()
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_outlier_channels_get_a_grid_of_their_own(bits):
+    x = _tokens_with_an_outlier_channel()
+    scale, zero_point = search_split_range(x, bits, ACTIVATION_PERCENTILES, -1, 8.0)
+    assert scale.shape == zero_point.shape == (16,)
+    # the outlier channel's grid is the search over that channel alone, the others share theirs
+    alone = search_uniform_range(x[:, 5], bits, ACTIVATION_PERCENTILES, None)
+    rest = search_uniform_range(x[:, [c for c in range(16) if c != 5]], bits, ACTIVATION_PERCENTILES, None)
+    assert (scale[5], zero_point[5]) == (alone[0], alone[1])
+    others = torch.arange(16) != 5
+    assert torch.equal(scale[others], rest[0].expand(15)) and torch.equal(zero_point[others], rest[1].expand(15))
+    # against one grid for all: the ordinary channels keep a fine step and the total error falls
+    single_scale, single_zero = search_uniform_range(x, bits, ACTIVATION_PERCENTILES, None)
+    split_error = (ref_fake_quant(x, scale, zero_point, bits) - x.double()).pow(2).mean()
+    single_error = (ref_fake_quant(x, single_scale, single_zero, bits) - x.double()).pow(2).mean()
+    assert split_error < single_error
+    assert scale[0] < single_scale[0]
+
+
+def test_a_quantizer_with_outlier_ratio_calibrates_a_split_grid_and_saves_it():
+    x = _tokens_with_an_outlier_channel()
+    q = UniformQuantizer(4, outlier_ratio=8.0)
+    q.calibrating = True
+    out = q(x)
+    assert q.is_per_channel and q.scale.unique().numel() == 2
+    expected = ref_fake_quant(x, q.scale, q.zero_point, 4)
+    assert torch.allclose(out.double(), expected, atol=1e-6)
+    restored = UniformQuantizer(4, outlier_ratio=8.0)
+    restored.load_state_dict(q.state_dict())
+    assert torch.equal(restored(x), out)
+
+
+def test_outlier_ratio_without_outliers_is_one_grid():
+    x = torch.randn(400, 16)
+    q = UniformQuantizer(4, outlier_ratio=8.0)
+    q.calibrating = True
+    q(x)
+    expected = search_uniform_range(x, 4, ACTIVATION_PERCENTILES, None)
+    assert q.scale.shape == (1,) and torch.equal(q.scale, expected[0]) and torch.equal(q.zero_point, expected[1])
+
+
+@pytest.mark.parametrize("ratio", [-1.0, 0.5, 1.0])
+def test_quant_config_rejects_an_outlier_ratio_of_at_most_one(ratio):
+    with pytest.raises(isvit.IsvitError, match="outlier_ratio"):
+        isvit.QuantConfig(outlier_ratio=ratio)
 
 
 def test_forward_matches_torch_fake_quantize():

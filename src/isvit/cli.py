@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and optimisation (default 0)")
     qu.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-Softmax quantizer (default: the method's)")
     qu.add_argument("--no-bias-correction", action="store_true", help="skip bias correction (the published repq/minmax)")
+    qu.add_argument("--outlier-ratio", type=float, metavar="R",
+                    help="per-tensor Linear inputs put the channels whose peak exceeds R times the median "
+                         "channel's on a grid of their own; 0 is off (default: the method's)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
     sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
     sos.add_argument("--preset", choices=PRESETS, default="paper",
@@ -305,7 +308,7 @@ def run_quantize(args) -> dict:
     config = QuantConfig(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.calib_size,
         softmax_quantizer=args.softmax_quantizer, seed=args.seed, iters=args.iters,
-        bias_correction=False if args.no_bias_correction else None,
+        bias_correction=False if args.no_bias_correction else None, outlier_ratio=args.outlier_ratio,
         preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales, loss=args.loss,
         stage1=not args.no_stage1, reparameterize=not args.no_reparam, gptq=args.gptq, drop_prob=args.qdrop,
         cache_dtype=args.cache_dtype,

@@ -20,6 +20,9 @@ The grids:
 
 - ``UniformQuantizer``: asymmetric, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
   ``x^ = (q - z) * s``; per tensor (scale of one element) or per channel along ``channel_dim``.
+  With ``outlier_ratio`` a per-tensor grid sets apart the few channels whose values reach far
+  beyond the others' (outlier channels): they get a second grid of the same bits, so the grid is
+  stored per channel with two distinct (scale, zero point) pairs.
 - ``LogSqrt2Quantizer`` (RepQ-ViT, post-Softmax): ``q = clamp(round(-2 log2(x / d)), 0, 2^b - 1)``,
   ``x^ = d * 2^(-q / 2)``, values past the last code become 0.
 - ``SULQuantizer`` (I&S-ViT, post-Softmax): ``y = log2(x + eta)``, a uniform grid of 2^b levels
@@ -253,11 +256,15 @@ class UniformQuantizer(Quantizer):
         per_channel: bool = False,
         channel_dim: int = -1,
         percentiles: Sequence[float] = ACTIVATION_PERCENTILES,
+        outlier_ratio: float = 0.0,
     ):
         super().__init__(bits)
         self.per_channel = per_channel
         self.channel_dim = channel_dim
         self.percentiles = tuple(percentiles)
+        # > 0, per tensor only: channels whose largest |x| exceeds this many times the median
+        # channel's get a grid of their own (``search_split_range``); 0 is one grid for all.
+        self.outlier_ratio = float(outlier_ratio)
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))  # integer-valued, kept as float
 
@@ -307,9 +314,13 @@ class UniformQuantizer(Quantizer):
         return torch.clamp(torch.round(x / scale) + zero_point, 0, self.levels - 1).to(torch.int32)
 
     def calibrate(self, x: torch.Tensor) -> None:
-        scale, zero_point = search_uniform_range(
-            x.float(), self.bits, self.percentiles, self.channel_dim if self.per_channel else None
-        )
+        if not self.per_channel and self.outlier_ratio > 0:
+            scale, zero_point = search_split_range(x.float(), self.bits, self.percentiles, self.channel_dim,
+                                                   self.outlier_ratio)
+        else:
+            scale, zero_point = search_uniform_range(
+                x.float(), self.bits, self.percentiles, self.channel_dim if self.per_channel else None
+            )
         self.set_params(scale, zero_point)
 
     def extra_repr(self) -> str:
@@ -365,6 +376,38 @@ def search_uniform_range(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero_point, best_zero)
     return best_scale, best_zero
+
+
+def outlier_channels(x: torch.Tensor, channel_dim: int, ratio: float) -> torch.Tensor:
+    """Boolean mask of the channels (along ``channel_dim``) whose largest |x| exceeds ``ratio`` times
+    the median channel's largest |x|."""
+    peak = _rows(x, channel_dim).abs().amax(dim=1)
+    return peak > ratio * peak.median()
+
+
+def search_split_range(
+    x: torch.Tensor, bits: int, percentiles: Sequence[float], channel_dim: int, ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-tensor grid with its outlier channels set apart: the channels of ``outlier_channels``
+    share one percentile-MSE grid, all the others another. Returns (scale, zero_point) per channel
+    (two distinct pairs), or one pair in all when no channel stands out.
+
+    ViT-Ti's fc2 input in block 7 is the case in point: one channel reaches ~200 on four tokens
+    while the others stay below ~3, and a single 3- or 4-bit grid either clips that channel or
+    rounds every other value to zero. Deployed, the layer's product is split in two along its
+    input channels (a few columns with their own activation scale), each an ordinary per-tensor
+    integer product.
+    """
+    outliers = outlier_channels(x, channel_dim, ratio)
+    if not outliers.any():
+        return search_uniform_range(x, bits, percentiles, None)
+    rows = _rows(x, channel_dim)
+    scale = torch.empty(rows.shape[0], device=x.device)
+    zero_point = torch.empty(rows.shape[0], device=x.device)
+    for group in (outliers, ~outliers):
+        s, z = search_uniform_range(rows[group], bits, percentiles, None)
+        scale[group], zero_point[group] = s, z
+    return scale, zero_point
 
 
 class LogSqrt2Quantizer(Quantizer):

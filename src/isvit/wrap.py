@@ -6,8 +6,9 @@ Placement (method.md):
   Conv2d: uniform, per output channel, ``w_bits``;
 - activations at ``a_bits``: inputs of ``qkv`` and ``fc1`` (post-LayerNorm) per channel when
   ``post_ln_per_channel`` (per tensor otherwise); inputs of ``proj``, ``fc2``, ``head`` and
-  ``reduction`` per tensor; both operands of ``q @ k^T`` and ``v`` per tensor; the post-Softmax map
-  with the quantizer named by ``softmax_quantizer``;
+  ``reduction`` per tensor (with ``outlier_ratio``, their outlier channels on a second grid); both
+  operands of ``q @ k^T`` and ``v`` per tensor; the post-Softmax map with the quantizer named by
+  ``softmax_quantizer``;
 - the image, LayerNorm, Softmax, GELU, residual adds, cls token / position embedding and Swin's
   relative position bias and mask stay floating point.
 
@@ -39,19 +40,24 @@ class Placement:
     a_bits: int
     softmax_quantizer: str = "sulq"
     post_ln_per_channel: bool = True
+    # > 0: the per-tensor inputs of proj, fc2, head and reduction set their outlier channels apart
+    # (quantizers.search_split_range); the post-LayerNorm ones are left to the fold
+    outlier_ratio: float = 0.0
 
     def weight(self) -> UniformQuantizer:
         return UniformQuantizer(self.w_bits, per_channel=True, channel_dim=0, percentiles=WEIGHT_PERCENTILES)
 
-    def activation(self, per_channel: bool = False) -> UniformQuantizer:
-        return UniformQuantizer(self.a_bits, per_channel=per_channel, channel_dim=-1)
+    def activation(self, per_channel: bool = False, outlier_ratio: float = 0.0) -> UniformQuantizer:
+        return UniformQuantizer(self.a_bits, per_channel=per_channel, channel_dim=-1, outlier_ratio=outlier_ratio)
 
     def linear(self, linear: nn.Linear, input_granularity: str) -> QuantLinear:
         """``input_granularity``: 'post_ln' (per channel if so placed), 'tensor' or 'none'."""
         if input_granularity == "none":
             input_quantizer = None
+        elif input_granularity == "post_ln":  # its channels are the fold's business (reparam.py)
+            input_quantizer = self.activation(self.post_ln_per_channel)
         else:
-            input_quantizer = self.activation(input_granularity == "post_ln" and self.post_ln_per_channel)
+            input_quantizer = self.activation(outlier_ratio=self.outlier_ratio)
         return QuantLinear(linear, self.weight(), input_quantizer)
 
     def matmuls(self) -> tuple[QuantMatMul, QuantMatMul]:
