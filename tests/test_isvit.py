@@ -262,7 +262,21 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
     kept = mixed == x
     assert torch.equal(mixed[~kept], quantized[~kept])
     assert 0.45 < kept.float().mean().item() < 0.55  # (about 2% of x lie on the grid already)
+    again = q(x) == x
+    assert 0.45 < again.float().mean().item() < 0.55 and not torch.equal(again, kept)  # a new mask each call
+    assert 0.2 < (again & kept).float().mean().item() < 0.3  # and not tied to the last one
+    # the gradient: 1 where an element is kept, the straight-through estimator's elsewhere (0 where clipped)
+    wide = (3 * x).requires_grad_(True)
+    out = q(wide)
+    out.sum().backward()
+    code = torch.round(wide.detach() / q.scale) + q.zero_point
+    clipped = (code < 0) | (code > q.levels - 1)
+    kept = (out == wide).detach()
+    assert clipped.sum() > 100 and (clipped & kept).sum() > 50
+    assert torch.all(wide.grad[clipped & kept] == 1) and torch.all(wide.grad[clipped & ~kept] == 0)
+    assert torch.all(wide.grad[~clipped] == 1)
     q.drop_prob = 0.0
+    assert q._drop_pool is None and torch.equal(q(x), quantized)
 
     # reconstruct_unit sets it on the unit's activation quantizers for its training steps only
     fp, model = activations_quantized(small_vit(), images())

@@ -186,6 +186,28 @@ class Quantizer(nn.Module):
         return 2 ** self.bits
 
     @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, p: float) -> None:
+        self._drop_prob = float(p)
+        self._drop_pool = None  # drawn again for the new probability; freed when QDrop is switched off
+
+    def _keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """QDrop's mask, 1.0 where an element keeps its float value: a slice, at a random offset, of
+        one pool of random draws twice the tensor's size. Each element is kept with probability
+        ``drop_prob`` and the mask moves with every call; a fresh draw per element and call cost
+        more than the quantization itself (random numbers are slow on a CPU)."""
+        n = x.numel()
+        pool = self._drop_pool
+        if pool is None or pool.numel() < 2 * n or pool.device != x.device or pool.dtype != x.dtype:
+            pool = (torch.rand(2 * n, device=x.device) < self._drop_prob).to(x.dtype)
+            self._drop_pool = pool
+        offset = int(torch.randint(pool.numel() - n + 1, ()))
+        return pool[offset:offset + n].view(x.shape)
+
+    @property
     def is_calibrated(self) -> bool:
         raise NotImplementedError
 
@@ -208,8 +230,8 @@ class Quantizer(nn.Module):
         if self.onnx_name is not None:
             return onnx_placeholder(x, self.onnx_name)
         out = self.quantize(x)
-        if self.drop_prob > 0:
-            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        if self._drop_prob > 0:
+            out = torch.lerp(out, x, self._keep_mask(x))  # exactly x where the mask is 1, out where 0
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
