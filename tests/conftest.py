@@ -114,16 +114,17 @@ def calib32(real_transform) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def real_w8a8(real_vit, calib32):
-    """``real_w8a8(method)``: the real ViT-Ti quantized at W8/A8 by ``method`` on ``calib32``, once
-    per session (shared by the accuracy and the ONNX tests): (model, config). Tests must not modify it."""
+    """``real_w8a8(method, outlier_ratio=None)``: the real ViT-Ti quantized at W8/A8 by ``method``
+    on ``calib32``, once per session and setting (shared by the accuracy and the ONNX tests):
+    (model, config). Tests must not modify it."""
     import isvit
 
     cache = {}
 
-    def get(method: str):
-        if method not in cache:
-            config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8)
-            cache[method] = (isvit.quantize(real_vit, calib32, config, progress=False), config)
-        return cache[method]
+    def get(method: str, outlier_ratio: float | None = None):
+        if (method, outlier_ratio) not in cache:
+            config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8, outlier_ratio=outlier_ratio)
+            cache[method, outlier_ratio] = (isvit.quantize(real_vit, calib32, config, progress=False), config)
+        return cache[method, outlier_ratio]
 
     return get

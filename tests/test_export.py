@@ -550,11 +550,15 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 @pytest.mark.real
 def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_batches, tmp_path, capsys):
     """Tolerance: top-1 within 1 point, at least 95% of the predictions equal, mean |logit
-    difference| at most 0.3 and max at most 4. Measured here: 198 of 200 predictions equal, top-1
-    82.0 vs 82.5, mean 0.17 and max 1.4 on logits up to 20; on all 1300 images (benchmarks/
-    onnx_accuracy.py) 96.8% equal, mean 0.17, max 2.6, where PyTorch's own model, given the images
-    times (1 + 1e-6 noise), keeps 97.2% of its predictions and moves by 0.18 mean and 1.7 max."""
-    model, config = real_w8a8("repq")
+    difference| at most 0.3 and max at most 4. The model is RepQ-ViT with block 7's outlier channel
+    on its own grid (outlier_ratio 8): with one grid for that fc2 input its 8-bit step is ~0.8 and
+    the model amplifies float rounding more. Measured here (Intel Xeon, AVX-512): 198 of 200
+    predictions equal, top-1 83.5 (onnxruntime) vs 83.0 (PyTorch), mean 0.13 and max 1.07 on logits
+    up to 20; with one grid 194 of 200, 83.5 vs 82.0, mean 0.17, max 1.45 (on an AMD EPYC with AVX2:
+    198 of 200, 82.0 vs 82.5). On all 1300 images (benchmarks/onnx_accuracy.py, one grid) 96.8%
+    equal, mean 0.17, max 2.6, where PyTorch's own model, given the images times (1 + 1e-6 noise),
+    keeps 97.2% of its predictions and moves by 0.18 mean and 1.7 max."""
+    model, config = real_w8a8("repq", outlier_ratio=8.0)
     path = tmp_path / "vit_tiny_w8a8.onnx"
     counts = export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
                          data_config=isvit.resolve_data_config(real_vit))
