@@ -238,6 +238,17 @@ def test_a_quantizer_with_outlier_ratio_calibrates_a_split_grid_and_saves_it():
     assert torch.equal(restored(x), out)
 
 
+def test_learnt_scales_leave_a_split_grid_as_it_is():
+    from isvit.reconstruct import scale_parameters
+
+    split, single = UniformQuantizer(4, outlier_ratio=8.0), UniformQuantizer(4, outlier_ratio=8.0)
+    for q, x in ((split, _tokens_with_an_outlier_channel()), (single, torch.randn(400, 16))):
+        q.calibrating = True
+        q(x)
+    assert split.is_per_channel and not single.is_per_channel
+    assert scale_parameters(torch.nn.ModuleList([split, single])) == [single.scale]
+
+
 def test_outlier_ratio_without_outliers_is_one_grid():
     x = torch.randn(400, 16)
     q = UniformQuantizer(4, outlier_ratio=8.0)

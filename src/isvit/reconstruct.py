@@ -63,11 +63,17 @@ def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
 
 
 def scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
-    """Make the scales of the unit's enabled, calibrated uniform quantizers learnable; returns them."""
+    """Make the scales of the unit's enabled, calibrated uniform quantizers learnable; returns them.
+
+    A grid with outlier channels of their own (two scales over many channels) keeps its scales:
+    learnt one per channel they would drift apart into a per-channel grid that no per-tensor
+    integer product takes.
+    """
     return [
         q.learnable_scale()
         for q in unit.modules()
         if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated
+        and not (q.outlier_ratio > 0 and q.is_per_channel)
     ]
 
 
