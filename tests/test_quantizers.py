@@ -192,9 +192,9 @@ def test_search_per_channel_chooses_per_channel():
         assert _mse_of_grid(w[c], scale[c].item(), zero_point[c].item(), 3) <= _min_max_mse(w[c], 3) * (1 + 1e-5)
 
 
-def _tokens_with_an_outlier_channel(bits_seed: int = 6) -> torch.Tensor:
+def _tokens_with_an_outlier_channel(seed: int = 6) -> torch.Tensor:
     """(tokens, channels) activations: 16 channels of N(0, 1), channel 5 reaching 100 on a few tokens."""
-    torch.manual_seed(bits_seed)
+    torch.manual_seed(seed)
     x = torch.randn(400, 16)
     x[:4, 5] = 100.0
     return x

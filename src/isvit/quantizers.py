@@ -420,10 +420,10 @@ def search_split_range(
     input channels (a few columns with their own activation scale), each an ordinary per-tensor
     integer product.
     """
-    outliers = outlier_channels(x, channel_dim, ratio)
+    rows = _rows(x, channel_dim)  # (channels, values): one copy of x, read by both steps
+    outliers = outlier_channels(rows, 0, ratio)
     if not outliers.any():
         return search_uniform_range(x, bits, percentiles, None)
-    rows = _rows(x, channel_dim)
     scale = torch.empty(rows.shape[0], device=x.device)
     zero_point = torch.empty(rows.shape[0], device=x.device)
     for group in (outliers, ~outliers):
