@@ -6,12 +6,18 @@ imagenet-calib-1000 has labels: a seeded split gives the calibration images (def
 held-out set (the other 360) on which each setting is scored by top-1, top-1 agreement with the
 full-precision model and the mean KL divergence from it (less noisy than top-1 on 360 images).
 Each ``--set`` is a comma-separated list of QuantConfig fields (method=isvit, w_bits=4 and
-a_bits=4 unless given). Prints one JSON line per setting and appends it to --out.
+a_bits=4 unless given). Compare settings run by one invocation: ``--baseline`` (default
+``preset=fast`` at the bits of the first ``--set``) is run first, with the same code, so every
+comparison has its same-code baseline beside it (``--no-baseline`` skips it). Prints one JSON line
+per setting and appends it to --out; each line records the resolved QuantConfig, the split, the
+threads, the torch version, the date and ``--note`` (what the run is for, and whether the machine
+was shared), so no line is edited by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
 from pathlib import Path
@@ -69,18 +75,38 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=123)
     parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
     parser.add_argument("--out", default="results/tune_heldout.jsonl")
+    parser.add_argument("--note", default="", help="what the runs are for, and whether the machine was shared")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--baseline", help="the setting to compare against (default: preset=fast at the first --set's bits)")
+    parser.add_argument("--no-baseline", action="store_true", help="run the --set settings only")
+    parser.add_argument("--save-dir", type=Path, help="also write each quantized model there (integer checkpoint)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = list(args.settings)
+    if not args.no_baseline and settings:
+        first = parse_setting(settings[0])
+        baseline = args.baseline or f"preset=fast,w_bits={first['w_bits']},a_bits={first['a_bits']}"
+        if baseline not in settings:
+            settings.insert(0, baseline)
 
     model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
     (calib, _), (held, held_labels) = heldout_split(model, args.cache, args.calib_size, args.split_seed)
     fp_logits = logits_of(model, held)
     fp_pred = fp_logits.argmax(1)
     print(f"full precision: held-out top-1 {100 * (fp_pred == held_labels).float().mean():.2f} on {len(held)} images")
-    for text in args.settings:
+    for text in settings:
         fields = parse_setting(text)
+        config = isvit.QuantConfig(**fields)
         start = time.perf_counter()
-        qmodel = isvit.quantize(model, calib, isvit.QuantConfig(**fields), progress=False)
+        qmodel = isvit.quantize(model, calib, config, progress=False)
         seconds = time.perf_counter() - start
+        if args.save_dir:
+            from isvit.checkpoint import save_quantized
+
+            name = text.replace("=", "-").replace(",", "_") or "default"
+            save_quantized(qmodel, args.save_dir / f"{name}.safetensors", model_name="vit_tiny_patch16_224",
+                           config=config, data_config=isvit.resolve_data_config(model))
         logits = logits_of(qmodel, held)
         pred = logits.argmax(1)
         kl = F.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True, reduction="batchmean")
@@ -90,6 +116,14 @@ def main() -> None:
             "agree": round(100 * (pred == fp_pred).float().mean().item(), 2),
             "kl": round(kl.item(), 4),
             "seconds": round(seconds, 1),
+            "baseline": not args.no_baseline and text == settings[0] and text not in args.settings,
+            "note": args.note,
+            "split": f"{len(calib)} calibration / {len(held)} held-out images of imagenet-calib-1000 "
+                     f"(split seed {args.split_seed})",
+            "config": config.to_dict(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
         }
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
