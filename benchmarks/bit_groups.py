@@ -13,6 +13,12 @@ The first row is the trained model as it is, the last every quantizer at 8 bits.
 recovers is what it costs after training. (Switching quantizers *off* says nothing about a trained
 model: its weights compensate the quantizers they were trained with.) No evaluation images are used.
 
+``--per-block``: instead, the error of each transformer block on its own, before any training: the
+block's reconstruction loss (the "token" loss: squared error relative to each token's variance,
+summed over features) on 128 calibration images with full-precision inputs, with all its
+quantizers on and with one group on at a time (the rest full precision). It says where a block's
+error comes from before training has co-adapted anything.
+
 ``--model-cache FILE``: the trained model is saved there (an integer checkpoint) and loaded from it
 on the next run with the same settings, so the table can be redone without retraining.
 """
@@ -20,6 +26,7 @@ on the next run with the same settings, so the table can be redone without retra
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import time
@@ -29,9 +36,12 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized, save_quantized
+from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
 from isvit.quantizers import UniformQuantizer, named_quantizers
+from isvit.reconstruct import reconstruction_loss, run_unit
+from isvit.wrap import forward_units, wrap_model
 
-from quantizer_groups import GROUPS, score  # benchmarks/quantizer_groups.py
+from quantizer_groups import GROUPS, only, score  # benchmarks/quantizer_groups.py
 from tune_heldout import SHARED, heldout_split, logits_of, parse_setting  # benchmarks/tune_heldout.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +73,31 @@ def raise_bits(qmodel, pattern: str, bits: int, calib: torch.Tensor) -> list[str
     return raised
 
 
+@torch.no_grad()
+def per_block_errors(model, calib, config) -> dict:
+    """{block: {group: token loss with only that group quantized}} before training (see the docstring)."""
+    qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
+    set_quantizers(qmodel, False, "weight")
+    calibrate_activations(qmodel, calib[: config.init_size])
+    if config.reparameterize:
+        fold_post_layernorm(qmodel)
+    set_quantizers(qmodel, True, "weight")
+    calibrate_weights(qmodel)
+    x = calib[-128:]
+    rows = {}
+    for fp_unit, q_unit in zip(forward_units(model), forward_units(qmodel)):
+        y = run_unit(fp_unit, x, "cpu", 64, torch.float32, "cpu")
+        if q_unit.name.startswith(("blocks.", "layers.")):
+            row = {}
+            for group, pattern in {"all": r".", **GROUPS}.items():
+                if only(q_unit, pattern):
+                    row[group] = round(reconstruction_loss(q_unit, x, y, "cpu", 64, "token"), 3)
+            rows[q_unit.name] = row
+            print(q_unit.name, json.dumps(row), flush=True)
+        x = y
+    return rows
+
+
 def trained_model(model, calib, config, cache: Path | None):
     if cache is not None and cache.exists():
         qmodel, info = load_quantized(cache)
@@ -85,6 +120,7 @@ def main() -> None:
     parser.add_argument("--to", type=int, default=8, help="bits a raised group gets (default 8)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--model-cache", type=Path, help="save the trained model here / load it from here")
+    parser.add_argument("--per-block", action="store_true", help="each block's error before training, one group at a time")
     parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -96,6 +132,19 @@ def main() -> None:
     config = isvit.QuantConfig(**fields)
     model = isvit.create_model(MODEL, SHARED / "models" / f"{MODEL}.safetensors")
     (calib, _), (held, labels) = heldout_split(model, args.cache)
+    if args.per_block:
+        result = {
+            "setting": f"isvit {args.set}, W{args.bits}/A{args.bits}; each block's token loss before training with one "
+                       "group of quantizers on (the rest full precision), full-precision inputs, the last 128 of the "
+                       "640 calibration images of tune_heldout.py's split (seed 123)",
+            "config": config.to_dict(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "blocks": per_block_errors(model, calib, config),
+        }
+        out = args.out or ROOT / "results" / f"bit_groups_w{args.bits}a{args.bits}_per_block.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"JSON in {out}")
+        return
     fp_logits = logits_of(model, held)
     trained, seconds = trained_model(model, calib, config, args.model_cache)
     state = trained.state_dict()

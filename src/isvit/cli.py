@@ -44,7 +44,7 @@ from .export import export_onnx, load_onnx
 from .models import create_model
 from .pipeline import METHODS, PRESETS, QuantConfig, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
-from .reconstruct import LOSSES
+from .reconstruct import LOSSES, ROUNDINGS
 
 
 def _positive_int(text: str) -> int:
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--outlier-ratio", type=float, metavar="R",
                     help="per-tensor Linear inputs put the channels whose peak exceeds R times the median "
                          "channel's on a grid of their own; 0 is off (default: the method's)")
+    qu.add_argument("--act-percentile", type=float, metavar="P",
+                    help="lowest clipping percentile searched for activation grids, e.g. 0.99 (default 0.999)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
     sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
     sos.add_argument("--preset", choices=PRESETS, default="paper",
@@ -121,8 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     sos.add_argument("--learn-scales", action=argparse.BooleanOptionalAction, default=None,
                      help="also learn the uniform quantizers' scales (default: the preset's)")
     sos.add_argument("--loss", choices=LOSSES,
-                     help="reconstruction loss: mse (the paper's) or token (each token's error relative to its "
-                          "variance, as the next LayerNorm sees it) (default: the preset's)")
+                     help="reconstruction loss: mse (the paper's), token (each token's error relative to its "
+                          "variance, as the next LayerNorm sees it) or fisher (token, each output weighted by its "
+                          "Fisher importance for the final prediction) (default: the preset's)")
+    sos.add_argument("--rounding", choices=ROUNDINGS,
+                     help="stage 3 trains: ste (the latent weights through the rounding, the paper's), adaround "
+                          "(learnt rounding, annealed) or offset (learnt rounding through the straight-through "
+                          "estimator) (default: the preset's)")
+    sos.add_argument("--round-lr", type=float, help="learning rate of the learnt rounding (default: the preset's)")
+    sos.add_argument("--round-reg", type=float, help="weight of AdaRound's regulariser (default: the preset's)")
+    sos.add_argument("--scale-lr", type=float, help="learning rate of the learnt scales, on log(scale) (default: the preset's)")
     sos.add_argument("--no-stage1", action="store_true", help="skip stage 1 (reconstruction with full-precision weights)")
     sos.add_argument("--no-reparam", action="store_true",
                      help="skip stage 2: post-LayerNorm activations per tensor from the start")
@@ -311,6 +321,8 @@ def run_quantize(args) -> dict:
         bias_correction=False if args.no_bias_correction else None, outlier_ratio=args.outlier_ratio,
         preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales, loss=args.loss,
         stage1=not args.no_stage1, reparameterize=not args.no_reparam, gptq=args.gptq, drop_prob=args.qdrop,
+        rounding=args.rounding, round_lr=args.round_lr, round_reg=args.round_reg, scale_lr=args.scale_lr,
+        act_percentile=args.act_percentile,
         cache_dtype=args.cache_dtype,
         cache_device=args.cache_device,
     )

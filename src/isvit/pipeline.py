@@ -17,6 +17,7 @@ fitted to the already-quantized outputs of earlier ones.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -27,11 +28,20 @@ from tqdm.auto import tqdm
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
-from .quantizers import SOFTMAX_QUANTIZERS, Quantizer, check_bits, named_quantizers
+from .quantizers import (
+    ACTIVATION_PERCENTILES,
+    LOW_ACTIVATION_PERCENTILES,
+    SOFTMAX_QUANTIZERS,
+    Quantizer,
+    check_bits,
+    named_quantizers,
+)
 from .reconstruct import (
     LOSSES,
+    ROUNDINGS,
     ReconstructionSettings,
     has_enabled_quantizer,
+    output_importance,
     reconstruct_unit,
     reconstruction_loss,
     run_unit,
@@ -58,9 +68,9 @@ DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
 # (drop_prob 0.5) lowered the held-out KL divergence from 1.07 to 0.93 (top-1 60.56 -> 61.94).
 PRESETS = {
     "paper": {"iters_low_bits": 1000, "iters": 200, "batch_size": 64, "lr": 4e-5, "learn_scales": False, "loss": "mse",
-              "drop_prob": 0.0},
+              "drop_prob": 0.0, "rounding": "ste", "round_lr": 1e-2, "round_reg": 0.1, "scale_lr": 5e-3},
     "fast": {"iters_low_bits": 60, "iters": 30, "batch_size": 32, "lr": 5e-4, "learn_scales": False, "loss": "token",
-             "drop_prob": 0.5},
+             "drop_prob": 0.5, "rounding": "ste", "round_lr": 1e-2, "round_reg": 0.1, "scale_lr": 5e-3},
 }
 
 
@@ -85,6 +95,13 @@ class QuantConfig:
     stage1: bool = True
     reparameterize: bool = True
     drop_prob: float | None = None  # QDrop during block reconstruction
+    rounding: str | None = None  # stage 3: "ste" (latent weights, the paper's) or "adaround" (learnt rounding)
+    round_lr: float | None = None  # learning rate of AdaRound's rounding variables
+    round_reg: float | None = None  # weight of AdaRound's regulariser, relative to each unit's first loss
+    scale_lr: float | None = None  # learnt step sizes: Adam's learning rate on log(scale)
+    # Lowest clipping percentile searched for activation grids (None: 0.999, the authors' lowest);
+    # e.g. 0.99 adds 0.99, 0.995 and 0.998 to the candidates.
+    act_percentile: float | None = None
     gptq: bool = False  # stage 3 starts from GPTQ-rounded weights (default: round to nearest, the paper's)
     # Per-tensor Linear inputs set apart the channels whose peak exceeds this many times the median
     # channel's (a second grid for them; 0: off). None: the method's default.
@@ -119,8 +136,16 @@ class QuantConfig:
             raise IsvitError(f"drop_prob must be in [0, 1), got {self.drop_prob!r}")
         if self.outlier_ratio is not None and not (self.outlier_ratio == 0 or self.outlier_ratio > 1):
             raise IsvitError(f"outlier_ratio must be 0 (off) or greater than 1, got {self.outlier_ratio!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise IsvitError(f"lr must be positive, got {self.lr!r}")
+        for name in ("lr", "round_lr", "scale_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise IsvitError(f"{name} must be positive, got {value!r}")
+        if self.round_reg is not None and not self.round_reg >= 0:
+            raise IsvitError(f"round_reg must be zero or positive, got {self.round_reg!r}")
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
+            raise IsvitError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if self.act_percentile is not None and not 0.9 <= self.act_percentile <= 1.0:
+            raise IsvitError(f"act_percentile must be in [0.9, 1], got {self.act_percentile!r}")
         if self.cache_device is not None:
             try:
                 torch.device(self.cache_device)
@@ -142,6 +167,14 @@ class QuantConfig:
         return self.outlier_ratio if self.outlier_ratio is not None else DEFAULT_OUTLIER_RATIO[self.method]
 
     @property
+    def activation_percentiles(self) -> tuple[float, ...]:
+        """The clipping percentiles searched for activation grids."""
+        if self.act_percentile is None:
+            return ACTIVATION_PERCENTILES
+        extra = (p for p in LOW_ACTIVATION_PERCENTILES if p >= self.act_percentile)
+        return tuple(sorted({self.act_percentile, *extra, *ACTIVATION_PERCENTILES}))
+
+    @property
     def resolved_bias_correction(self) -> bool:
         return self.bias_correction if self.bias_correction is not None else DEFAULT_BIAS_CORRECTION[self.method]
 
@@ -157,6 +190,10 @@ class QuantConfig:
             "learn_scales": preset["learn_scales"] if self.learn_scales is None else self.learn_scales,
             "loss": self.loss or preset["loss"],
             "drop_prob": preset["drop_prob"] if self.drop_prob is None else self.drop_prob,
+            "rounding": self.rounding or preset["rounding"],
+            "round_lr": self.round_lr or preset["round_lr"],
+            "round_reg": preset["round_reg"] if self.round_reg is None else self.round_reg,
+            "scale_lr": self.scale_lr or preset["scale_lr"],
         }
 
     def to_dict(self) -> dict:
@@ -178,6 +215,7 @@ def placement_for(config: QuantConfig) -> Placement:
         softmax_quantizer=config.resolved_softmax_quantizer,
         post_ln_per_channel=config.method == "repq" or (config.method == "isvit" and config.reparameterize),
         outlier_ratio=config.resolved_outlier_ratio,
+        activation_percentiles=config.activation_percentiles,
     )
 
 
@@ -288,6 +326,7 @@ def reconstruct_blocks(
     sequential: bool,
     device: torch.device,
     round_weights: bool = False,
+    importance: list[torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "",
 ) -> dict[str, tuple[float, float]]:
@@ -298,7 +337,8 @@ def reconstruct_blocks(
     A unit whose loss over the first ``settings.check_size`` calibration images ends higher than it
     started is put back as it was (a guard against a learning rate too large for a unit).
     With ``round_weights``, a unit's weights are first rounded by GPTQ on its inputs (the first
-    ``settings.check_size`` images), and training starts from there.
+    ``settings.check_size`` images), and training starts from there. ``importance``: one output
+    importance map per unit (``output_importance``), for the "fisher" loss.
     Returns {unit: (loss before, loss after)} on those images.
     """
     cache_device = settings.cache_device or device
@@ -306,17 +346,21 @@ def reconstruct_blocks(
     x_fp = images.to(cache_device, settings.cache_dtype)
     x_q = x_fp if sequential else None
     report = {}
-    for q_unit, fp_unit in zip(q_units, fp_units):
+    for i, (q_unit, fp_unit) in enumerate(zip(q_units, fp_units)):
         y_fp = run_unit(fp_unit, x_fp, device, settings.batch_size, settings.cache_dtype, cache_device)
         if has_enabled_quantizer(q_unit) and settings.iters > 0:
             inputs = x_q if sequential else x_fp
             check = slice(0, settings.check_size)
+            weight = importance[i].to(device) if importance is not None else None
             if round_weights:
                 gptq_unit(q_unit, inputs[check], device, settings.batch_size)
-            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
+            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss,
+                                         weight)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
-            reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
-            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
+            reconstruct_unit(q_unit, inputs, y_fp, settings, device, importance=weight, progress=progress,
+                             desc=f"{desc} {q_unit.name}")
+            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss,
+                                        weight)
             if after > before:
                 q_unit.body.load_state_dict(snapshot)
             report[q_unit.name] = (before, min(before, after))
@@ -371,13 +415,18 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
         cache_device=torch.device(config.cache_device) if config.cache_device else None,
         seed=config.seed,
     )
+    importance = None
+    if settings.loss == "fisher":
+        importance = output_importance(forward_units(fp_model), images, device, settings.batch_size, config.seed)
     wrap_model(model, placement_for(config))
     set_quantizers(model, False, "weight")
     calibrate_activations(model, images[: config.init_size].to(device))
     report = {}
     if config.stage1:
+        stage1 = dataclasses.replace(settings, rounding="ste")  # no weight is quantized yet
         report["stage1"] = reconstruct_blocks(
-            model, fp_model, images, settings, sequential=False, device=device, progress=progress, desc="stage 1"
+            model, fp_model, images, stage1, sequential=False, device=device, importance=importance,
+            progress=progress, desc="stage 1",
         )
     if config.reparameterize:
         fold_post_layernorm(model)
@@ -385,7 +434,7 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     calibrate_weights(model)
     report["stage3"] = reconstruct_blocks(
         model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
-        progress=progress, desc="stage 3",
+        importance=importance, progress=progress, desc="stage 3",
     )
     if config.resolved_bias_correction:
         correct_bias(model, images[: config.init_size].to(device))

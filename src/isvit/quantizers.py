@@ -39,9 +39,15 @@ from torch import nn
 
 # Clipping percentiles searched at initialisation (method.md): the one with the lowest MSE wins.
 ACTIVATION_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999, 1.0)
+# Lower candidates, searched down to ``QuantConfig.act_percentile`` when it is set (at 3-4 bits a
+# grid of 8-16 levels gains more from a finer step than it loses by clipping the last 1%).
+LOW_ACTIVATION_PERCENTILES: tuple[float, ...] = (0.99, 0.995, 0.998)
 WEIGHT_PERCENTILES: tuple[float, ...] = (
     0.97, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 1.0,
 )
+# AdaRound's rectified sigmoid stretches sigmoid(v) to (GAMMA, ZETA), then clamps to [0, 1], so that
+# h(v) reaches 0 and 1 exactly (Nagel et al. 2020).
+ADAROUND_GAMMA, ADAROUND_ZETA = -0.1, 1.1
 # The shift grid of SULQ (method.md).
 SULQ_ETAS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -304,18 +310,84 @@ class UniformQuantizer(Quantizer):
         self.scale = scale.clamp_min(1e-8).to(self.scale.device)
         self.zero_point = torch.round(zero_point.detach().reshape(-1).float()).to(self.scale.device)
 
+    # -- learnt step size (LSQ), in the log domain ------------------------------------------------
+    # While learnt, the scale is ``scale * exp(log_scale_step)`` with a trainable ``log_scale_step``
+    # that starts at 0: one learning rate then means the same relative change for a step of 1e-3
+    # and one of 1, and the scale can never turn negative. ``freeze_scale`` folds it back.
+
     def learnable_scale(self) -> nn.Parameter:
-        """Turn the scale into a trainable parameter (same state-dict key); see ``freeze_scale``."""
-        if not isinstance(self.scale, nn.Parameter):
-            value = self._buffers.pop("scale")
-            self.scale = nn.Parameter(value.detach().clone())
-        return self.scale
+        """Make the scale trainable (as a log-domain factor, see above); returns that parameter."""
+        if getattr(self, "log_scale_step", None) is None:
+            self.log_scale_step = nn.Parameter(torch.zeros_like(self.scale))
+        return self.log_scale_step
 
     def freeze_scale(self) -> None:
-        """Make the scale a plain buffer again, keeping its learnt value."""
-        if isinstance(self.scale, nn.Parameter):
-            value = self._parameters.pop("scale")
-            self.register_buffer("scale", value.detach().clamp_min(1e-8))
+        """Fold the learnt factor into the ``scale`` buffer and drop the parameter."""
+        step = self._parameters.pop("log_scale_step", None)
+        if step is not None:
+            self.scale = (self.scale * step.detach().exp()).clamp_min(1e-8)
+
+    def current_scale(self) -> torch.Tensor:
+        step = self._parameters.get("log_scale_step")
+        return self.scale if step is None else self.scale * step.exp()
+
+    # -- learnt rounding, for weight quantizers --------------------------------------------------
+    # Each weight w (step s, zero point z) may end on its grid's floor(w / s) or the code above;
+    # one trainable variable v per weight says which. Two ways to learn it:
+    #
+    # "adaround" (Nagel et al. 2020; BRECQ, QDrop): w is floor(w / s) + h(v) codes above its floor,
+    #   h(v) = clamp(sigmoid(v) (ZETA - GAMMA) + GAMMA, 0, 1) (the rectified sigmoid), v started
+    #   where h(v) is w's own fractional part (training starts from the float weight). Soft while
+    #   training; a regulariser (``rounding_regulariser``) pushes every h(v) to 0 or 1, and the end
+    #   rounds up where v >= 0.
+    # "offset" (SignRound-like): w is round(w / s + v) codes with v in [-1/2, 1/2], started at 0
+    #   (round to nearest) and trained through the rounding's straight-through estimator: the
+    #   forward pass always uses the hard codes, so what is trained is what is kept; no annealing.
+    #
+    # ``finish_learnt_rounding`` writes the chosen codes back as the weight itself, exactly on the grid.
+
+    def start_learnt_rounding(self, weight: torch.Tensor, mode: str = "adaround") -> nn.Parameter:
+        """Start learning the rounding of ``weight`` (this quantizer's layer weight); returns the variables."""
+        if mode == "adaround":
+            scale = self._broadcast(self.scale, weight)
+            rest = (weight.detach() / scale - torch.floor(weight.detach() / scale)).clamp(0.0, 1.0)
+            v = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1)
+        elif mode == "offset":
+            v = torch.zeros_like(weight.detach())
+        else:
+            raise ValueError(f"unknown rounding mode {mode!r}")
+        self.rounding_mode = mode
+        self.rounding = nn.Parameter(v)
+        return self.rounding
+
+    @property
+    def learning_rounding(self) -> bool:
+        return self._parameters.get("rounding") is not None
+
+    def soft_rounding(self) -> torch.Tensor:
+        """AdaRound's h(v) in [0, 1], how far above its floor each weight is rounded."""
+        h = torch.sigmoid(self.rounding) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+        return h.clamp(0.0, 1.0)
+
+    def rounding_regulariser(self, beta: float) -> torch.Tensor:
+        """AdaRound's sum over weights of 1 - |2 h(v) - 1|^beta: 0 once every h(v) is 0 or 1."""
+        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
+
+    def _quantize_learnt_rounding(self, weight: torch.Tensor, hard: bool = False) -> torch.Tensor:
+        scale = self._broadcast(self.scale, weight).to(weight.dtype)
+        zero_point = self._broadcast(self.zero_point, weight).to(weight.dtype)
+        if self.rounding_mode == "offset":
+            shifted = weight.detach() + self.rounding.clamp(-0.5, 0.5) * scale
+            return fake_quant_uniform(shifted, scale, zero_point, self.levels)
+        up = (self.rounding >= 0).to(weight.dtype) if hard else self.soft_rounding()
+        code = (torch.floor(weight.detach() / scale) + up + zero_point).clamp(0, self.levels - 1)
+        return (code - zero_point) * scale
+
+    @torch.no_grad()
+    def finish_learnt_rounding(self, weight: nn.Parameter) -> None:
+        """Write the hard-rounded weight (on the grid) into ``weight`` and drop the rounding variables."""
+        weight.copy_(self._quantize_learnt_rounding(weight, hard=True))
+        del self._parameters["rounding"]
 
     def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.numel() == 1:
@@ -325,7 +397,9 @@ class UniformQuantizer(Quantizer):
         return t.reshape(shape)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self._broadcast(self.scale, x).to(x.dtype).clamp_min(1e-8)
+        if self.learning_rounding:
+            return self._quantize_learnt_rounding(x)
+        scale = self._broadcast(self.current_scale(), x).to(x.dtype).clamp_min(1e-8)
         zero_point = self._broadcast(self.zero_point, x).to(x.dtype)
         return fake_quant_uniform(x, scale, zero_point, self.levels)
 

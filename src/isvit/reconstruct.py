@@ -8,7 +8,28 @@ For a unit u with quantized copy u^, full-precision input X and quantized-model 
 
 with X_in = X (stage 1: inputs from the full-precision model) or X_in = X^ (stage 3: sequential,
 inputs from the quantized model so far). Adam with cosine decay to 0, batches drawn at random
-from the calibration set. Rounding passes gradients straight through.
+from the calibration set. What is trained:
+
+- ``rounding="ste"`` (the paper's): the latent float weights and biases, through the rounding's
+  straight-through estimator. Adam moves a weight by about ``lr`` a step, so in a short schedule
+  few weights move by a whole grid step;
+- ``rounding="adaround"`` (BRECQ / QDrop): each quantized weight's rounding direction, a variable
+  per weight (``quantizers.UniformQuantizer.start_learnt_rounding``) with its own learning rate
+  ``round_lr`` and a regulariser (weight ``round_reg``) annealed so that every weight ends rounded
+  up or down; the float weights themselves stay; biases and the other float parameters train as
+  with "ste". The unit ends with its weights exactly on their grid;
+- ``rounding="offset"``: the same choice (each weight to its floor or the code above), learnt as an
+  offset in [-1/2, 1/2] of a step added before rounding, through the straight-through estimator
+  (SignRound-like): hard codes in every forward pass, no soft-to-hard gap, nothing to anneal;
+- with ``learn_scales``, the step sizes of the activation quantizers too (LSQ, in the log domain,
+  learning rate ``scale_lr``; with "ste" the weight quantizers' as well).
+
+Losses (per token, then averaged): "mse" sums the squared error over the features (the paper's);
+"token" divides it by the target token's variance (what the next LayerNorm sees); "fisher"
+weights the "token" error of every (position, feature) by how much it moves the network's output:
+the squared gradient of the full-precision model's log-likelihood with respect to the unit's output,
+averaged over the calibration images (``output_importance``; the diagonal of the Fisher
+information, the importance estimate of BRECQ/APHQ-ViT), normalised to mean 1.
 
 The calibration set's activations at the current unit are cached whole (on ``cache_device``, in
 ``cache_dtype``): only the current unit's inputs and targets are held, never all units'.
@@ -32,29 +53,72 @@ class ReconstructionSettings:
     iters: int
     batch_size: int = 64
     lr: float = 4e-5
-    scale_lr: float = 1e-4
+    scale_lr: float = 5e-3  # Adam on log(scale): a relative change of about this much a step
     learn_scales: bool = False
     cache_dtype: torch.dtype = torch.float32
     cache_device: torch.device | None = None  # default: where the model runs
     seed: int = 0
     check_size: int = 256  # calibration images on which a unit's loss is compared before/after
     micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
-    loss: str = "mse"  # or "token": each token's squared error relative to its target's variance
+    loss: str = "mse"  # "token": each token's squared error relative to its target's variance; "fisher"
     drop_prob: float = 0.0  # QDrop: while training, activations keep their float value with this probability
+    rounding: str = "ste"  # or "adaround": learnt rounding of the quantized weights
+    round_lr: float = 1e-2  # Adam's learning rate for the rounding variables
+    round_reg: float = 0.1  # the rounding regulariser's weight: at 1, a weight half-way up weighs the unit's first loss
+    round_warmup: float = 0.2  # fraction of the iterations before the regulariser starts
+    round_beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second
 
 
-LOSSES = ("mse", "token")
+LOSSES = ("mse", "token", "fisher")
+ROUNDINGS = ("ste", "adaround", "offset")
 
 
-def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token reconstruction error: the squared error summed over the features ("mse", the
     paper's), or that divided by the target token's variance over its features ("token"): the error
     as the next LayerNorm, which normalises every token, sees it. ViT's residual stream carries a
-    few tokens whose values are 100x the others'; under plain MSE their errors drown the rest."""
-    err = (out - target).pow(2).sum(dim=-1)
-    if loss == "token":
+    few tokens whose values are 100x the others'; under plain MSE their errors drown the rest.
+    "fisher" is "token" with each (position, feature) weighted by ``importance`` (broadcast over
+    the batch)."""
+    sq = (out - target).pow(2)
+    if loss == "fisher":
+        if importance is None:
+            raise ValueError("the fisher loss needs the unit's output importance")
+        sq = sq * importance
+    err = sq.sum(dim=-1)
+    if loss in ("token", "fisher"):
         err = err / target.var(dim=-1, unbiased=False).clamp_min(1e-6)
     return err
+
+
+def output_importance(units: list[nn.Module], images: torch.Tensor, device, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """For each unit of a full-precision model (run in order), the mean over ``images`` of the
+    squared gradient of log p(y | x) with respect to the unit's output, y drawn from the model's own
+    prediction (so no labels: the diagonal of the Fisher information, which is the Hessian of the
+    KL divergence to the full-precision output at the full-precision point). Each gradient is
+    multiplied by its token's variance first, which takes out the next LayerNorm's 1/std (the
+    "token" loss divides by it), and each map is normalised to mean 1. Returns one map per unit,
+    shaped like one image's unit output (positions x features)."""
+    generator = torch.Generator().manual_seed(seed)
+    sums: list[torch.Tensor | None] = [None] * len(units)
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, torch.float32)
+        outputs = []
+        with torch.enable_grad():
+            for unit in units:
+                x = unit(x)
+                if not x.requires_grad:  # the first unit, with frozen parameters: start the graph here
+                    x = x.detach().requires_grad_(True)
+                outputs.append(x)
+            log_p = x.log_softmax(dim=-1)
+            y = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(log_p.device)
+            # gradients with respect to the unit outputs only: nothing accumulates in the parameters
+            grads = torch.autograd.grad(log_p.gather(1, y).sum(), outputs)
+        for i, (out, grad) in enumerate(zip(outputs, grads)):
+            g2 = grad.pow(2) * out.detach().var(dim=-1, unbiased=False, keepdim=True)
+            total = g2.sum(dim=0).double()
+            sums[i] = total if sums[i] is None else sums[i] + total
+    return [(s / s.mean().clamp_min(1e-30)).float() for s in sums]
 
 
 def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
@@ -62,8 +126,9 @@ def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
     return [p for p in unit.parameters() if p.dtype.is_floating_point]
 
 
-def scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
-    """Make the scales of the unit's enabled, calibrated uniform quantizers learnable; returns them.
+def scale_parameters(unit: nn.Module, weights: bool = True) -> list[nn.Parameter]:
+    """Make the scales of the unit's enabled, calibrated uniform quantizers learnable (the weight
+    quantizers' only with ``weights``); returns the parameters.
 
     A grid with outlier channels of their own (two scales over many channels) keeps its scales:
     learnt one per channel they would drift apart into a per-channel grid that no per-tensor
@@ -71,10 +136,30 @@ def scale_parameters(unit: nn.Module) -> list[nn.Parameter]:
     """
     return [
         q.learnable_scale()
-        for q in unit.modules()
+        for name, q in named_quantizers(unit, "all" if weights else "activation")
         if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated
         and not (q.outlier_ratio > 0 and q.is_per_channel)
     ]
+
+
+def rounded_layers(unit: nn.Module) -> list[nn.Module]:
+    """The layers of ``unit`` whose weight quantizer is on and calibrated (what AdaRound rounds)."""
+    return [
+        m for m in unit.modules()
+        if isinstance(getattr(m, "weight_quantizer", None), UniformQuantizer)
+        and m.weight_quantizer.enabled and m.weight_quantizer.is_calibrated
+    ]
+
+
+def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
+    """The regulariser's exponent at ``step`` (None during the warm-up: no regulariser yet):
+    linear from ``round_beta[0]`` after the warm-up to ``round_beta[1]`` at the last step."""
+    warmup = settings.round_warmup * settings.iters
+    if step < warmup:
+        return None
+    progress = (step - warmup) / max(1.0, settings.iters - 1 - warmup)
+    start, end = settings.round_beta
+    return start + (end - start) * min(1.0, progress)
 
 
 def freeze_scales(unit: nn.Module) -> None:
@@ -99,16 +184,24 @@ def reconstruct_unit(
     settings: ReconstructionSettings,
     device,
     *,
+    importance: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "",
 ) -> list[float]:
-    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step."""
-    params = unit_parameters(unit)
-    groups = [{"params": params, "lr": settings.lr}]
+    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step.
+    ``importance``: the unit's output importance, for the "fisher" loss."""
+    rounded = rounded_layers(unit) if settings.rounding != "ste" else []
+    fixed = {id(m.weight) for m in rounded}  # their rounding is learnt instead
+    groups = [{"params": [p for p in unit_parameters(unit) if id(p) not in fixed], "lr": settings.lr}]
+    roundings = [m.weight_quantizer.start_learnt_rounding(m.weight, settings.rounding) for m in rounded]
+    if roundings:
+        groups.append({"params": roundings, "lr": settings.round_lr})
     if settings.learn_scales:
-        scales = scale_parameters(unit)
+        scales = scale_parameters(unit, weights=settings.rounding == "ste")
         if scales:
             groups.append({"params": scales, "lr": settings.scale_lr})
+    groups = [g for g in groups if g["params"]]
+    num_rounded = sum(r.numel() for r in roundings)
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -123,7 +216,7 @@ def reconstruct_unit(
         q.drop_prob = settings.drop_prob
     bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
     try:
-        for _ in bar:
+        for step in bar:
             idx = torch.randint(n, (min(settings.batch_size, n),), generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss = 0.0
@@ -133,9 +226,16 @@ def reconstruct_unit(
                 x = inputs[chunk].to(device, torch.float32)
                 y = targets[chunk].to(device, torch.float32)
                 with torch.enable_grad():
-                    part = token_errors(unit(x), y, settings.loss).mean() * (len(chunk) / len(idx))
+                    part = token_errors(unit(x), y, settings.loss, importance).mean() * (len(chunk) / len(idx))
                     part.backward()
                 loss += part.item()
+            beta = rounding_beta(step, settings) if roundings and settings.rounding == "adaround" else None
+            if beta is not None:
+                with torch.enable_grad():
+                    # mean over the weights, in units of the unit's loss at the first step (scale-free)
+                    total = sum(m.weight_quantizer.rounding_regulariser(beta) for m in rounded)
+                    reg = settings.round_reg * (losses[0] if losses else loss) * total / num_rounded
+                    reg.backward()
             optimizer.step()
             schedule.step()
             losses.append(loss)
@@ -147,19 +247,22 @@ def reconstruct_unit(
             q.drop_prob = 0.0
         if settings.learn_scales:
             freeze_scales(unit)
+        for m in rounded:
+            m.weight_quantizer.finish_learnt_rounding(m.weight)
     return losses
 
 
 @torch.no_grad()
 def reconstruction_loss(
-    unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, batch_size: int = 64, loss: str = "mse"
+    unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, batch_size: int = 64, loss: str = "mse",
+    importance: torch.Tensor | None = None,
 ) -> float:
     """The reconstruction objective of ``unit`` over the whole set (for reports and tests)."""
     total, count = 0.0, 0
     for i in range(0, inputs.shape[0], batch_size):
         out = unit(inputs[i:i + batch_size].to(device, torch.float32))
         y = targets[i:i + batch_size].to(device, torch.float32)
-        total += token_errors(out, y, loss).sum().item()
+        total += token_errors(out, y, loss, importance).sum().item()
         count += math.prod(y.shape[:-1])
     return total / count
 

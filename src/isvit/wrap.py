@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import IsvitError
 from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
-from .quantizers import WEIGHT_PERCENTILES, Quantizer, UniformQuantizer, make_softmax_quantizer
+from .quantizers import ACTIVATION_PERCENTILES, WEIGHT_PERCENTILES, Quantizer, UniformQuantizer, make_softmax_quantizer
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,14 @@ class Placement:
     # > 0: the per-tensor inputs of proj, fc2, head and reduction set their outlier channels apart
     # (quantizers.search_split_range); the post-LayerNorm ones are left to the fold
     outlier_ratio: float = 0.0
+    activation_percentiles: tuple[float, ...] = ACTIVATION_PERCENTILES
 
     def weight(self) -> UniformQuantizer:
         return UniformQuantizer(self.w_bits, per_channel=True, channel_dim=0, percentiles=WEIGHT_PERCENTILES)
 
     def activation(self, per_channel: bool = False, outlier_ratio: float = 0.0) -> UniformQuantizer:
-        return UniformQuantizer(self.a_bits, per_channel=per_channel, channel_dim=-1, outlier_ratio=outlier_ratio)
+        return UniformQuantizer(self.a_bits, per_channel=per_channel, channel_dim=-1, outlier_ratio=outlier_ratio,
+                                percentiles=self.activation_percentiles)
 
     def linear(self, linear: nn.Linear, input_granularity: str) -> QuantLinear:
         """``input_granularity``: 'post_ln' (per channel if so placed), 'tensor' or 'none'."""
