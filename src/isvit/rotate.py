@@ -249,7 +249,7 @@ def _orthogonal(n: int, generator: torch.Generator, like: torch.Tensor) -> torch
     return random_orthogonal(n, generator).to(like.device)
 
 
-def _check_layernorm(norm: nn.Module, where: str) -> None:
+def _require_layernorm(norm: nn.Module, where: str) -> None:
     if not isinstance(norm, nn.LayerNorm):
         raise IsvitError(f"{where} is a {type(norm).__name__}; rotation needs a LayerNorm there")
 
@@ -270,8 +270,8 @@ def _vit_head_norm(model) -> str:
 def _check_vit(model) -> None:
     for name, block in _vit_blocks(model):
         check_vit_block(name, block)
-        _check_layernorm(block.norm1, f"{name}.norm1")
-        _check_layernorm(block.norm2, f"{name}.norm2")
+        _require_layernorm(block.norm1, f"{name}.norm1")
+        _require_layernorm(block.norm2, f"{name}.norm2")
         for ls in (block.ls1, block.ls2):
             if not isinstance(ls, nn.Identity) and not isinstance(getattr(ls, "gamma", None), nn.Parameter):
                 raise IsvitError(f"{name} has a {type(ls).__name__}; rotation folds LayerScale (a gamma per channel) only")
@@ -317,16 +317,16 @@ def _rotate_vit(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
 def _check_swin(model) -> None:
     for name, block in _swin_blocks(model):
         check_swin_block(name, block)
-        _check_layernorm(block.norm1, f"{name}.norm1")
-        _check_layernorm(block.norm2, f"{name}.norm2")
+        _require_layernorm(block.norm1, f"{name}.norm1")
+        _require_layernorm(block.norm2, f"{name}.norm2")
         if _pads_windows(block) and bool((block.norm1.weight == 0).any()):
             raise IsvitError(f"{name}.norm1 has a zero weight in a block that pads its windows, which rotation cannot carry")
     for i, stage in enumerate(model.layers):
         if not isinstance(stage.downsample, (PatchMerging, nn.Identity)):
             raise IsvitError(f"layers.{i}.downsample is a {type(stage.downsample).__name__}; rotation needs PatchMerging")
         if isinstance(stage.downsample, PatchMerging):
-            _check_layernorm(stage.downsample.norm, f"layers.{i}.downsample.norm")
-    _check_layernorm(model.norm, "norm")
+            _require_layernorm(stage.downsample.norm, f"layers.{i}.downsample.norm")
+    _require_layernorm(model.norm, "norm")
     if getattr(model.head.global_pool, "pool_type", None) not in ("avg", ""):
         raise IsvitError("rotation needs average pooling before the head of a Swin")
 
