@@ -43,6 +43,7 @@ from .errors import IsvitError
 from .modules import QuantConv2d, QuantLinear
 from .pipeline import QuantConfig, placement_for, quantizers
 from .quantizers import check_bits
+from .rotate import rotate_model
 from .wrap import wrap_model
 
 FORMAT = "isvit-int-v1"
@@ -250,13 +251,17 @@ def metadata_json(metadata: dict[str, str], key: str, path: Path, kind):
 
 
 def _build_model(name: str, model_args: dict, config: QuantConfig, path: Path) -> nn.Module:
-    """The named timm architecture, randomly initialised (no download), wrapped as ``config`` says."""
+    """The named timm architecture, randomly initialised (no download), rotated and wrapped as
+    ``config`` says. Rotation is rerun on the random weights for its structure (the norms it swaps
+    in, the biases it adds): every weight it computes is then overwritten by the file's."""
     if not timm.is_model(name):
         raise IsvitError(f"{path} names the architecture {name!r}, which timm does not know")
     try:
         model = timm.create_model(name, pretrained=False, **model_args)
     except Exception as exc:  # timm raises TypeError/ValueError/AssertionError for bad arguments
         raise IsvitError(f"cannot build the {name} architecture with the arguments in {path} ({type(exc).__name__})") from exc
+    if config.rotate:  # the same modules as the saved model's (its weights come from the file)
+        rotate_model(model, seed=config.seed)
     return wrap_model(model, placement_for(config))
 
 

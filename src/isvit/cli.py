@@ -5,7 +5,7 @@
     isvit eval --onnx FILE --data DIR [--limit N] ...           (a model exported by isvit export, run by onnxruntime)
     isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
-                   [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] [--gptq] ...
+                   [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
     isvit export --quantized FILE --onnx OUT      (or --model NAME [--weights PATH]: full precision)
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "channel's on a grid of their own; 0 is off (default: the method's)")
     qu.add_argument("--act-percentile", type=float, metavar="P",
                     help="lowest clipping percentile searched for activation grids, e.g. 0.99 (default 0.999)")
+    qu.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=False,
+                    help="rotate the residual stream and every attention head by random Hadamard matrices "
+                         "first (exact in full precision, nothing added at inference; default: off)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
     sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
     sos.add_argument("--preset", choices=PRESETS, default="paper",
@@ -323,6 +326,7 @@ def run_quantize(args) -> dict:
         stage1=not args.no_stage1, reparameterize=not args.no_reparam, gptq=args.gptq, drop_prob=args.qdrop,
         rounding=args.rounding, round_lr=args.round_lr, round_reg=args.round_reg, scale_lr=args.scale_lr,
         act_percentile=args.act_percentile,
+        rotate=args.rotate,
         cache_dtype=args.cache_dtype,
         cache_device=args.cache_device,
     )

@@ -157,3 +157,44 @@ class QuantWindowAttention(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.av(attn, v).transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight + bias`` over the last dimension.
+
+    ``isvit.rotate`` puts it where a LayerNorm read a residual stream made zero-mean: there it
+    computes what the LayerNorm did, and unlike a LayerNorm it commutes with a rotation of its input.
+    ``weight`` and ``bias`` keep the LayerNorm's names (the post-LayerNorm fold writes into them).
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(normalized_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class RotatedLayerNorm(RMSNorm):
+    """A LayerNorm whose input was rotated, with its mean direction rotated along.
+
+    A LayerNorm removes the component of ``x`` along ``u = 1 / sqrt(d)`` (the mean) and divides
+    by the RMS of the rest. For an input rotated by an orthogonal ``Q`` (``x' = x Q``) the same is
+    ``x' - (x' . v) v`` with ``v = u Q`` (buffer ``direction``, unit length), then the RMSNorm:
+    exactly the LayerNorm's normalised output, rotated. Used where the stream cannot be made
+    zero-mean exactly (Swin, whose patch merging normalises four tokens at once, ``rotate.py``).
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, *, device=None, dtype=None):
+        super().__init__(normalized_shape, eps, device=device, dtype=dtype)
+        direction = torch.full((normalized_shape,), normalized_shape ** -0.5, device=device, dtype=dtype)
+        self.register_buffer("direction", direction)  # persistent: a checkpoint carries it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x - (x @ self.direction).unsqueeze(-1) * self.direction)

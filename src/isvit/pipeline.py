@@ -47,6 +47,7 @@ from .reconstruct import (
     run_unit,
 )
 from .reparam import reparameterize_layernorm
+from .rotate import rotate_model
 from .wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
 
 METHODS = ("isvit", "repq", "minmax")
@@ -103,6 +104,9 @@ class QuantConfig:
     # e.g. 0.99 adds 0.99, 0.995 and 0.998 to the candidates.
     act_percentile: float | None = None
     gptq: bool = False  # stage 3 starts from GPTQ-rounded weights (default: round to nearest, the paper's)
+    # Rotate the full-precision model first (rotate.py: Hadamard rotations of the residual stream and
+    # of each attention head, exact in float), for every method
+    rotate: bool = False
     # Per-tensor Linear inputs set apart the channels whose peak exceeds this many times the median
     # channel's (a second grid for them; 0: off). None: the method's default.
     outlier_ratio: float | None = None
@@ -151,6 +155,8 @@ class QuantConfig:
                 torch.device(self.cache_device)
             except (RuntimeError, TypeError):
                 raise IsvitError(f"cache_device must name a torch device such as 'cpu' or 'cuda', got {self.cache_device!r}") from None
+        if not isinstance(self.rotate, bool):
+            raise IsvitError(f"rotate must be True or False, got {self.rotate!r}")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise IsvitError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
 
@@ -455,7 +461,8 @@ def quantize(
     ``calib``: unlabeled calibration images, a (N, 3, H, W) tensor already preprocessed as the
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
     ``device``: where calibration runs (default: where the model is). The model is copied unless
-    ``inplace``. The model returned is in eval mode.
+    ``inplace``. With ``config.rotate`` it is rotated first (``rotate.rotate_model``). The model
+    returned is in eval mode.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -464,6 +471,8 @@ def quantize(
     device = next(model.parameters()).device
     model.eval()
     images = collect_calibration(calib, config.resolved_calib_size)
+    if config.rotate:  # before the methods: isvit's full-precision targets share the rotated basis
+        rotate_model(model, seed=config.seed)
     torch.manual_seed(config.seed)
     if config.method == "isvit":
         _isvit(model, images, config, device, progress)

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from .errors import IsvitError
-from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from .modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention, RMSNorm
 from .quantizers import ACTIVATION_PERCENTILES, WEIGHT_PERCENTILES, Quantizer, UniformQuantizer, make_softmax_quantizer
 
 
@@ -90,8 +90,9 @@ def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
     return model
 
 
-def post_layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, QuantLinear]]:
-    """(name, LayerNorm, the Linear it alone feeds) for every reparameterisable pair of a wrapped model."""
+def post_layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
+    """(name, LayerNorm (or the RMSNorm of a rotated model), the Linear it alone feeds) for every
+    reparameterisable pair of a wrapped model."""
     blocks = _vit_blocks(model) if architecture(model) == "vit" else _swin_blocks(model)
     pairs = []
     for name, block in blocks:
@@ -177,18 +178,25 @@ def _vit_blocks(model) -> list[tuple[str, nn.Module]]:
 
 
 def _check_layernorm(norm: nn.Module, where: str) -> None:
-    if not isinstance(norm, nn.LayerNorm):
+    """A LayerNorm, or the RMSNorm (or RotatedLayerNorm) that took its place in a rotated model
+    (rotate.py): both have the per-channel ``weight`` and ``bias`` the post-LayerNorm fold writes into."""
+    if not isinstance(norm, (nn.LayerNorm, RMSNorm)):
         raise IsvitError(f"{where} is a {type(norm).__name__}; isvit needs LayerNorm there")
+
+
+def check_vit_block(name: str, block: nn.Module) -> None:
+    """The block must be timm's standard pre-norm ``Block`` with ``Attention``."""
+    if type(block) is not Block or type(block.attn) is not Attention:
+        raise IsvitError(
+            f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports the "
+            "standard pre-norm ViT block (timm Block with Attention)"
+        )
 
 
 def _wrap_vit(model: VisionTransformer, p: Placement) -> None:
     model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
     for name, block in _vit_blocks(model):
-        if type(block) is not Block or type(block.attn) is not Attention:
-            raise IsvitError(
-                f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports the "
-                "standard pre-norm ViT block (timm Block with Attention)"
-            )
+        check_vit_block(name, block)
         _check_layernorm(block.norm1, f"{name}.norm1")
         _check_layernorm(block.norm2, f"{name}.norm2")
         qk, av = p.matmuls()
@@ -214,14 +222,19 @@ def _swin_blocks(model) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def check_swin_block(name: str, block: nn.Module) -> None:
+    """The block must be timm's ``SwinTransformerBlock`` with ``WindowAttention``."""
+    if type(block) is not SwinTransformerBlock or type(block.attn) is not WindowAttention:
+        raise IsvitError(f"{name} is a {type(block).__name__}; isvit supports timm's SwinTransformerBlock")
+
+
 def _wrap_swin(model: SwinTransformer, p: Placement) -> None:
     model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
     for i, stage in enumerate(model.layers):
         if isinstance(stage.downsample, PatchMerging):
             stage.downsample.reduction = p.linear(stage.downsample.reduction, "tensor")
     for name, block in _swin_blocks(model):
-        if type(block) is not SwinTransformerBlock or type(block.attn) is not WindowAttention:
-            raise IsvitError(f"{name} is a {type(block).__name__}; isvit supports timm's SwinTransformerBlock")
+        check_swin_block(name, block)
         _check_layernorm(block.norm1, f"{name}.norm1")
         _check_layernorm(block.norm2, f"{name}.norm2")
         qk, av = p.matmuls()

@@ -1,0 +1,338 @@
+"""Rotation (isvit.rotate, ``QuantConfig(rotate=True)``): the full-precision function is unchanged
+on small random ViT/DeiT/Swin variants and on the real ViT-Ti, the rotations are orthogonal
+(randomized Hadamard where one is known), the per-head rotations keep q k^T and attn @ v, the real
+model's residual stream loses its outlier channels, and a rotated model quantizes, folds exactly,
+reloads bit-exactly from its checkpoint and exports to ONNX."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import onnx
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import isvit
+from isvit import cli
+from isvit.checkpoint import load_quantized, save_quantized
+from isvit.errors import IsvitError
+from isvit.export import export_onnx, load_onnx
+from isvit.pipeline import fold_post_layernorm
+from isvit.rotate import RMSNorm, RotatedLayerNorm, hadamard, random_orthogonal, rotate_heads, rotate_model
+
+from conftest import CALIB_DIR, SMALL_SWIN, SMALL_VIT, VAL_DIR, VIT_TINY_WEIGHTS, small_swin, small_vit
+from test_reparam import calibrated, logits
+
+# Small random models; each is given LayerNorm affines, Linear biases and stream means (trained_like)
+VARIANTS = {
+    "vit": lambda: small_vit(),
+    "vit-reg-tokens-avg-pool": lambda: small_vit(reg_tokens=2, global_pool="avg", fc_norm=True),
+    "vit-layer-scale-no-embed-class": lambda: small_vit(init_values=0.1, no_embed_class=True),
+    "vit-qk-norm": lambda: small_vit(qk_norm=True),
+    "deit-distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2,
+                                                img_size=64, num_classes=10).eval(),
+    "swin": lambda: small_swin(),
+    "swin-padded-windows": lambda: small_swin(window_size=6),
+}
+
+
+def images(n: int, seed: int, size: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A random timm model has LayerNorms of weight 1 and bias 0, zero biases and streams of mean
+    near 0, under which the affine fold and the centring would go untested: random LayerNorm
+    affines, biases, and a random row added to every Linear's rows (so that each writer adds a
+    token-dependent mean to the stream)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.mul_(torch.exp(0.5 * torch.randn(m.weight.shape, generator=g)))
+            m.bias.add_(0.5 * torch.randn(m.bias.shape, generator=g))
+        elif isinstance(m, nn.Linear):
+            m.weight.add_(0.05 * torch.randn(1, m.in_features, generator=g))
+            if m.bias is not None:
+                m.bias.add_(0.1 * torch.randn(m.bias.shape, generator=g))
+    for name in ("cls_token", "dist_token", "reg_token"):
+        if isinstance(getattr(model, name, None), nn.Parameter):
+            getattr(model, name).add_(torch.randn(getattr(model, name).shape, generator=g))
+    return model
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    return [block for stage in model.layers for block in stage.blocks]
+
+
+@torch.no_grad()
+def run_with_block_inputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, the input tokens of every transformer block)."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in blocks_of(model)]
+    try:
+        return model(x), seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrices
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 12, 20, 24, 40, 96, 192, 384, 768])
+def test_hadamard_matrices(n):
+    h = hadamard(n)
+    assert h.shape == (n, n) and set(h.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [3, 7, 28, 100])
+def test_no_hadamard_matrix_where_none_is_built(n):
+    assert hadamard(n) is None
+
+
+@pytest.mark.parametrize("n", [96, 192, 64, 100, 7])
+def test_random_rotations_are_orthogonal_and_hadamard_where_possible(n):
+    q = random_orthogonal(n, torch.Generator().manual_seed(0))
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    is_hadamard = bool(torch.allclose(q.abs(), torch.full_like(q, n ** -0.5), atol=1e-15))
+    assert is_hadamard == (n in (96, 192, 64))  # 96 = 8 * 12, 192 = 16 * 12, 64 = 2^6
+    assert torch.equal(q, random_orthogonal(n, torch.Generator().manual_seed(0)))
+    assert not torch.equal(q, random_orthogonal(n, torch.Generator().manual_seed(1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The full-precision function
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_precision_function_is_unchanged(variant):
+    model = trained_like(VARIANTS[variant]())
+    rotated = copy.deepcopy(model)
+    rotations = rotate_model(rotated, seed=0)
+    x = images(4, seed=1)
+    before, inputs = run_with_block_inputs(model, x)
+    after, rotated_inputs = run_with_block_inputs(rotated, x)
+    # measured: logits up to 0.38 (padded Swin) to 1.3 (DeiT) change by 1.8e-7 to 1.1e-6 at most,
+    # 3e-7 to 1e-6 of their size (centring a Swin's stream instead changes them by 20 %)
+    assert before.abs().max() > 0.3
+    assert (after - before).abs().max().item() < 1e-4
+    # what each block reads is the stream rotated: ViT's centred first, Swin's stage 0 left as it is
+    if variant.startswith("swin"):
+        stage_of = [i for i, stage in enumerate(rotated.layers) for _ in stage.blocks]
+        expected = [t if i == 0 else t @ rotations[f"layers.{i}"].float() for t, i in zip(inputs, stage_of)]
+        assert list(rotations) == ["layers.1"]
+    else:
+        q = rotations["stream"].float()
+        expected = [(t - t.mean(dim=-1, keepdim=True)) @ q for t in inputs]
+    for got, want in zip(rotated_inputs, expected):
+        assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert not torch.allclose(rotated_inputs[-1], inputs[-1], atol=1e-2)  # it really is rotated
+    # every rotated LayerNorm is gone, the new norms start at weight 1 (their bias is 0 but where
+    # a block pads its windows)
+    norms = [m for m in rotated.modules() if isinstance(m, RMSNorm)]
+    rotated_blocks = len(blocks_of(model)) - (len(model.layers[0].blocks) if variant.startswith("swin") else 0)
+    assert len(norms) == 2 * rotated_blocks + 1
+    assert all(isinstance(n, RotatedLayerNorm) == variant.startswith("swin") for n in norms)
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
+    assert sum(not torch.equal(n.bias, torch.zeros_like(n.bias)) for n in norms) == (2 if "padded" in variant else 0)
+
+
+def test_per_head_rotations_keep_q_k_and_attn_v():
+    attn = trained_like(small_vit()).blocks[0].attn
+    rotated = copy.deepcopy(attn)
+    rotate_heads(rotated, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 17, 192, generator=torch.Generator().manual_seed(1))
+
+    def parts(a):
+        q, k, v = a.qkv(x).reshape(2, 17, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    with torch.no_grad():
+        (q, k, v), (q2, k2, v2) = parts(attn), parts(rotated)
+        assert (q2 - q).abs().max() > 0.1 and (v2 - v).abs().max() > 0.1
+        assert torch.allclose(q2 @ k2.transpose(-2, -1), q @ k.transpose(-2, -1), atol=1e-4)
+        p = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+        assert not torch.allclose(p @ v2, p @ v, atol=1e-2)
+        heads = (p @ v).transpose(1, 2).reshape(2, 17, 192)
+        heads2 = (p @ v2).transpose(1, 2).reshape(2, 17, 192)
+        assert torch.allclose(rotated.proj(heads2), attn.proj(heads), atol=1e-5)
+        assert torch.allclose(rotated(x), attn(x), atol=1e-5)
+
+
+def test_normalised_q_and_k_are_left_alone():
+    attn = small_vit(qk_norm=True).blocks[0].attn
+    rotated = copy.deepcopy(attn)
+    rotate_heads(rotated, torch.Generator().manual_seed(0))
+    rows = attn.qkv.out_features // 3
+    assert torch.equal(rotated.qkv.weight[: 2 * rows], attn.qkv.weight[: 2 * rows])  # q and k as they were
+    assert not torch.equal(rotated.qkv.weight[2 * rows:], attn.qkv.weight[2 * rows:])  # v rotated
+
+
+@pytest.fixture(scope="module")
+def real_rotated(real_vit, calib32):
+    """(logits, block inputs) of the real ViT-Ti and of its rotated copy on 8 calibration images."""
+    rotated = copy.deepcopy(real_vit)
+    rotate_model(rotated, seed=0)
+    x = calib32[:8]
+    return run_with_block_inputs(real_vit, x), run_with_block_inputs(rotated, x)
+
+
+@pytest.mark.real
+def test_real_vit_full_precision_logits_are_unchanged(real_rotated):
+    (before, _), (after, _) = real_rotated
+    # measured: max |change| 2.1e-5 on logits up to 18.6 (1.1e-6 of them)
+    assert before.abs().max() > 10
+    assert (after - before).abs().max().item() < 1e-4
+    assert torch.equal(after.argmax(1), before.argmax(1))
+
+
+def peak_ratio(tokens: torch.Tensor) -> float:
+    """The largest channel peak over the median channel peak (peaks over images and tokens)."""
+    peaks = tokens.abs().amax(dim=(0, 1))
+    return (peaks.max() / peaks.median()).item()
+
+
+@pytest.mark.real
+def test_real_vit_residual_stream_loses_its_outlier_channels(real_rotated):
+    # ViT-Ti (AugReg) on 8 calibration images, block inputs 0..11, measured:
+    #   before 3.1 3.0 4.3 5.5 4.8 5.2 4.3 4.3 112.6 109.7 106.9 101.9
+    #   after  1.7 1.6 1.6 1.4 1.6 1.7 1.6 2.1 1.5 1.5 1.5 1.5
+    (_, inputs), (_, rotated_inputs) = real_rotated
+    before = [peak_ratio(t) for t in inputs]
+    after = [peak_ratio(t) for t in rotated_inputs]
+    assert max(before) > 50 and max(after) < 3
+    assert all(a < b for a, b in zip(after, before))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing a rotated model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_the_post_layernorm_fold_stays_exact_on_a_rotated_model(arch):
+    """As test_reparam's checks, on RMSNorm / RotatedLayerNorm: the fold keeps the full-precision
+    and the activation-quantized function (``calibrated`` spreads the norms' per-channel affines)."""
+    model = trained_like(small_vit() if arch == "vit" else small_swin())
+    rotate_model(model)
+    model = calibrated(model)
+    x = images(8, seed=2)
+    fp_before, q_before = logits(model, x, "none"), logits(model, x, "activation")
+    assert (q_before - fp_before).abs().max() > 1e-2  # the activation quantization does matter
+    fold_post_layernorm(model)
+    fp_after, q_after = logits(model, x, "none"), logits(model, x, "activation")
+    scale = q_before.abs().max().item()
+    assert (fp_after - fp_before).abs().max().item() <= 1e-4 * scale
+    assert (q_after - q_before).abs().max().item() <= 1e-4 * scale
+
+
+ARCHITECTURES = {"vit": SMALL_VIT, "swin": SMALL_SWIN}
+
+
+@pytest.mark.parametrize("method", ["isvit", "repq"])
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_rotated_model_quantizes_and_reloads_bit_exactly(tmp_path, arch, method):
+    name, args = ARCHITECTURES[arch]
+    config = isvit.QuantConfig(method=method, w_bits=4, a_bits=4, calib_size=8, rotate=True,
+                               iters=1 if method == "isvit" else None, batch_size=8 if method == "isvit" else None)
+    model = trained_like(small_vit() if arch == "vit" else small_swin())
+    qmodel = isvit.quantize(model, images(8, seed=1), config, progress=False)
+    assert not any(isinstance(m, RMSNorm) for m in model.modules())  # the caller's model is not touched
+    path = tmp_path / "q.safetensors"
+    save_quantized(qmodel, path, model_name=name, config=config, data_config={"input_size": [3, 64, 64]}, model_args=args)
+    rebuilt, info = load_quantized(path)
+    assert info["config"].rotate is True
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in qmodel.modules()]
+    x = images(4, seed=2)
+    with torch.no_grad():
+        got, expected = rebuilt(x), qmodel(x)
+    assert torch.isfinite(expected).all() and torch.equal(got, expected)
+
+
+def test_a_checkpoint_written_before_rotation_existed_still_loads(tmp_path):
+    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=4)
+    qmodel = isvit.quantize(small_vit(), images(4, seed=1), config, progress=False)
+    path = tmp_path / "q.safetensors"
+    save_quantized(qmodel, path, model_name=SMALL_VIT[0], config=config, data_config={"input_size": [3, 64, 64]},
+                   model_args=SMALL_VIT[1])
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    old = json.loads(metadata["config"])
+    del old["rotate"]
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(old)})
+    rebuilt, info = load_quantized(path)
+    assert info["config"].rotate is False
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images(2, seed=2)), qmodel(images(2, seed=2)))
+
+
+def test_exported_rotated_model_computes_what_pytorch_computes(tmp_path):
+    """ONNX carries the rotation: RMSNorm is plain arithmetic; the tolerance of test_export.py."""
+    args = {"depth": 1, "img_size": 64, "num_classes": 10}
+    config = isvit.QuantConfig(method="repq", w_bits=8, a_bits=8, calib_size=16, rotate=True)
+    fp = trained_like(timm.create_model(SMALL_VIT[0], pretrained=False, **args).eval())
+    qmodel = isvit.quantize(fp, images(16, seed=1), config, progress=False)
+    path = tmp_path / "rotated.onnx"
+    export_onnx(qmodel, path, model_name=SMALL_VIT[0], config=config, data_config=isvit.resolve_data_config(fp, input_size=64),
+                model_args=args)
+    assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    onnx_model, info = load_onnx(path, threads=1)
+    assert info["config"].rotate is True
+    x = images(16, seed=3)
+    with torch.no_grad():
+        expected, reference = qmodel(x), fp(x)
+    got = onnx_model(x)
+    assert (got.argmax(1) == expected.argmax(1)).sum() >= 15
+    assert (got - expected).abs().mean() <= 0.5 * (expected - reference).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, command line, refusals
+# ---------------------------------------------------------------------------------------------
+
+def test_config_carries_rotate():
+    assert isvit.QuantConfig().rotate is False
+    for method in isvit.METHODS:
+        assert isvit.QuantConfig(method=method, rotate=True).to_dict()["rotate"] is True
+    with pytest.raises(IsvitError, match="rotate must be True or False"):
+        isvit.QuantConfig(rotate="yes")
+
+
+@pytest.mark.skipif(not VIT_TINY_WEIGHTS.is_file(), reason="../shared is not present")
+@pytest.mark.parametrize("flag, expected", [("--rotate", True), (None, False)])
+def test_cli_rotate_flag_reaches_the_config(monkeypatch, capsys, flag, expected):
+    seen = []
+
+    def stop(model, calib, config, **kwargs):
+        seen.append(config)
+        raise IsvitError("stopped by the test")
+
+    monkeypatch.setattr(cli, "quantize", stop)
+    argv = ["quantize", "--model", "vit_tiny_patch16_224", "--weights", str(VIT_TINY_WEIGHTS), "--calib", str(CALIB_DIR),
+            "--data", str(VAL_DIR), "--method", "repq", "--w-bits", "4", "--a-bits", "4", "--calib-size", "1",
+            "--no-fp", "--quiet", *([flag] if flag else [])]
+    assert cli.main(argv) == 2 and "stopped by the test" in capsys.readouterr().err
+    assert seen[0].rotate is expected
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda m: rotate_model(m), "already rotated"),
+    (lambda m: isvit.quantize(m, images(2, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), inplace=True),
+     "already quantized"),
+    (lambda m: setattr(m, "global_pool", "max"), "average pooling"),
+], ids=["rotated", "quantized", "max-pool"])
+def test_what_rotation_cannot_carry_is_one_sentence(spoil, message):
+    model = small_vit()
+    spoil(model)
+    with pytest.raises(IsvitError, match=message) as error:
+        rotate_model(model)
+    assert "\n" not in str(error.value)
