@@ -105,6 +105,20 @@ def tiny_weights(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def timm_builds(monkeypatch):
+    """Records the ``pretrained`` flag of every timm.create_model call; a download fails the test."""
+    calls, create = [], timm.create_model
+
+    def recording(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        assert not pretrained, "a download was attempted"
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     require_shared()

@@ -17,10 +17,13 @@ fitted to the already-quantized outputs of earlier ones.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,7 +40,7 @@ from .reconstruct import (
     run_unit,
 )
 from .reparam import reparameterize_layernorm
-from .wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
+from .wrap import Placement, Unit, architecture, forward_units, post_layernorm_pairs, wrap_model
 
 METHODS = ("isvit", "repq", "minmax")
 DEFAULT_CALIB_SIZE = {"isvit": 1024, "repq": 32, "minmax": 32}
@@ -275,8 +278,54 @@ def fold_post_layernorm(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods
+# Block reconstruction
 # ---------------------------------------------------------------------------------------------
+
+# Steps timed for the duration estimate, after a unit's first step (which also pays one-time costs:
+# allocations, the optimizer's state).
+ESTIMATE_STEPS = 5
+
+
+class DurationEstimate:
+    """The whole block reconstruction's duration, extrapolated once from its first steps.
+
+    Times steps 1..ESTIMATE_STEPS of the first transformer block trained and calls
+    ``callback(seconds)`` with their mean time multiplied by ``total_steps`` (the units trained in
+    every stage x the iterations per unit). A rough figure: the patch embedding's and the head's
+    steps cost less than a block's, and the forward passes that cache each unit's inputs are not
+    counted. Too few iterations to time (fewer than 2): no estimate.
+    """
+
+    def __init__(self, callback: Callable[[float], None], total_steps: int, iters: int):
+        self.callback = callback
+        self.total_steps = total_steps
+        self.timed_steps = min(ESTIMATE_STEPS, iters - 1)
+        self.done = self.timed_steps < 1
+        self.start = 0.0
+
+    def step_callback(self, unit: Unit) -> Callable[[int], None] | None:
+        """What ``reconstruct_unit`` calls after each step of ``unit``: the timer for the first block, else None."""
+        if self.done or not isinstance(unit.body, (Block, SwinTransformerBlock)):
+            return None
+        return self._step
+
+    def _step(self, step: int) -> None:
+        if step == 0:
+            self.start = time.perf_counter()
+        elif step == self.timed_steps and not self.done:
+            self.done = True
+            self.callback((time.perf_counter() - self.start) / self.timed_steps * self.total_steps)
+
+
+def reconstruction_steps(model: nn.Module, config: QuantConfig) -> int:
+    """Training steps of ``config``'s block reconstruction on a wrapped ``model`` whose weight
+    quantizers are still off (as before stage 1): stage 1 trains the units with an enabled
+    quantizer, stage 3 every unit with a quantizer; each for ``iters`` steps."""
+    units = forward_units(model)
+    stage1 = sum(has_enabled_quantizer(unit) for unit in units) if config.stage1 else 0
+    stage3 = sum(any(isinstance(m, Quantizer) for m in unit.modules()) for unit in units)
+    return (stage1 + stage3) * config.reconstruction()["iters"]
+
 
 @torch.no_grad()
 def reconstruct_blocks(
@@ -290,6 +339,7 @@ def reconstruct_blocks(
     round_weights: bool = False,
     progress: bool = True,
     desc: str = "",
+    estimate: DurationEstimate | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
 
@@ -298,7 +348,8 @@ def reconstruct_blocks(
     A unit whose loss over the first ``settings.check_size`` calibration images ends higher than it
     started is put back as it was (a guard against a learning rate too large for a unit).
     With ``round_weights``, a unit's weights are first rounded by GPTQ on its inputs (the first
-    ``settings.check_size`` images), and training starts from there.
+    ``settings.check_size`` images), and training starts from there. ``estimate`` times the steps
+    it asks for.
     Returns {unit: (loss before, loss after)} on those images.
     """
     cache_device = settings.cache_device or device
@@ -315,7 +366,8 @@ def reconstruct_blocks(
                 gptq_unit(q_unit, inputs[check], device, settings.batch_size)
             before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
-            reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
+            reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}",
+                             on_step=estimate.step_callback(q_unit) if estimate else None)
             after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
             if after > before:
                 q_unit.body.load_state_dict(snapshot)
@@ -353,7 +405,10 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
             correct_bias(model, images)
 
 
-def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool) -> dict:
+def _isvit(
+    model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool,
+    on_estimate: Callable[[float], None] | None = None,
+) -> dict:
     """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
 
     stage 1: activations quantized (post-LayerNorm per channel), weights full precision; every
@@ -373,11 +428,15 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     )
     wrap_model(model, placement_for(config))
     set_quantizers(model, False, "weight")
+    estimate = None
+    if on_estimate is not None:
+        estimate = DurationEstimate(on_estimate, reconstruction_steps(model, config), settings.iters)
     calibrate_activations(model, images[: config.init_size].to(device))
     report = {}
     if config.stage1:
         report["stage1"] = reconstruct_blocks(
-            model, fp_model, images, settings, sequential=False, device=device, progress=progress, desc="stage 1"
+            model, fp_model, images, settings, sequential=False, device=device, progress=progress, desc="stage 1",
+            estimate=estimate,
         )
     if config.reparameterize:
         fold_post_layernorm(model)
@@ -385,7 +444,7 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     calibrate_weights(model)
     report["stage3"] = reconstruct_blocks(
         model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
-        progress=progress, desc="stage 3",
+        progress=progress, desc="stage 3", estimate=estimate,
     )
     if config.resolved_bias_correction:
         correct_bias(model, images[: config.init_size].to(device))
@@ -400,14 +459,18 @@ def quantize(
     device: str | torch.device | None = None,
     inplace: bool = False,
     progress: bool = True,
+    on_estimate: Callable[[float], None] | None = None,
 ) -> nn.Module:
     """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
 
     ``calib``: unlabeled calibration images, a (N, 3, H, W) tensor already preprocessed as the
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
     ``device``: where calibration runs (default: where the model is). The model is copied unless
-    ``inplace``. The model returned is in eval mode.
+    ``inplace``. The model returned is in eval mode. ``on_estimate(seconds)`` (``isvit`` only) is
+    called once, after the first few block-reconstruction steps, with the seconds that the whole
+    reconstruction is expected to take (``DurationEstimate``).
     """
+    architecture(model)  # an architecture isvit cannot wrap is refused before any work
     if not inplace:
         model = copy.deepcopy(model)
     if device is not None:
@@ -417,7 +480,7 @@ def quantize(
     images = collect_calibration(calib, config.resolved_calib_size)
     torch.manual_seed(config.seed)
     if config.method == "isvit":
-        _isvit(model, images, config, device, progress)
+        _isvit(model, images, config, device, progress, on_estimate)
     else:
         _training_free(model, images.to(device), config, progress)
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too

@@ -17,6 +17,7 @@ The calibration set's activations at the current unit are cached whole (on ``cac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +102,10 @@ def reconstruct_unit(
     *,
     progress: bool = True,
     desc: str = "",
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step."""
+    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step.
+    ``on_step(i)`` is called after step i (0-based), e.g. to time the steps."""
     params = unit_parameters(unit)
     groups = [{"params": params, "lr": settings.lr}]
     if settings.learn_scales:
@@ -123,7 +126,7 @@ def reconstruct_unit(
         q.drop_prob = settings.drop_prob
     bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
     try:
-        for _ in bar:
+        for step in bar:
             idx = torch.randint(n, (min(settings.batch_size, n),), generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss = 0.0
@@ -140,6 +143,8 @@ def reconstruct_unit(
             schedule.step()
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4g}")
+            if on_step is not None:
+                on_step(step)
     finally:
         for module, mode in modes:
             module.training = mode
