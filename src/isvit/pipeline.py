@@ -312,7 +312,7 @@ class DurationEstimate:
     def _step(self, step: int) -> None:
         if step == 0:
             self.start = time.perf_counter()
-        elif step == self.timed_steps and not self.done:
+        elif step == self.timed_steps:
             self.done = True
             self.callback((time.perf_counter() - self.start) / self.timed_steps * self.total_steps)
 
