@@ -8,11 +8,15 @@ Real-data fixtures are session-scoped: the model is loaded once and the 200 vali
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VIT_TINY_WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
@@ -53,6 +57,66 @@ def small_vit(seed: int = 0, **overrides) -> torch.nn.Module:
 def small_swin(seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised 2-stage Swin (2 + 2 blocks) on 64x64 images, in eval mode."""
     return _small(SMALL_SWIN, seed, overrides)
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """The process's umask set to ``mask`` for the block (files created inside get 0666 & ~mask)."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Eight random 64x64 PNG images with labels 0..9 (labels.txt): a data or calibration folder."""
+    folder = tmp_path_factory.mktemp("images")
+    generator = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        Image.fromarray(generator.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(f"{i}.png\t{i % 10}")
+    (folder / "labels.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+# timm's own test architectures: tiny, registered under a name (so the CLI can build them) and
+# randomly initialised; weights are written to a file so that no download is ever attempted.
+TINY_VIT = "test_vit"  # a VisionTransformer: 6 blocks of width 64 on 160x160 images, 0.4 M parameters
+TINY_RESNET = "test_resnet"  # a ResNet, which isvit cannot quantize
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """``tiny_weights(name)``: a safetensors file of the randomly initialised timm model ``name``."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+
+    def get(name: str) -> Path:
+        path = folder / f"{name}.safetensors"
+        if not path.exists():
+            torch.manual_seed(0)
+            save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
+        return path
+
+    return get
+
+
+@pytest.fixture
+def timm_builds(monkeypatch):
+    """Records the ``pretrained`` flag of every timm.create_model call; a download fails the test."""
+    calls, create = [], timm.create_model
+
+    def recording(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        assert not pretrained, "a download was attempted"
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    return calls
 
 
 @pytest.fixture(scope="session")

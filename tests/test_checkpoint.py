@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import isvit
 from isvit.checkpoint import (
     CODES_SUFFIX,
     FORMAT,
+    atomic_write,
     float32_size,
     load_quantized,
     pack_codes,
@@ -25,7 +27,7 @@ from isvit.cli import main
 from isvit.errors import IsvitError
 
 from conftest import CALIB_DIR as CALIB
-from conftest import SMALL_SWIN, SMALL_VIT, small_swin, small_vit
+from conftest import SMALL_SWIN, SMALL_VIT, small_swin, small_vit, umask
 from conftest import VAL_DIR as VAL
 from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
@@ -176,6 +178,22 @@ def test_a_failed_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save(model, config, tmp_path / "q.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_creates_files_with_the_umask_permissions(tmp_path, mask, mode):
+    path = tmp_path / "out" / "result.json"
+    with umask(mask):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("{}"))
+    assert path.read_text() == "{}" and path.stat().st_mode & 0o777 == mode
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_a_saved_checkpoint_has_the_umask_permissions(tmp_path):
+    model, config = quantized("vit", "minmax", 4)
+    with umask(0o027):
+        save(model, config, tmp_path / "q.safetensors")
+    assert (tmp_path / "q.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from isvit.checkpoint import load_quantized
 from isvit.cli import main
 
 from conftest import CALIB_DIR as CALIB
+from conftest import TINY_RESNET, TINY_VIT, umask
 from conftest import VAL_DIR as VAL
 from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
@@ -131,3 +132,99 @@ def test_quantize_json_and_saved_model(tmp_path, capsys):
 
     loader = make_loader(ImageFolderDataset(VAL, build_transform(info["data_config"]), limit=16), batch_size=16)
     assert evaluate(model, loader, progress=False)["top1"] == pytest.approx(result["top1"], abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# A first user's path, on timm's tiny test ViT (no ../shared needed)
+# ---------------------------------------------------------------------------------------------
+
+def tiny_quantize_args(tiny_weights, calib, *extra):
+    return ["quantize", "--model", TINY_VIT, "--weights", str(tiny_weights(TINY_VIT)), "--calib", str(calib),
+            "--calib-size", "2", "--device", "cpu", "--quiet", *extra]
+
+
+def test_quantize_without_data_saves_and_writes_json_without_evaluating(tmp_path, capsys, monkeypatch, image_folder,
+                                                                       tiny_weights):
+    import isvit.cli
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated without --data")
+
+    monkeypatch.setattr(isvit.cli, "evaluate", no_evaluation)
+    out, saved = tmp_path / "r.json", tmp_path / "q.safetensors"
+    argv = tiny_quantize_args(tiny_weights, image_folder, "--method", "minmax", "--w-bits", "8", "--a-bits", "8",
+                              "--json", str(out), "--save", str(saved))
+    with umask(0o027):
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "top-1" not in printed and "calibration " in printed and f"saved {saved}: " in printed
+    result = json.loads(out.read_text())
+    assert result["data"] is None and result["calib_images"] == 2 and result["saved"] == str(saved)
+    assert not {"top1", "top5", "images", "fp_top1", "eval_seconds"} & result.keys()
+    # --json and --save files: 0666 less the umask (027), not a temporary file's 0600
+    assert out.stat().st_mode & 0o777 == 0o640 and saved.stat().st_mode & 0o777 == 0o640
+    _, info = load_quantized(saved)
+    assert info["model"] == TINY_VIT and info["config"].method == "minmax"
+
+
+def test_quantize_without_data_or_save_says_nothing_would_be_kept(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["quantize", "--model", TINY_VIT, "--weights", str(tmp_path / "missing.safetensors"), "--calib",
+            str(tmp_path / "missing"), "--method", "repq", "--w-bits", "4", "--a-bits", "4", "--json", str(out)]
+    err = error_of(capsys, argv)  # before anything is read: neither the weights nor the images are looked at
+    assert "nothing would be kept" in err and "--data" in err and "--save" in err
+    assert not out.exists()
+
+
+def test_quantize_limit_without_data_is_refused(tmp_path, capsys):
+    argv = ["quantize", "--model", TINY_VIT, "--calib", str(tmp_path), "--method", "repq", "--w-bits", "4",
+            "--a-bits", "4", "--save", str(tmp_path / "q.safetensors"), "--limit", "8"]
+    assert "--limit needs --data" in error_of(capsys, argv)
+
+
+def test_quantize_refuses_an_unquantizable_model_before_any_download(tmp_path, capsys, timm_builds):
+    argv = ["quantize", "--model", "resnet18", "--calib", str(tmp_path / "none"), "--data", str(tmp_path / "none"),
+            "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--quiet"]
+    err = error_of(capsys, argv)
+    assert "supports timm VisionTransformer (ViT, DeiT) and SwinTransformer models, not ResNet" in err
+    assert timm_builds == [False]  # the architecture alone was built: no download, no image read
+
+
+def test_export_refuses_an_unquantizable_model_before_any_download(tmp_path, capsys, timm_builds):
+    out = tmp_path / "resnet.onnx"
+    err = error_of(capsys, ["export", "--model", "resnet18", "--onnx", str(out)])
+    assert "not ResNet" in err and timm_builds == [False] and not out.exists()
+
+
+def test_eval_takes_a_full_precision_model_of_any_timm_family(tmp_path, capsys, image_folder, tiny_weights):
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", TINY_RESNET, "--weights", str(tiny_weights(TINY_RESNET)), "--data", str(image_folder),
+            "--limit", "4", "--batch-size", "4", "--workers", "0", "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == TINY_RESNET and result["method"] == "fp32" and result["images"] == 4
+
+
+@pytest.mark.parametrize("preset", ["paper", "fast"])
+def test_isvit_paper_preset_on_a_cpu_prints_the_expected_duration_first(tmp_path, capsys, image_folder, tiny_weights,
+                                                                       preset):
+    argv = tiny_quantize_args(tiny_weights, image_folder, "--method", "isvit", "--w-bits", "4", "--a-bits", "4",
+                              "--preset", preset, "--iters", "2", "--recon-batch-size", "2",
+                              "--save", str(tmp_path / "q.safetensors"))
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "preset: about" in line]
+    if preset == "paper":
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("paper preset: about ") and "on this CPU (estimated from the first steps)" in lines[0]
+        assert "--preset fast takes about " in lines[0]
+    else:
+        assert lines == []
+
+
+def test_help_gives_each_presets_cost_on_a_cpu_and_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores" in text and "ViT-Ti W4/A4 about 10 minutes on 2 CPU cores" in text
+    assert text.count("on one GPU not measured") == 2

@@ -24,7 +24,6 @@ import pytest
 import timm
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
 
 import isvit
 from isvit.checkpoint import quantized_layers, save_quantized
@@ -44,7 +43,7 @@ from isvit.pipeline import calibrate_activations, calibrate_weights, quantizers
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
 
-from conftest import VAL_BATCH, VAL_DIR
+from conftest import VAL_BATCH, VAL_DIR, umask
 
 # One block each where one suffices: tracing for ONNX costs seconds per block.
 VIT = ("vit_tiny_patch16_224", {"depth": 1, "img_size": 64, "num_classes": 10})
@@ -344,19 +343,6 @@ def test_full_precision_model_exports_without_quantizers(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Eight random 64x64 PNG images with labels 0..9."""
-    folder = tmp_path_factory.mktemp("images")
-    generator = np.random.default_rng(0)
-    lines = []
-    for i in range(8):
-        Image.fromarray(generator.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        lines.append(f"{i}.png\t{i % 10}")
-    (folder / "labels.txt").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def saved_vit(tmp_path_factory):
     """A small W4/A4 repq ViT saved as an integer checkpoint with its preprocessing."""
     model, config = quantized("vit", "repq", 4)
@@ -370,7 +356,7 @@ def cli_exported(saved_vit, tmp_path_factory):
     """``isvit export`` of the saved model into a folder that does not exist yet: (path, what it printed)."""
     path = tmp_path_factory.mktemp("cli") / "sub" / "vit_w4a4.onnx"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), umask(0o027):
         assert main(["export", "--quantized", str(saved_vit), "--onnx", str(path), "--threads", "1"]) == 0
     return path, printed.getvalue()
 
@@ -379,6 +365,12 @@ def test_cli_export_prints_size_and_quantizers(cli_exported):
     path, printed = cli_exported
     assert path.is_file() and printed.startswith(f"exported {path}: ")
     assert "6 weight" in printed and "1 log2sqrt2" in printed and "8 uniform" in printed
+
+
+def test_cli_export_file_has_the_umask_permissions(cli_exported):
+    path, _ = cli_exported
+    assert path.stat().st_mode & 0o777 == 0o640  # 0666 less the umask 027, not a temporary file's 0600
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_cli_export_then_eval_onnx(cli_exported, saved_vit, image_folder, tmp_path, capsys):

@@ -7,6 +7,8 @@ import torch
 
 import isvit
 from isvit.pipeline import (
+    ESTIMATE_STEPS,
+    DurationEstimate,
     QuantConfig,
     calibrate_activations,
     calibrate_weights,
@@ -14,6 +16,7 @@ from isvit.pipeline import (
     placement_for,
     quantizers,
     reconstruct_blocks,
+    reconstruction_steps,
     set_quantizers,
 )
 from isvit.quantizers import UniformQuantizer
@@ -301,3 +304,44 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
         h.remove()
     assert set(seen["input"]) == {0.5} and set(seen["weight"]) == {0.0}  # weights are never dropped
     assert all(q.drop_prob == 0.0 for _, q in quantizers(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# The duration estimate
+# ---------------------------------------------------------------------------------------------
+
+def test_duration_estimate_times_the_steps_after_the_first_and_reports_once():
+    reported = []
+    estimate = DurationEstimate(reported.append, total_steps=1000, iters=100)
+    block = forward_units(small_vit())[1]
+    assert estimate.step_callback(forward_units(small_vit())[0]) is None  # the patch embedding is not timed
+    step = estimate.step_callback(block)
+    for i in range(2 * ESTIMATE_STEPS):
+        step(i)
+    assert len(reported) == 1 and reported[0] > 0
+    assert estimate.step_callback(block) is None  # done: later units are not timed
+
+
+def test_duration_estimate_needs_two_steps():
+    reported = []
+    estimate = DurationEstimate(reported.append, total_steps=10, iters=1)
+    assert estimate.step_callback(forward_units(small_vit())[1]) is None and reported == []
+
+
+def test_reconstruction_steps_count_the_units_of_each_stage():
+    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=7)
+    model = wrap_model(small_vit(), placement_for(config))
+    set_quantizers(model, False, "weight")
+    # stage 1: the two blocks and the head (the patch embedding has a weight quantizer only); stage 3: all four
+    assert reconstruction_steps(model, config) == (3 + 4) * 7
+    assert reconstruction_steps(model, QuantConfig(method="isvit", stage1=False, iters=7)) == 4 * 7
+
+
+def test_quantize_isvit_reports_the_estimate_once_and_other_methods_never():
+    reported = []
+    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, calib_size=4, iters=3, batch_size=2)
+    isvit.quantize(small_vit(), images(4), config, progress=False, on_estimate=reported.append)
+    assert len(reported) == 1 and reported[0] > 0
+    isvit.quantize(small_vit(), images(4), QuantConfig(method="repq", calib_size=4), progress=False,
+                   on_estimate=reported.append)
+    assert len(reported) == 1

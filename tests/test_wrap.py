@@ -285,6 +285,9 @@ def test_unsupported_model_is_refused():
     with pytest.raises(isvit.IsvitError):
         isvit.quantize(resnet, images(2, 32), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
     assert not any(isinstance(m, Quantizer) for m in resnet.modules())
+    # before any other work: the (empty) calibration data is not even looked at
+    with pytest.raises(isvit.IsvitError, match="not ResNet"):
+        isvit.quantize(resnet, [], isvit.QuantConfig(method="isvit"), progress=False)
 
 
 def test_wrapping_twice_is_refused():

@@ -3,7 +3,7 @@
     isvit eval --model NAME [--weights PATH] --data DIR [--limit N] [--batch-size B] [--device D] [--json OUT]
     isvit eval --quantized FILE --data DIR [--limit N] ...      (a model saved by quantize --save)
     isvit eval --onnx FILE --data DIR [--limit N] ...           (a model exported by isvit export, run by onnxruntime)
-    isvit quantize --model NAME [--weights PATH] --calib DIR --data DIR --method {isvit,repq,minmax}
+    isvit quantize --model NAME [--weights PATH] --calib DIR [--data DIR] --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
                    [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
     isvit export --quantized FILE --onnx OUT      (or --model NAME [--weights PATH]: full precision)
@@ -11,7 +11,8 @@
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
 the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
 alone; ``export`` writes it as an ONNX model in QDQ form (``export.py``) that ``eval --onnx`` runs
-with onnxruntime. Bad input ends the program with one sentence on stderr and exit status 2.
+with onnxruntime. ``quantize`` without ``--data`` quantizes and saves without evaluating. Bad input
+ends the program with one sentence on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import timm
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
@@ -62,11 +65,20 @@ def _floats3(text: str) -> tuple[float, float, float]:
 
 
 MODEL_HELP = "timm architecture name, e.g. vit_tiny_patch16_224"
+DATA_HELP = "evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG"
+# What each preset costs, for --help: measured on the shared ViT-Ti (benchmarks/isvit_accuracy.py,
+# benchmarks/recon_speed.py; docs/methods.md). No GPU run has been timed yet.
+PRESET_HELP = (
+    "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
+    "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
+    "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32; ViT-Ti W4/A4 about 10 "
+    "minutes on 2 CPU cores (618 s of calibration measured), on one GPU not measured"
+)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_required: bool = True) -> None:
     p.add_argument("--weights", help="safetensors or PyTorch state dict; default: timm's pretrained download")
-    p.add_argument("--data", required=True, help="evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG")
+    p.add_argument("--data", required=data_required, help=data_help)
     p.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default 64)")
     p.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 2)")
@@ -98,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev)
 
     qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
-    qu.add_argument("--model", required=True, help=MODEL_HELP)
-    _add_common(qu)
+    qu.add_argument("--model", required=True, help=MODEL_HELP + " of a supported family (ViT, DeiT, Swin)")
+    _add_common(qu, data_help=DATA_HELP + "; without it the model is quantized (and saved with --save) but not evaluated",
+                data_required=False)
     qu.add_argument("--calib", required=True, help="calibration images (labels not needed; flat folders work)")
     qu.add_argument("--method", required=True, choices=METHODS)
     qu.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
@@ -119,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "first (exact in full precision, nothing added at inference; default: off)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
     sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
-    sos.add_argument("--preset", choices=PRESETS, default="paper",
-                     help="paper: Adam 4e-5, batch 64, 1000 iters/block at <=4 bits, 200 above; fast: minutes on a CPU")
+    sos.add_argument("--preset", choices=PRESETS, default="paper", help=PRESET_HELP)
     sos.add_argument("--recon-batch-size", type=_positive_int, help="reconstruction batch size (default: the preset's)")
     sos.add_argument("--lr", type=float, help="reconstruction learning rate (default: the preset's)")
     sos.add_argument("--learn-scales", action=argparse.BooleanOptionalAction, default=None,
@@ -154,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a quantized model (or a full-precision one) as an ONNX model in QDQ form")
     source = ex.add_mutually_exclusive_group(required=True)
     source.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save'")
-    source.add_argument("--model", help=MODEL_HELP + " (exported in full precision)")
+    source.add_argument("--model", help=MODEL_HELP + " of a supported family (exported in full precision)")
     ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict; default: timm's pretrained download")
     ex.add_argument("--onnx", metavar="OUT", required=True, help="the ONNX file to write")
     ex.add_argument("--threads", type=_positive_int, help="CPU threads for torch while tracing (default: torch's choice)")
@@ -217,16 +229,25 @@ def _eval_loader(args, transform):
     return make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
 
 
-def _prepare(args):
+def _prepare(args, quantizable: bool = False):
+    """Device, model, preprocessing, transform and the evaluation loader (None without --data)."""
     device = _setup_device(args)
-    model = create_model(args.model, args.weights, device=device)
+    model = create_model(args.model, args.weights, device=device, quantizable=quantizable)
     data_config = _preprocessing(args, model)
     transform = build_transform(data_config)
-    return device, model, data_config, transform, _eval_loader(args, transform)
+    return device, model, data_config, transform, _eval_loader(args, transform) if args.data else None
 
 
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} seconds"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
 
 
 def run_eval(args) -> dict:
@@ -300,7 +321,7 @@ def run_export(args) -> dict:
         model, info = load_quantized(args.quantized)
         name, config, data_config, model_args = info["model"], info["config"], info["data_config"], info["model_args"]
     else:
-        model = create_model(args.model, args.weights)
+        model = create_model(args.model, args.weights, quantizable=True)
         name, config, data_config, model_args = args.model, None, resolve_data_config(model), {}
     counts = export_onnx(model, args.onnx, model_name=name, config=config, data_config=data_config, model_args=model_args)
     size = Path(args.onnx).stat().st_size
@@ -317,6 +338,22 @@ def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
     return {"saved": args.save, "saved_bytes": size, "fp32_bytes": fp32}
 
 
+def _estimate_printer(config: QuantConfig, device: torch.device) -> Callable[[float], None] | None:
+    """For I&S-ViT's paper preset on a CPU (hours of work): a callback that prints the estimated
+    duration of the block reconstruction once, and what the fast preset would take instead (the
+    same estimate scaled by its iterations x batch size)."""
+    if config.method != "isvit" or config.preset != "paper" or device.type != "cpu":
+        return None
+    paper, fast = config.reconstruction(), replace(config, preset="fast").reconstruction()
+    fast_share = fast["iters"] * fast["batch_size"] / (paper["iters"] * paper["batch_size"])
+
+    def report(seconds: float) -> None:
+        tqdm.write(f"paper preset: about {_duration(seconds)} on this CPU (estimated from the first steps); "
+                   f"--preset fast takes about {_duration(seconds * fast_share)}", file=sys.stderr)
+
+    return report
+
+
 def run_quantize(args) -> dict:
     config = QuantConfig(
         method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.calib_size,
@@ -330,28 +367,34 @@ def run_quantize(args) -> dict:
         cache_dtype=args.cache_dtype,
         cache_device=args.cache_device,
     )
-    device, model, data_config, transform, loader = _prepare(args)
+    if not args.data and not args.save:
+        raise IsvitError("nothing would be kept: give --data to evaluate the quantized model, --save to write it, or both")
+    if args.limit and not args.data:
+        raise IsvitError("--limit needs --data: without it the quantized model is not evaluated")
+    device, model, data_config, transform, loader = _prepare(args, quantizable=True)
     rows, result = [], {"model": args.model, "data": args.data, "calib": args.calib, "data_config": data_config}
-    if not args.no_fp:
+    if loader is not None and not args.no_fp:
         fp = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
         result.update(fp_top1=fp["top1"], fp_top5=fp["top5"])
         rows.append({"name": args.model, "method": "fp32", "wa": "32/32", **fp})
 
     start = time.perf_counter()
     calib = load_calibration_images(args.calib, transform, config.resolved_calib_size, seed=config.seed, progress=not args.quiet)
-    qmodel = quantize(model, calib, config, device=device, progress=not args.quiet)
+    qmodel = quantize(model, calib, config, device=device, progress=not args.quiet,
+                      on_estimate=_estimate_printer(config, device))
     calib_seconds = time.perf_counter() - start
-    metrics = evaluate(qmodel, loader, device=device, progress=not args.quiet, desc=f"W{config.w_bits}/A{config.a_bits}")
-    rows.append({"name": args.model, "method": config.method, "wa": f"{config.w_bits}/{config.a_bits}", **metrics})
-
-    result.update(
-        top1=metrics["top1"], top5=metrics["top5"], images=metrics["images"],
-        **config.to_dict(), calib_images=int(calib.shape[0]),
-        calib_seconds=calib_seconds, eval_seconds=metrics["eval_seconds"],
-        peak_rss_mb=_peak_rss_mb(), device=str(device), **_environment(),
-    )
-    _print_table(rows)
-    print(f"calibration {calib_seconds:.1f} s, eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
+    result.update(**config.to_dict(), calib_images=int(calib.shape[0]), calib_seconds=calib_seconds)
+    timings = f"calibration {calib_seconds:.1f} s"
+    if loader is not None:
+        metrics = evaluate(qmodel, loader, device=device, progress=not args.quiet, desc=f"W{config.w_bits}/A{config.a_bits}")
+        rows.append({"name": args.model, "method": config.method, "wa": f"{config.w_bits}/{config.a_bits}", **metrics})
+        result.update(top1=metrics["top1"], top5=metrics["top5"], images=metrics["images"],
+                      eval_seconds=metrics["eval_seconds"])
+        timings += f", eval {metrics['eval_seconds']:.1f} s"
+    result.update(peak_rss_mb=_peak_rss_mb(), device=str(device), **_environment())
+    if rows:
+        _print_table(rows)
+    print(f"{timings}, peak memory {result['peak_rss_mb']:.0f} MB")
     if args.save:
         result.update(_save_with_sizes(args, qmodel, model, config, data_config))
     _write_json(args.json, result)

@@ -10,7 +10,7 @@ With ``QuantConfig(gptq=True)`` (``--gptq``) isvit uses it as the starting point
 unit's weights are rounded by GPTQ on the unit's quantized inputs, then block reconstruction trains
 them further. Without training, at 3 bits it takes ViT-Ti's weight-only error from a KL divergence
 of 4.4 to 1.6 to the full-precision model (held-out calibration images); whether it helps after
-training is being measured (README), so it is off by default.
+training is being measured (docs/results.md), so it is off by default.
 """
 
 from __future__ import annotations

@@ -9,13 +9,25 @@ import torch
 from torch import nn
 
 from .errors import IsvitError
+from .wrap import architecture
 
 
-def create_model(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def create_model(
+    name: str, weights: str | Path | None = None, device: str | torch.device = "cpu", *, quantizable: bool = False
+) -> nn.Module:
     """A timm model in eval mode: weights from ``weights`` (safetensors or a PyTorch state dict,
-    loaded strictly) or, without a path, timm's pretrained download."""
+    loaded strictly) or, without a path, timm's pretrained download.
+
+    With ``quantizable``, an architecture that isvit cannot quantize (``wrap.architecture``) is
+    refused before any weights are read or downloaded: the architecture is built first, with random
+    weights (for a download, that costs one extra build of the model).
+    """
     if not timm.is_model(name):
         raise IsvitError(f"unknown model {name!r}: give a timm architecture name such as vit_tiny_patch16_224")
+    if quantizable or weights is not None:
+        model = timm.create_model(name, pretrained=False)
+        if quantizable:
+            architecture(model)
     if weights is None:
         try:
             model = timm.create_model(name, pretrained=True)
@@ -24,7 +36,6 @@ def create_model(name: str, weights: str | Path | None = None, device: str | tor
                 f"could not download pretrained weights for {name} ({type(exc).__name__}): pass --weights PATH"
             ) from exc
     else:
-        model = timm.create_model(name, pretrained=False)
         load_weights(model, weights)
     return model.to(device).eval()
 

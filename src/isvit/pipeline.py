@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,7 +51,7 @@ from .reconstruct import (
 )
 from .reparam import reparameterize_layernorm
 from .rotate import rotate_model
-from .wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
+from .wrap import Placement, Unit, architecture, forward_units, post_layernorm_pairs, wrap_model
 
 METHODS = ("isvit", "repq", "minmax")
 DEFAULT_CALIB_SIZE = {"isvit": 1024, "repq": 32, "minmax": 32}
@@ -319,8 +322,54 @@ def fold_post_layernorm(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods
+# Block reconstruction
 # ---------------------------------------------------------------------------------------------
+
+# Steps timed for the duration estimate, after a unit's first step (which also pays one-time costs:
+# allocations, the optimizer's state).
+ESTIMATE_STEPS = 5
+
+
+class DurationEstimate:
+    """The whole block reconstruction's duration, extrapolated once from its first steps.
+
+    Times steps 1..ESTIMATE_STEPS of the first transformer block trained and calls
+    ``callback(seconds)`` with their mean time multiplied by ``total_steps`` (the units trained in
+    every stage x the iterations per unit). A rough figure: the patch embedding's and the head's
+    steps cost less than a block's, and the forward passes that cache each unit's inputs are not
+    counted. Too few iterations to time (fewer than 2): no estimate.
+    """
+
+    def __init__(self, callback: Callable[[float], None], total_steps: int, iters: int):
+        self.callback = callback
+        self.total_steps = total_steps
+        self.timed_steps = min(ESTIMATE_STEPS, iters - 1)
+        self.done = self.timed_steps < 1
+        self.start = 0.0
+
+    def step_callback(self, unit: Unit) -> Callable[[int], None] | None:
+        """What ``reconstruct_unit`` calls after each step of ``unit``: the timer for the first block, else None."""
+        if self.done or not isinstance(unit.body, (Block, SwinTransformerBlock)):
+            return None
+        return self._step
+
+    def _step(self, step: int) -> None:
+        if step == 0:
+            self.start = time.perf_counter()
+        elif step == self.timed_steps:
+            self.done = True
+            self.callback((time.perf_counter() - self.start) / self.timed_steps * self.total_steps)
+
+
+def reconstruction_steps(model: nn.Module, config: QuantConfig) -> int:
+    """Training steps of ``config``'s block reconstruction on a wrapped ``model`` whose weight
+    quantizers are still off (as before stage 1): stage 1 trains the units with an enabled
+    quantizer, stage 3 every unit with a quantizer; each for ``iters`` steps."""
+    units = forward_units(model)
+    stage1 = sum(has_enabled_quantizer(unit) for unit in units) if config.stage1 else 0
+    stage3 = sum(any(isinstance(m, Quantizer) for m in unit.modules()) for unit in units)
+    return (stage1 + stage3) * config.reconstruction()["iters"]
+
 
 @torch.no_grad()
 def reconstruct_blocks(
@@ -335,6 +384,7 @@ def reconstruct_blocks(
     importance: list[torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "",
+    estimate: DurationEstimate | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
 
@@ -344,7 +394,8 @@ def reconstruct_blocks(
     started is put back as it was (a guard against a learning rate too large for a unit).
     With ``round_weights``, a unit's weights are first rounded by GPTQ on its inputs (the first
     ``settings.check_size`` images), and training starts from there. ``importance``: one output
-    importance map per unit (``output_importance``), for the "fisher" loss.
+    importance map per unit (``output_importance``), for the "fisher" loss. ``estimate`` times the
+    steps it asks for.
     Returns {unit: (loss before, loss after)} on those images.
     """
     cache_device = settings.cache_device or device
@@ -364,7 +415,7 @@ def reconstruct_blocks(
                                          weight)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
             reconstruct_unit(q_unit, inputs, y_fp, settings, device, importance=weight, progress=progress,
-                             desc=f"{desc} {q_unit.name}")
+                             desc=f"{desc} {q_unit.name}", on_step=estimate.step_callback(q_unit) if estimate else None)
             after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss,
                                         weight)
             if after > before:
@@ -403,7 +454,10 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
             correct_bias(model, images)
 
 
-def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool) -> dict:
+def _isvit(
+    model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool,
+    on_estimate: Callable[[float], None] | None = None,
+) -> dict:
     """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
 
     stage 1: activations quantized (post-LayerNorm per channel), weights full precision; every
@@ -426,13 +480,16 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
         importance = output_importance(forward_units(fp_model), images, device, settings.batch_size, config.seed)
     wrap_model(model, placement_for(config))
     set_quantizers(model, False, "weight")
+    estimate = None
+    if on_estimate is not None:
+        estimate = DurationEstimate(on_estimate, reconstruction_steps(model, config), settings.iters)
     calibrate_activations(model, images[: config.init_size].to(device))
     report = {}
     if config.stage1:
         stage1 = dataclasses.replace(settings, rounding="ste")  # no weight is quantized yet
         report["stage1"] = reconstruct_blocks(
             model, fp_model, images, stage1, sequential=False, device=device, importance=importance,
-            progress=progress, desc="stage 1",
+            progress=progress, desc="stage 1", estimate=estimate,
         )
     if config.reparameterize:
         fold_post_layernorm(model)
@@ -440,7 +497,7 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     calibrate_weights(model)
     report["stage3"] = reconstruct_blocks(
         model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
-        importance=importance, progress=progress, desc="stage 3",
+        importance=importance, progress=progress, desc="stage 3", estimate=estimate,
     )
     if config.resolved_bias_correction:
         correct_bias(model, images[: config.init_size].to(device))
@@ -455,6 +512,7 @@ def quantize(
     device: str | torch.device | None = None,
     inplace: bool = False,
     progress: bool = True,
+    on_estimate: Callable[[float], None] | None = None,
 ) -> nn.Module:
     """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
 
@@ -462,8 +520,11 @@ def quantize(
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
     ``device``: where calibration runs (default: where the model is). The model is copied unless
     ``inplace``. With ``config.rotate`` it is rotated first (``rotate.rotate_model``). The model
-    returned is in eval mode.
+    returned is in eval mode. ``on_estimate(seconds)`` (``isvit`` only) is called once, after the
+    first few block-reconstruction steps, with the seconds that the whole reconstruction is expected
+    to take (``DurationEstimate``).
     """
+    architecture(model)  # an architecture isvit cannot wrap is refused before any work
     if not inplace:
         model = copy.deepcopy(model)
     if device is not None:
@@ -475,7 +536,7 @@ def quantize(
         rotate_model(model, seed=config.seed)
     torch.manual_seed(config.seed)
     if config.method == "isvit":
-        _isvit(model, images, config, device, progress)
+        _isvit(model, images, config, device, progress, on_estimate)
     else:
         _training_free(model, images.to(device), config, progress)
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too

@@ -38,6 +38,7 @@ The calibration set's activations at the current unit are cached whole (on ``cac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -187,9 +188,11 @@ def reconstruct_unit(
     importance: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "",
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step.
-    ``importance``: the unit's output importance, for the "fisher" loss."""
+    ``importance``: the unit's output importance, for the "fisher" loss. ``on_step(i)`` is called
+    after step i (0-based), e.g. to time the steps."""
     rounded = rounded_layers(unit) if settings.rounding != "ste" else []
     fixed = {id(m.weight) for m in rounded}  # their rounding is learnt instead
     groups = [{"params": [p for p in unit_parameters(unit) if id(p) not in fixed], "lr": settings.lr}]
@@ -240,6 +243,8 @@ def reconstruct_unit(
             schedule.step()
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4g}")
+            if on_step is not None:
+                on_step(step)
     finally:
         for module, mode in modes:
             module.training = mode

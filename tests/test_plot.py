@@ -1,0 +1,60 @@
+"""benchmarks/plot.py: the results picture, drawn from the benchmarks' JSON, read defensively."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def plot(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("plot")
+
+
+def cli_result(method, bits, top1, **extra):
+    return {"method": method, "w_bits": bits, "a_bits": bits, "top1": top1, **extra}
+
+
+def test_reads_full_precision_and_the_default_minmax_and_repq(tmp_path, plot):
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps([
+        cli_result("fp32", 32, 82.6),
+        cli_result("repq", 4, 30.0, bias_correction=False),  # the published variant: not the default
+        cli_result("repq", 4, 38.9, bias_correction=True),
+        cli_result("minmax", 6, 78.2),  # no bias_correction key: an older file, taken as the default
+        {"method": "repq", "w_bits": 4, "a_bits": 8, "top1": 50.0},  # W != A: not on a bit-width axis
+        {"method": "repq", "w_bits": 3},  # no top-1
+        "not a result",
+    ]))
+    fp_top1, series = plot.read_accuracy(path)
+    assert fp_top1 == 82.6 and series == {"repq": {4: 38.9}, "minmax": {6: 78.2}}
+
+
+def test_reads_the_plain_settings_of_each_isvit_preset(tmp_path, plot):
+    path = tmp_path / "isvit_accuracy.json"
+    path.write_text(json.dumps({
+        "fast/w4a4": cli_result("isvit", 4, 73.1, preset="fast"),
+        "fast/w4a4-no-stage1": cli_result("isvit", 4, 64.9, preset="fast"),  # an ablation
+        "paper/w6a6": cli_result("isvit", 6, 82.0),  # preset from the key
+        "fast/w3a3": {"w_bits": 3, "a_bits": 3},  # no top-1
+        "odd": [],
+    }))
+    assert plot.read_isvit(path) == {"isvit (fast preset)": {4: 73.1}, "isvit (paper preset)": {6: 82.0}}
+
+
+def test_the_results_files_give_every_line_of_the_picture(plot):
+    fp_top1, series = plot.read_accuracy(ROOT / "results" / "accuracy.json")
+    series.update(plot.read_isvit(ROOT / "results" / "isvit_accuracy.json"))
+    assert round(fp_top1, 2) == 82.62
+    assert {"minmax", "repq"} <= series.keys() and {4, 6} <= series["repq"].keys()
+    assert any(label.startswith("isvit") and {3, 4, 6} <= points.keys() for label, points in series.items())
+
+
+def test_draws_a_png(tmp_path, plot):  # matplotlib: in the test extra, as in the plot extra
+    out = tmp_path / "docs" / "results.png"
+    plot.draw({"repq": {4: 38.9, 6: 80.6}, "isvit (fast preset)": {3: 8.1, 4: 73.1, 6: 81.7}}, 82.6, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
