@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import IsvitError
+from .files import atomic_write
 from .modules import QuantConv2d, QuantLinear
 from .pipeline import QuantConfig, placement_for, quantizers
 from .quantizers import check_bits
@@ -47,21 +46,6 @@ from .wrap import wrap_model
 
 FORMAT = "isvit-int-v1"
 CODES_SUFFIX = ".weight_codes"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path``: no half-written file on error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
