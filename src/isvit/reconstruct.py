@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import Shard, local_part, sum_gradients
 from .quantizers import Quantizer, UniformQuantizer, named_quantizers
 from .wrap import Unit
 
@@ -101,8 +102,15 @@ def reconstruct_unit(
     *,
     progress: bool = True,
     desc: str = "",
+    shard: Shard | None = None,
 ) -> list[float]:
-    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step."""
+    """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step.
+
+    ``shard``: in a process group, ``inputs`` and ``targets`` are this rank's shard of all
+    ``shard.total`` items. Every rank draws the same batch of indices into all of them, trains on
+    the part of it that it holds, and the gradients are summed over the ranks before each step: the
+    update of one process taking the whole batch, identical on every rank.
+    """
     params = unit_parameters(unit)
     groups = [{"params": params, "lr": settings.lr}]
     if settings.learn_scales:
@@ -112,7 +120,7 @@ def reconstruct_unit(
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
-    n = inputs.shape[0]
+    n = inputs.shape[0] if shard is None else shard.total
     losses = []
     # Dropout/drop-path off: reconstruction matches the eval-mode function. Each module's own mode
     # is put back afterwards (the Unit wrapper is a fresh module, always in training mode).
@@ -129,13 +137,14 @@ def reconstruct_unit(
             loss = 0.0
             # The same gradient as one pass over the batch, in chunks: on CPU two passes of 32
             # images are faster than one of 64 (the attention maps stay in cache).
-            for chunk in idx.split(settings.micro_batch):
+            for chunk in local_part(idx, shard).split(settings.micro_batch):
                 x = inputs[chunk].to(device, torch.float32)
                 y = targets[chunk].to(device, torch.float32)
                 with torch.enable_grad():
                     part = token_errors(unit(x), y, settings.loss).mean() * (len(chunk) / len(idx))
                     part.backward()
                 loss += part.item()
+            loss = sum_gradients(optimizer, loss)  # process group: gradients and loss summed over the ranks
             optimizer.step()
             schedule.step()
             losses.append(loss)
