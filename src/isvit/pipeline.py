@@ -17,13 +17,17 @@ fitted to the already-quantized outputs of earlier ones.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
+from .distributed import broadcast_state
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
@@ -37,6 +41,7 @@ from .reconstruct import (
     run_unit,
 )
 from .reparam import reparameterize_layernorm
+from .resume import ResumeState, run_identity
 from .wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
 
 METHODS = ("isvit", "repq", "minmax")
@@ -290,6 +295,7 @@ def reconstruct_blocks(
     round_weights: bool = False,
     progress: bool = True,
     desc: str = "",
+    run: ResumeState | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
 
@@ -300,38 +306,63 @@ def reconstruct_blocks(
     With ``round_weights``, a unit's weights are first rounded by GPTQ on its inputs (the first
     ``settings.check_size`` images), and training starts from there.
     Returns {unit: (loss before, loss after)} on those images.
+
+    In a process group each rank caches only its shard of the images' activations (``shard``); the
+    check losses are averaged over the ranks, so every rank decides alike, and every finished unit
+    is broadcast from rank 0. With ``run``, each finished unit (and the whole stage, named ``desc``)
+    is saved, and the units it already finished are not trained again (their inputs are recomputed).
     """
+    run = run or ResumeState()
+    if run.done(desc):
+        return run.result(desc)
     cache_device = settings.cache_device or device
     q_units, fp_units = forward_units(qmodel), forward_units(fp_model)
-    x_fp = images.to(cache_device, settings.cache_dtype)
+    shard = distributed.split(images.shape[0])
+    x_fp = images[shard.slice].to(cache_device, settings.cache_dtype)
     x_q = x_fp if sequential else None
     report = {}
     for q_unit, fp_unit in zip(q_units, fp_units):
         y_fp = run_unit(fp_unit, x_fp, device, settings.batch_size, settings.cache_dtype, cache_device)
-        if has_enabled_quantizer(q_unit) and settings.iters > 0:
+        step = f"{desc} {q_unit.name}"
+        if run.done(step):
+            report[q_unit.name] = run.result(step)
+        elif has_enabled_quantizer(q_unit) and settings.iters > 0:
             inputs = x_q if sequential else x_fp
-            check = slice(0, settings.check_size)
+            check = shard.head(settings.check_size)
             if round_weights:
                 gptq_unit(q_unit, inputs[check], device, settings.batch_size)
-            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
+                broadcast_state(q_unit)
+            before = _check_loss(q_unit, inputs[check], y_fp[check], device, settings)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
-            reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
-            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
+            reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=step, shard=shard)
+            after = _check_loss(q_unit, inputs[check], y_fp[check], device, settings)
             if after > before:
                 q_unit.body.load_state_dict(snapshot)
             report[q_unit.name] = (before, min(before, after))
+            broadcast_state(q_unit)
+            run.finish(step, qmodel, report[q_unit.name])
         if sequential:
             x_q = run_unit(q_unit, x_q, device, settings.batch_size, settings.cache_dtype, cache_device)
         x_fp = y_fp
+    run.finish(desc, qmodel, report)
     return report
+
+
+def _check_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, settings) -> float:
+    """The reconstruction loss on the check images, every rank's part of them together."""
+    local = reconstruction_loss(unit, inputs, targets, device, settings.batch_size, settings.loss) if len(inputs) else 0.0
+    return distributed.mean_over_ranks(local, len(inputs))
 
 
 # ---------------------------------------------------------------------------------------------
 # Methods
 # ---------------------------------------------------------------------------------------------
 
-def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, progress: bool) -> None:
-    """minmax / repq: wrap, calibrate (and fold + re-calibrate for repq), correct biases."""
+def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, progress: bool, run: ResumeState) -> None:
+    """minmax / repq: wrap, calibrate (and fold + re-calibrate for repq), correct biases.
+
+    Every rank of a process group runs every step on all the images; rank 0's result is broadcast.
+    """
     steps = ["wrap", "calibrate"]
     if config.method == "repq":
         steps += ["reparameterise", "re-calibrate"]
@@ -342,6 +373,9 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
         bar.set_postfix_str(step)
         if step == "wrap":
             wrap_model(model, placement_for(config))
+            run.restore(model)
+        elif run.done(step):
+            continue
         elif step == "calibrate":
             calibrate_weights(model)
             calibrate_activations(model, images)
@@ -351,9 +385,14 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
             calibrate_weights(model, only_uncalibrated=True)
         elif step == "correct bias":
             correct_bias(model, images)
+        if step != "wrap":
+            run.finish(step, model)
+    broadcast_state(model)
 
 
-def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool) -> dict:
+def _isvit(
+    model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool, run: ResumeState
+) -> dict:
     """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
 
     stage 1: activations quantized (post-LayerNorm per channel), weights full precision; every
@@ -361,6 +400,10 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
     stage 2: the per-channel post-LayerNorm grids folded into LayerNorm + Linear (exact);
     stage 3: weights quantized per output channel; units trained again in sequence, on the
              quantized model's own inputs, towards the full-precision outputs.
+
+    In a process group every rank initialises the quantizers on the same images and rank 0's values
+    are broadcast; the reconstruction shares each batch over the ranks (``reconstruct_blocks``).
+    ``run`` saves the state after each finished step and skips the steps it already finished.
     """
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
@@ -372,23 +415,33 @@ def _isvit(model: nn.Module, images: torch.Tensor, config: QuantConfig, device: 
         seed=config.seed,
     )
     wrap_model(model, placement_for(config))
+    run.restore(model)
     set_quantizers(model, False, "weight")
-    calibrate_activations(model, images[: config.init_size].to(device))
+    if not run.done("calibrate activations"):
+        calibrate_activations(model, images[: config.init_size].to(device))
+        broadcast_state(model)
+        run.finish("calibrate activations", model)
     report = {}
     if config.stage1:
         report["stage1"] = reconstruct_blocks(
-            model, fp_model, images, settings, sequential=False, device=device, progress=progress, desc="stage 1"
+            model, fp_model, images, settings, sequential=False, device=device, progress=progress, desc="stage 1",
+            run=run,
         )
-    if config.reparameterize:
-        fold_post_layernorm(model)
     set_quantizers(model, True, "weight")
-    calibrate_weights(model)
+    if not run.done("fold and calibrate weights"):
+        if config.reparameterize:
+            fold_post_layernorm(model)
+        calibrate_weights(model)
+        broadcast_state(model)
+        run.finish("fold and calibrate weights", model)
     report["stage3"] = reconstruct_blocks(
         model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
-        progress=progress, desc="stage 3",
+        progress=progress, desc="stage 3", run=run,
     )
-    if config.resolved_bias_correction:
+    if config.resolved_bias_correction and not run.done("bias correction"):
         correct_bias(model, images[: config.init_size].to(device))
+        broadcast_state(model)
+        run.finish("bias correction", model)
     return report
 
 
@@ -400,6 +453,7 @@ def quantize(
     device: str | torch.device | None = None,
     inplace: bool = False,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
 ) -> nn.Module:
     """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
 
@@ -407,6 +461,15 @@ def quantize(
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
     ``device``: where calibration runs (default: where the model is). The model is copied unless
     ``inplace``. The model returned is in eval mode.
+
+    ``resume_dir``: a folder where the state after each finished step is saved (``resume.py``); a
+    run started again with the same model, images and config carries on from the last finished
+    step, and ends with the model an uninterrupted run would have given.
+
+    Inside a process group (``torchrun``, or ``torch.distributed.init_process_group``) every rank
+    calls ``quantize`` with the same model, images and config; they share the work
+    (``distributed.py``) and all return the same model. Only rank 0 shows progress and writes the
+    resume state.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -415,9 +478,23 @@ def quantize(
     device = next(model.parameters()).device
     model.eval()
     images = collect_calibration(calib, config.resolved_calib_size)
-    torch.manual_seed(config.seed)
+    run = _open_run(model, images, config, resume_dir)
+    progress = progress and distributed.is_main()
+    torch.manual_seed(config.seed + distributed.rank())  # QDrop's masks: a stream of its own on each rank
     if config.method == "isvit":
-        _isvit(model, images, config, device, progress)
+        _isvit(model, images, config, device, progress, run)
     else:
-        _training_free(model, images.to(device), config, progress)
+        _training_free(model, images.to(device), config, progress, run)
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too
+
+
+def _open_run(model: nn.Module, images: torch.Tensor, config: QuantConfig, resume_dir: str | Path | None) -> ResumeState:
+    """The resume state of this run (none without ``resume_dir``), after checking, in a process
+    group, that every rank was given the same model, images and config."""
+    if not (distributed.is_distributed() or resume_dir is not None):
+        return ResumeState()
+    if images.shape[0] < distributed.world_size():
+        raise IsvitError(f"{images.shape[0]} calibration images cannot be shared by {distributed.world_size()} processes")
+    identity = run_identity(model, config.to_dict(), images)
+    distributed.check_same(json.dumps(identity, sort_keys=True), "models, calibration images or configurations")
+    return ResumeState.open(resume_dir, identity)
