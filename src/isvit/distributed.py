@@ -247,10 +247,11 @@ def _flat_in_place(tensors: list[torch.Tensor], collective) -> None:
             offset += t.numel()
 
 
-def reduce_(tensors: list[torch.Tensor], op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
-    """All-reduce ``tensors`` in place (sum by default), in one collective per dtype."""
+def reduce_(tensors: list[torch.Tensor], op=None) -> None:
+    """All-reduce ``tensors`` in place (``op``: a ``torch.distributed.ReduceOp``, default SUM), in
+    one collective per dtype."""
     if is_distributed() and tensors:
-        _flat_in_place(tensors, lambda flat: dist.all_reduce(flat, op))
+        _flat_in_place(tensors, lambda flat: dist.all_reduce(flat, op if op is not None else dist.ReduceOp.SUM))
 
 
 def sum_gradients(optimizer: torch.optim.Optimizer, loss: float) -> float:
