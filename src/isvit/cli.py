@@ -11,13 +11,20 @@
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
 the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
 alone; ``export`` writes it as an ONNX model in QDQ form (``export.py``) that ``eval --onnx`` runs
-with onnxruntime. ``quantize`` without ``--data`` quantizes and saves without evaluating. Bad input
-ends the program with one sentence on stderr and exit status 2.
+with onnxruntime. ``quantize`` without ``--data`` quantizes and saves without evaluating.
+``quantize --resume DIR`` saves the state after each finished step in DIR and, started again,
+carries on from there (``resume.py``). Bad input ends the program with one sentence on stderr and
+exit status 2.
+
+``eval`` and ``quantize`` run as they are under ``torchrun --nproc-per-node N -m isvit ...``: the
+processes share the work (``distributed.py``, docs/distributed.md); only rank 0 prints and writes
+files.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import resource
@@ -31,7 +38,7 @@ import timm
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
 from .data import (
     ImageFolderDataset,
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "model trains on cuda (default: the model's device)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT: integer weight codes and "
                                                   "quantizer parameters in one safetensors file")
+    qu.add_argument("--resume", metavar="DIR", help="save the calibration's state in DIR after each finished step; "
+                                                   "started again with the same command, carry on from there")
 
     ex = sub.add_parser("export", help="write a quantized model (or a full-precision one) as an ONNX model in QDQ form")
     source = ex.add_mutually_exclusive_group(required=True)
@@ -174,15 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str | None) -> torch.device:
+    """The device named (default: cuda if available); under torchrun, cuda is the local rank's GPU."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:
         raise IsvitError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise IsvitError(f"device {name} was asked for but CUDA is not available")
-    return device
+    return distributed.local_device(device)
 
 
 def _peak_rss_mb() -> float:
@@ -190,10 +200,16 @@ def _peak_rss_mb() -> float:
 
 
 def _environment() -> dict:
-    return {
+    """Versions, threads and processes; in a process group also every rank's peak memory (a
+    collective: every rank calls it)."""
+    env = {
         "isvit": __version__, "torch": torch.__version__, "timm": timm.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),
     }
+    if distributed.is_distributed():
+        env["peak_rss_mb_per_rank"] = distributed.gather_objects(_peak_rss_mb())
+    return env
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -205,9 +221,21 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _write_json(path: str | None, result: dict) -> None:
-    if path:
+    """Write ``result`` to ``path`` (atomically; rank 0 only)."""
+    if path and distributed.is_main():
         text = json.dumps(result, indent=2) + "\n"
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _report(rows: list[dict], summary: str) -> None:
+    """Print the table and the summary line (rank 0 only)."""
+    if distributed.is_main():
+        _print_table(rows)
+        print(summary)
+
+
+def _progress(args) -> bool:
+    return not args.quiet and distributed.is_main()
 
 
 def _setup_device(args) -> torch.device:
@@ -256,11 +284,11 @@ def run_eval(args) -> dict:
     if args.onnx:
         return run_eval_onnx(args)
     device, model, data_config, _, loader = _prepare(args)
-    metrics = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
+    metrics = evaluate(model, loader, device=device, progress=_progress(args), desc="full precision")
     result = {"model": args.model, "method": "fp32", "w_bits": 32, "a_bits": 32, **metrics,
               "data": args.data, "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), **_environment()}
-    _print_table([{"name": args.model, "method": "fp32", "wa": "32/32", **metrics}])
-    print(f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
+    _report([{"name": args.model, "method": "fp32", "wa": "32/32", **metrics}],
+            f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
     _write_json(args.json, result)
     return result
 
@@ -275,11 +303,11 @@ def run_eval_quantized(args) -> dict:
     data_config = _preprocessing(args, model, base=info["data_config"])
     loader = _eval_loader(args, build_transform(data_config))
     wa = f"{config.w_bits}/{config.a_bits}"
-    metrics = evaluate(model, loader, device=device, progress=not args.quiet, desc=f"W{config.w_bits}/A{config.a_bits}")
+    metrics = evaluate(model, loader, device=device, progress=_progress(args), desc=f"W{config.w_bits}/A{config.a_bits}")
     result = {"model": info["model"], "quantized": args.quantized, **config.to_dict(), **metrics, "data": args.data,
               "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), "device": str(device), **_environment()}
-    _print_table([{"name": info["model"], "method": config.method, "wa": wa, **metrics}])
-    print(f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
+    _report([{"name": info["model"], "method": config.method, "wa": wa, **metrics}],
+            f"eval {metrics['eval_seconds']:.1f} s, peak memory {result['peak_rss_mb']:.0f} MB")
     _write_json(args.json, result)
     return result
 
@@ -290,7 +318,10 @@ def run_eval_onnx(args) -> dict:
         raise IsvitError("--weights cannot be used with --onnx: the ONNX model file holds the weights")
     if args.device is not None and _device(args.device).type != "cpu":
         raise IsvitError(f"eval --onnx runs on the CPU with onnxruntime, not on {args.device}")
-    model, info = load_onnx(args.onnx, threads=args.threads)
+    # Several processes on one machine: onnxruntime takes torch's thread count (1 under torchrun
+    # unless OMP_NUM_THREADS says otherwise) instead of every core each.
+    threads = args.threads or (torch.get_num_threads() if distributed.is_distributed() else None)
+    model, info = load_onnx(args.onnx, threads=threads)
     import onnxruntime
 
     config = info["config"]
@@ -301,12 +332,13 @@ def run_eval_onnx(args) -> dict:
         size = "x".join(str(s) for s in info["data_config"]["input_size"][1:])
         raise IsvitError(f"{args.onnx} takes {size} images: --input-size cannot change that")
     loader = _eval_loader(args, build_transform(data_config))
-    metrics = evaluate(model, loader, device="cpu", progress=not args.quiet, desc=f"onnxruntime W{quant['w_bits']}/A{quant['a_bits']}")
+    metrics = evaluate(model, loader, device="cpu", progress=_progress(args),
+                       desc=f"onnxruntime W{quant['w_bits']}/A{quant['a_bits']}")
     result = {"model": info["model"], "onnx": args.onnx, **quant, **metrics, "data": args.data,
               "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), "device": "cpu",
               "onnxruntime": onnxruntime.__version__, **_environment()}
-    _print_table([{"name": info["model"], "method": quant["method"], "wa": wa, **metrics}])
-    print(f"eval {metrics['eval_seconds']:.1f} s (onnxruntime), peak memory {result['peak_rss_mb']:.0f} MB")
+    _report([{"name": info["model"], "method": quant["method"], "wa": wa, **metrics}],
+            f"eval {metrics['eval_seconds']:.1f} s (onnxruntime), peak memory {result['peak_rss_mb']:.0f} MB")
     _write_json(args.json, result)
     return result
 
@@ -374,36 +406,52 @@ def run_quantize(args) -> dict:
     device, model, data_config, transform, loader = _prepare(args, quantizable=True)
     rows, result = [], {"model": args.model, "data": args.data, "calib": args.calib, "data_config": data_config}
     if loader is not None and not args.no_fp:
-        fp = evaluate(model, loader, device=device, progress=not args.quiet, desc="full precision")
+        fp = evaluate(model, loader, device=device, progress=_progress(args), desc="full precision")
         result.update(fp_top1=fp["top1"], fp_top5=fp["top5"])
         rows.append({"name": args.model, "method": "fp32", "wa": "32/32", **fp})
 
     start = time.perf_counter()
-    calib = load_calibration_images(args.calib, transform, config.resolved_calib_size, seed=config.seed, progress=not args.quiet)
-    qmodel = quantize(model, calib, config, device=device, progress=not args.quiet,
-                      on_estimate=_estimate_printer(config, device))
-    calib_seconds = time.perf_counter() - start
+    calib = load_calibration_images(args.calib, transform, config.resolved_calib_size, seed=config.seed,
+                                    progress=_progress(args))
+    qmodel = quantize(model, calib, config, device=device, progress=_progress(args), resume_dir=args.resume,
+                      on_estimate=_estimate_printer(config, device) if distributed.is_main() else None)
+    calib_seconds = distributed.max_over_ranks(time.perf_counter() - start)
     result.update(**config.to_dict(), calib_images=int(calib.shape[0]), calib_seconds=calib_seconds)
     timings = f"calibration {calib_seconds:.1f} s"
     if loader is not None:
-        metrics = evaluate(qmodel, loader, device=device, progress=not args.quiet, desc=f"W{config.w_bits}/A{config.a_bits}")
+        metrics = evaluate(qmodel, loader, device=device, progress=_progress(args), desc=f"W{config.w_bits}/A{config.a_bits}")
         rows.append({"name": args.model, "method": config.method, "wa": f"{config.w_bits}/{config.a_bits}", **metrics})
         result.update(top1=metrics["top1"], top5=metrics["top5"], images=metrics["images"],
                       eval_seconds=metrics["eval_seconds"])
         timings += f", eval {metrics['eval_seconds']:.1f} s"
     result.update(peak_rss_mb=_peak_rss_mb(), device=str(device), **_environment())
-    if rows:
-        _print_table(rows)
-    print(f"{timings}, peak memory {result['peak_rss_mb']:.0f} MB")
-    if args.save:
+    _report(rows, f"{timings}, peak memory {result['peak_rss_mb']:.0f} MB")
+    if args.save and distributed.is_main():
         result.update(_save_with_sizes(args, qmodel, model, config, data_config))
     _write_json(args.json, result)
     return result
 
 
+def _launch_device(args) -> torch.device:
+    """The device that picks the backend of torchrun's process group (NCCL for a GPU, gloo on the CPU)."""
+    if args.command == "export":
+        raise IsvitError("isvit export runs in one process: run it without torchrun")
+    return torch.device("cpu") if getattr(args, "onnx", None) else _device(args.device)
+
+
+def _check_same_arguments(argv: Sequence[str]) -> None:
+    digest = hashlib.blake2b(json.dumps(list(argv)).encode(), digest_size=16).hexdigest()
+    distributed.check_same(digest, "arguments")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    started = False
     try:
+        if distributed.launched_by_torchrun():
+            started = distributed.start_from_env(_launch_device(args))
+            _check_same_arguments(argv)
         if args.command == "eval":
             run_eval(args)
         elif args.command == "export":
@@ -416,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("isvit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if started:
+            distributed.stop()
     return 0
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
+
 
 @torch.inference_mode()
 def evaluate(
@@ -22,10 +24,17 @@ def evaluate(
     """Accuracy in percent over every (images, labels) batch of ``loader``.
 
     Returns ``{"top1", "top5", "images", "eval_seconds"}``. ``device`` defaults to the model's.
+
+    Inside a process group every rank passes the same (whole) loader: each evaluates its own share of
+    the images (``distributed.shard_loader``: no image twice, none left out), the counts are summed,
+    and every rank returns the same accuracy, that of one process evaluating everything.
+    ``eval_seconds`` is then the slowest rank's time.
     """
     model.eval()
     if device is None:
         device = next(model.parameters()).device
+    loader = distributed.shard_loader(loader)
+    progress = progress and distributed.is_main()
     correct1 = correct5 = seen = 0
     start = time.perf_counter()
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -40,11 +49,14 @@ def evaluate(
             seen += labels.numel()
             bar.update(labels.numel())
             bar.set_postfix(top1=f"{100.0 * correct1 / seen:.2f}")
+    counts = torch.tensor([correct1, correct5, seen], dtype=torch.int64)
+    distributed.reduce_([counts])
+    correct1, correct5, seen = counts.tolist()
     if seen == 0:
         raise ValueError("the evaluation loader gave no images")
     return {
         "top1": 100.0 * correct1 / seen,
         "top5": 100.0 * correct5 / seen,
         "images": seen,
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": distributed.max_over_ranks(time.perf_counter() - start),
     }

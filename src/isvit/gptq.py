@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import reduce_
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import UniformQuantizer, fake_quant_uniform
 
@@ -123,6 +124,7 @@ def gptq_unit(unit: nn.Module, inputs: torch.Tensor, device, batch_size: int = 6
                 unit(inputs[i:i + batch_size].to(device, torch.float32))
         finally:
             handle.remove()
+        reduce_([hessian])  # process group: every rank's inputs (its shard of them) in one H
         q = layer.weight_quantizer
         _, latent = gptq_round(weight, hessian, q.scale, q.zero_point, q.levels, damp=damp)
         layer.weight.data.copy_(latent.reshape(layer.weight.shape))

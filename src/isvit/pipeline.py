@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -28,6 +30,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
+from .distributed import broadcast_state
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
@@ -50,6 +54,7 @@ from .reconstruct import (
     run_unit,
 )
 from .reparam import reparameterize_layernorm
+from .resume import ResumeState, run_identity
 from .rotate import rotate_model
 from .wrap import Placement, Unit, architecture, forward_units, post_layernorm_pairs, wrap_model
 
@@ -385,6 +390,7 @@ def reconstruct_blocks(
     progress: bool = True,
     desc: str = "",
     estimate: DurationEstimate | None = None,
+    run: ResumeState | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
 
@@ -397,42 +403,66 @@ def reconstruct_blocks(
     importance map per unit (``output_importance``), for the "fisher" loss. ``estimate`` times the
     steps it asks for.
     Returns {unit: (loss before, loss after)} on those images.
+
+    In a process group each rank caches only its shard of the images' activations (``shard``); the
+    check losses are averaged over the ranks, so every rank decides alike, and every finished unit
+    is broadcast from rank 0. With ``run``, each finished unit (and the whole stage, named ``desc``)
+    is saved, and the units it already finished are not trained again (their inputs are recomputed).
     """
+    run = run or ResumeState()
+    if run.done(desc):
+        return run.result(desc)
     cache_device = settings.cache_device or device
     q_units, fp_units = forward_units(qmodel), forward_units(fp_model)
-    x_fp = images.to(cache_device, settings.cache_dtype)
+    shard = distributed.split(images.shape[0])
+    x_fp = images[shard.slice].to(cache_device, settings.cache_dtype)
     x_q = x_fp if sequential else None
     report = {}
     for i, (q_unit, fp_unit) in enumerate(zip(q_units, fp_units)):
         y_fp = run_unit(fp_unit, x_fp, device, settings.batch_size, settings.cache_dtype, cache_device)
-        if has_enabled_quantizer(q_unit) and settings.iters > 0:
+        step = f"{desc} {q_unit.name}"
+        if run.done(step):
+            report[q_unit.name] = run.result(step)
+        elif has_enabled_quantizer(q_unit) and settings.iters > 0:
             inputs = x_q if sequential else x_fp
-            check = slice(0, settings.check_size)
+            check = shard.head(settings.check_size)
             weight = importance[i].to(device) if importance is not None else None
             if round_weights:
                 gptq_unit(q_unit, inputs[check], device, settings.batch_size)
-            before = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss,
-                                         weight)
+                broadcast_state(q_unit)
+            before = _check_loss(q_unit, inputs[check], y_fp[check], device, settings, weight)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
-            reconstruct_unit(q_unit, inputs, y_fp, settings, device, importance=weight, progress=progress,
-                             desc=f"{desc} {q_unit.name}", on_step=estimate.step_callback(q_unit) if estimate else None)
-            after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss,
-                                        weight)
+            reconstruct_unit(q_unit, inputs, y_fp, settings, device, importance=weight, progress=progress, desc=step,
+                             on_step=estimate.step_callback(q_unit) if estimate else None, shard=shard)
+            after = _check_loss(q_unit, inputs[check], y_fp[check], device, settings, weight)
             if after > before:
                 q_unit.body.load_state_dict(snapshot)
             report[q_unit.name] = (before, min(before, after))
+            broadcast_state(q_unit)
+            run.finish(step, qmodel, report[q_unit.name])
         if sequential:
             x_q = run_unit(q_unit, x_q, device, settings.batch_size, settings.cache_dtype, cache_device)
         x_fp = y_fp
+    run.finish(desc, qmodel, report)
     return report
+
+
+def _check_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device, settings, importance=None) -> float:
+    """The reconstruction loss on the check images, every rank's part of them together."""
+    local = (reconstruction_loss(unit, inputs, targets, device, settings.batch_size, settings.loss, importance)
+             if len(inputs) else 0.0)
+    return distributed.mean_over_ranks(local, len(inputs))
 
 
 # ---------------------------------------------------------------------------------------------
 # Methods
 # ---------------------------------------------------------------------------------------------
 
-def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, progress: bool) -> None:
-    """minmax / repq: wrap, calibrate (and fold + re-calibrate for repq), correct biases."""
+def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, progress: bool, run: ResumeState) -> None:
+    """minmax / repq: wrap, calibrate (and fold + re-calibrate for repq), correct biases.
+
+    Every rank of a process group runs every step on all the images; rank 0's result is broadcast.
+    """
     steps = ["wrap", "calibrate"]
     if config.method == "repq":
         steps += ["reparameterise", "re-calibrate"]
@@ -443,6 +473,9 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
         bar.set_postfix_str(step)
         if step == "wrap":
             wrap_model(model, placement_for(config))
+            run.restore(model)
+        elif run.done(step):
+            continue
         elif step == "calibrate":
             calibrate_weights(model)
             calibrate_activations(model, images)
@@ -452,10 +485,13 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
             calibrate_weights(model, only_uncalibrated=True)
         elif step == "correct bias":
             correct_bias(model, images)
+        if step != "wrap":
+            run.finish(step, model)
+    broadcast_state(model)
 
 
 def _isvit(
-    model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool,
+    model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool, run: ResumeState,
     on_estimate: Callable[[float], None] | None = None,
 ) -> dict:
     """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
@@ -465,6 +501,10 @@ def _isvit(
     stage 2: the per-channel post-LayerNorm grids folded into LayerNorm + Linear (exact);
     stage 3: weights quantized per output channel; units trained again in sequence, on the
              quantized model's own inputs, towards the full-precision outputs.
+
+    In a process group every rank initialises the quantizers on the same images and rank 0's values
+    are broadcast; the reconstruction shares each batch over the ranks (``reconstruct_blocks``).
+    ``run`` saves the state after each finished step and skips the steps it already finished.
     """
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
@@ -479,28 +519,37 @@ def _isvit(
     if settings.loss == "fisher":
         importance = output_importance(forward_units(fp_model), images, device, settings.batch_size, config.seed)
     wrap_model(model, placement_for(config))
+    run.restore(model)
     set_quantizers(model, False, "weight")
     estimate = None
     if on_estimate is not None:
         estimate = DurationEstimate(on_estimate, reconstruction_steps(model, config), settings.iters)
-    calibrate_activations(model, images[: config.init_size].to(device))
+    if not run.done("calibrate activations"):
+        calibrate_activations(model, images[: config.init_size].to(device))
+        broadcast_state(model)
+        run.finish("calibrate activations", model)
     report = {}
     if config.stage1:
         stage1 = dataclasses.replace(settings, rounding="ste")  # no weight is quantized yet
         report["stage1"] = reconstruct_blocks(
             model, fp_model, images, stage1, sequential=False, device=device, importance=importance,
-            progress=progress, desc="stage 1", estimate=estimate,
+            progress=progress, desc="stage 1", estimate=estimate, run=run,
         )
-    if config.reparameterize:
-        fold_post_layernorm(model)
     set_quantizers(model, True, "weight")
-    calibrate_weights(model)
+    if not run.done("fold and calibrate weights"):
+        if config.reparameterize:
+            fold_post_layernorm(model)
+        calibrate_weights(model)
+        broadcast_state(model)
+        run.finish("fold and calibrate weights", model)
     report["stage3"] = reconstruct_blocks(
         model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
-        importance=importance, progress=progress, desc="stage 3", estimate=estimate,
+        importance=importance, progress=progress, desc="stage 3", estimate=estimate, run=run,
     )
-    if config.resolved_bias_correction:
+    if config.resolved_bias_correction and not run.done("bias correction"):
         correct_bias(model, images[: config.init_size].to(device))
+        broadcast_state(model)
+        run.finish("bias correction", model)
     return report
 
 
@@ -513,6 +562,7 @@ def quantize(
     inplace: bool = False,
     progress: bool = True,
     on_estimate: Callable[[float], None] | None = None,
+    resume_dir: str | Path | None = None,
 ) -> nn.Module:
     """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
 
@@ -523,6 +573,15 @@ def quantize(
     returned is in eval mode. ``on_estimate(seconds)`` (``isvit`` only) is called once, after the
     first few block-reconstruction steps, with the seconds that the whole reconstruction is expected
     to take (``DurationEstimate``).
+
+    ``resume_dir``: a folder where the state after each finished step is saved (``resume.py``); a
+    run started again with the same model, images and config carries on from the last finished
+    step, and ends with the model an uninterrupted run would have given.
+
+    Inside a process group (``torchrun``, or ``torch.distributed.init_process_group``) every rank
+    calls ``quantize`` with the same model, images and config; they share the work
+    (``distributed.py``) and all return the same model. Only rank 0 shows progress and writes the
+    resume state.
     """
     architecture(model)  # an architecture isvit cannot wrap is refused before any work
     if not inplace:
@@ -532,11 +591,25 @@ def quantize(
     device = next(model.parameters()).device
     model.eval()
     images = collect_calibration(calib, config.resolved_calib_size)
+    run = _open_run(model, images, config, resume_dir)
     if config.rotate:  # before the methods: isvit's full-precision targets share the rotated basis
         rotate_model(model, seed=config.seed)
-    torch.manual_seed(config.seed)
+    progress = progress and distributed.is_main()
+    torch.manual_seed(config.seed + distributed.rank())  # QDrop's masks: a stream of its own on each rank
     if config.method == "isvit":
-        _isvit(model, images, config, device, progress, on_estimate)
+        _isvit(model, images, config, device, progress, run, on_estimate)
     else:
-        _training_free(model, images.to(device), config, progress)
+        _training_free(model, images.to(device), config, progress, run)
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too
+
+
+def _open_run(model: nn.Module, images: torch.Tensor, config: QuantConfig, resume_dir: str | Path | None) -> ResumeState:
+    """The resume state of this run (none without ``resume_dir``), after checking, in a process
+    group, that every rank was given the same model, images and config."""
+    if not (distributed.is_distributed() or resume_dir is not None):
+        return ResumeState()
+    if images.shape[0] < distributed.world_size():
+        raise IsvitError(f"{images.shape[0]} calibration images cannot be shared by {distributed.world_size()} processes")
+    identity = run_identity(model, config.to_dict(), images)
+    distributed.check_same(json.dumps(identity, sort_keys=True), "models, calibration images or configurations")
+    return ResumeState.open(resume_dir, identity)

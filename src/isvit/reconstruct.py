@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import Shard, local_part, sum_gradients
 from .quantizers import Quantizer, UniformQuantizer, named_quantizers
 from .wrap import Unit
 
@@ -189,10 +190,17 @@ def reconstruct_unit(
     progress: bool = True,
     desc: str = "",
     on_step: Callable[[int], None] | None = None,
+    shard: Shard | None = None,
 ) -> list[float]:
     """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step.
     ``importance``: the unit's output importance, for the "fisher" loss. ``on_step(i)`` is called
-    after step i (0-based), e.g. to time the steps."""
+    after step i (0-based), e.g. to time the steps.
+
+    ``shard``: in a process group, ``inputs`` and ``targets`` are this rank's shard of all
+    ``shard.total`` items. Every rank draws the same batch of indices into all of them, trains on
+    the part of it that it holds, and the gradients are summed over the ranks before each step: the
+    update of one process taking the whole batch, identical on every rank.
+    """
     rounded = rounded_layers(unit) if settings.rounding != "ste" else []
     fixed = {id(m.weight) for m in rounded}  # their rounding is learnt instead
     groups = [{"params": [p for p in unit_parameters(unit) if id(p) not in fixed], "lr": settings.lr}]
@@ -208,7 +216,7 @@ def reconstruct_unit(
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iters, eta_min=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
-    n = inputs.shape[0]
+    n = inputs.shape[0] if shard is None else shard.total
     losses = []
     # Dropout/drop-path off: reconstruction matches the eval-mode function. Each module's own mode
     # is put back afterwards (the Unit wrapper is a fresh module, always in training mode).
@@ -225,15 +233,16 @@ def reconstruct_unit(
             loss = 0.0
             # The same gradient as one pass over the batch, in chunks: on CPU two passes of 32
             # images are faster than one of 64 (the attention maps stay in cache).
-            for chunk in idx.split(settings.micro_batch):
+            for chunk in local_part(idx, shard).split(settings.micro_batch):
                 x = inputs[chunk].to(device, torch.float32)
                 y = targets[chunk].to(device, torch.float32)
                 with torch.enable_grad():
                     part = token_errors(unit(x), y, settings.loss, importance).mean() * (len(chunk) / len(idx))
                     part.backward()
                 loss += part.item()
+            loss = sum_gradients(optimizer, loss)  # process group: gradients and loss summed over the ranks
             beta = rounding_beta(step, settings) if roundings and settings.rounding == "adaround" else None
-            if beta is not None:
+            if beta is not None:  # after the sum: the same on every rank, counted once
                 with torch.enable_grad():
                     # mean over the weights, in units of the unit's loss at the first step (scale-free)
                     total = sum(m.weight_quantizer.rounding_regulariser(beta) for m in rounded)

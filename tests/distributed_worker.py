@@ -1,0 +1,141 @@
+"""One process of a 2-process gloo group on 127.0.0.1, started by tests/test_distributed.py.
+
+    python tests/distributed_worker.py group OUT INPUTS      (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+    python tests/distributed_worker.py calibrate DIR         (one process: a resumable calibration)
+
+``group`` starts its own process group (as a user's program would) with a short timeout, evaluates
+and quantizes, and writes what the tests compare into OUT/rank<r>.pt (one start for both: starting
+a process costs seconds). The single-process runs it is compared
+with are made by the test itself, from the same functions below. ``calibrate`` runs no group: it
+calibrates with ``resume_dir=DIR`` and writes DIR/result.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import isvit
+from isvit.checkpoint import load_quantized
+from isvit.export import load_onnx
+from isvit.resume import tensors_digest
+
+from conftest import VIT_TINY_WEIGHTS, small_swin, small_vit
+
+EVAL_IMAGES = 13  # neither 2 nor the batch size divides it
+CALIB_IMAGES = 11
+
+
+def eval_data():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(EVAL_IMAGES, 3, 64, 64, generator=g)
+    labels = torch.randint(0, 10, (EVAL_IMAGES,), generator=g)
+    return images, labels
+
+
+def eval_loader():
+    images, labels = eval_data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+
+
+def eval_batches():
+    images, labels = eval_data()
+    return list(zip(images.split(3), labels.split(3)))
+
+
+def eval_cases(inputs: Path) -> dict:
+    """The accuracy of a float, a saved quantized and an exported ONNX model, on a DataLoader and
+    on a plain list of batches."""
+    quantized, _ = load_quantized(inputs / "small.isvit")
+    onnx_model, _ = load_onnx(inputs / "small.onnx", threads=1)
+    models = {"float": small_vit(), "quantized": quantized, "onnx": onnx_model}
+    out = {}
+    for name, model in models.items():
+        for kind, data in (("loader", eval_loader()), ("batches", eval_batches())):
+            metrics = isvit.evaluate(model, data, device="cpu", progress=False)
+            out[f"{name} {kind}"] = {k: metrics[k] for k in ("top1", "top5", "images")}
+    return out
+
+
+def calib_images() -> torch.Tensor:
+    return torch.randn(CALIB_IMAGES, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def probe() -> torch.Tensor:
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+
+def isvit_config(**overrides) -> isvit.QuantConfig:
+    settings = {"method": "isvit", "w_bits": 4, "a_bits": 4, "calib_size": CALIB_IMAGES, "iters": 3,
+                "batch_size": 6, "lr": 1e-4, "drop_prob": 0.0, "init_size": CALIB_IMAGES}
+    return isvit.QuantConfig(**{**settings, **overrides})
+
+
+def real_vit():
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model.load_state_dict(load_file(str(VIT_TINY_WEIGHTS)))
+    return model.eval()
+
+
+def quantize_cases(inputs: Path | None) -> dict[str, tuple]:
+    """name -> (model, calibration images, config, resume folder or None)."""
+    cases = {
+        "vit isvit": (small_vit, calib_images, isvit_config()),
+        "swin isvit": (small_swin, calib_images, isvit_config()),
+        "vit isvit qdrop": (small_vit, calib_images, isvit_config(drop_prob=0.5)),
+    }
+    if inputs is not None and (inputs / "real_calib.pt").is_file():
+        cases["vit-ti repq"] = (real_vit, lambda: torch.load(inputs / "real_calib.pt"),
+                                isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=8))
+    return cases
+
+
+def quantize_case(make_model, make_images, config, resume_dir=None) -> tuple[torch.Tensor, str]:
+    """(logits on the probe images, digest of the quantized model's state)."""
+    qmodel = isvit.quantize(make_model(), make_images(), config, progress=False, resume_dir=resume_dir)
+    with torch.no_grad():
+        x = probe() if config.method == "isvit" else make_images()[:2]
+        logits = qmodel(x)
+    return logits, tensors_digest(qmodel.state_dict().items())
+
+
+def quantize_all(out: Path, inputs: Path | None) -> dict:
+    results = {}
+    for name, (make_model, make_images, config) in quantize_cases(inputs).items():
+        results[name] = quantize_case(make_model, make_images, config)
+    # A finished resume folder: run, then the same again, which restores rank 0's saved state.
+    resume = out / "resume"
+    results["resume first"] = quantize_case(small_vit, calib_images, isvit_config(), resume)
+    results["resume again"] = quantize_case(small_vit, calib_images, isvit_config(), resume)
+    return results
+
+
+def resume_config() -> isvit.QuantConfig:
+    """Long enough units (60 steps) to be killed in the middle of one, QDrop on."""
+    return isvit_config(iters=60, drop_prob=0.5)
+
+
+def main() -> None:
+    task, out = sys.argv[1], Path(sys.argv[2])
+    inputs = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    torch.set_num_threads(1)
+    if task == "calibrate":
+        torch.save(quantize_case(small_vit, calib_images, resume_config(), resume_dir=out), out / "result.pt")
+        return
+    if task != "group":
+        raise SystemExit(f"unknown task {task}")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    results = {"eval": eval_cases(inputs), "quantize": quantize_all(out, inputs)}
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
