@@ -246,7 +246,9 @@ def test_learnt_scales_leave_a_split_grid_as_it_is():
         q.calibrating = True
         q(x)
     assert split.is_per_channel and not single.is_per_channel
-    assert scale_parameters(torch.nn.ModuleList([split, single])) == [single.scale]
+    learnt = scale_parameters(torch.nn.ModuleList([split, single]))
+    assert len(learnt) == 1 and learnt[0] is single.log_scale_step
+    assert getattr(split, "log_scale_step", None) is None
 
 
 def test_outlier_ratio_without_outliers_is_one_grid():
@@ -310,7 +312,7 @@ def test_learnt_scale_gradient_matches_torch_lsq():
     x = torch.tensor([-3.1, -1.2, -0.3, 0.1, 0.9, 1.6, 2.6, 10.0, -1.9, 0.45]).repeat(5) * torch.linspace(0.9, 1.1, 50)
     weights = torch.linspace(-1, 2, 50)
     q = uniform(3, 0.5, 3.0)
-    scale = q.learnable_scale()
+    log_step = q.learnable_scale()  # the scale is learnt as scale * exp(log_step): d/d log_step = scale * d/d scale
     xa = x.clone().requires_grad_(True)
     (q(xa) * weights).sum().backward()
     s_ref = torch.tensor([0.5], requires_grad=True)
@@ -318,7 +320,7 @@ def test_learnt_scale_gradient_matches_torch_lsq():
     ref = torch._fake_quantize_learnable_per_tensor_affine(xb, s_ref, torch.tensor([3.0]), 0, 7, 1.0)
     (ref * weights).sum().backward()
     assert torch.allclose(q(x), ref.detach())
-    assert torch.allclose(scale.grad, s_ref.grad, atol=1e-5)
+    assert torch.allclose(log_step.grad, 0.5 * s_ref.grad, atol=1e-5)
     assert torch.equal(xa.grad, xb.grad)
 
 
