@@ -228,9 +228,10 @@ def _write_json(path: str | None, result: dict) -> None:
 
 
 def _report(rows: list[dict], summary: str) -> None:
-    """Print the table and the summary line (rank 0 only)."""
+    """Print the table (if there is anything to tabulate) and the summary line (rank 0 only)."""
     if distributed.is_main():
-        _print_table(rows)
+        if rows:
+            _print_table(rows)
         print(summary)
 
 
