@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from isvit.checkpoint import load_quantized
 from isvit.cli import main
+from isvit.quantizers import LogSqrt2Quantizer
 
 from conftest import CALIB_DIR as CALIB
 from conftest import VAL_DIR as VAL
@@ -68,7 +70,7 @@ def test_missing_data_folder(tmp_path, capsys):
 
 
 @needs_shared
-def test_isvit_with_ablation_flags(tmp_path, capsys):
+def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli, real_vit):
     out = tmp_path / "r.json"
     argv = quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--limit", "8",
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
@@ -84,6 +86,25 @@ def test_isvit_with_ablation_flags(tmp_path, capsys):
     assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
     assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
     assert "fp_top1" not in result
+
+    # and the flags did what they say, on the model:
+    (_, qmodel), = quantized_by_cli
+    units = ["patch_embed", *(f"blocks.{i}" for i in range(12)), "head"]
+    assert training.units("stage 1") == [] and training.units("stage 3") == units  # --no-stage1
+    assert all(c["inputs_dtype"] == torch.float16 and c["inputs_device"].type == "cpu" for c in training.calls)
+    for i, call in enumerate(training.calls[1:13]):
+        fp_block = real_vit.blocks[i]
+        # --no-reparam: the LayerNorms reach stage 3 as they were (no fold), before per-tensor grids
+        assert torch.equal(call["before"]["norm1.weight"], fp_block.norm1.weight)
+        assert torch.equal(call["before"]["norm2.bias"], fp_block.norm2.bias)
+        assert call["before"]["attn.qkv.input_quantizer.scale"].numel() == 1
+        # --learn-scales: the weights' grids moved in training
+        assert not torch.equal(call["before"]["mlp.fc1.weight_quantizer.scale"], call["after"]["mlp.fc1.weight_quantizer.scale"])
+    assert all(type(block.attn.av.a_quantizer) is LogSqrt2Quantizer for block in qmodel.blocks)
+    assert not any(block.mlp.fc1.input_quantizer.per_channel for block in qmodel.blocks)
+    # --outlier-ratio 12: block 7's fc2 input channel at ~78x the median has a grid of its own
+    assert qmodel.blocks[7].mlp.fc2.input_quantizer.outlier_ratio == 12.0
+    assert qmodel.blocks[7].mlp.fc2.input_quantizer.scale.unique().numel() == 2
 
 
 def test_unknown_method_rejected_by_parser(tmp_path, capsys):

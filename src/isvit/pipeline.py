@@ -290,7 +290,7 @@ def reconstruct_blocks(
     round_weights: bool = False,
     progress: bool = True,
     desc: str = "",
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, bool]]:
     """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
 
     Targets are always the full-precision model's outputs; inputs are the full-precision model's
@@ -299,7 +299,8 @@ def reconstruct_blocks(
     started is put back as it was (a guard against a learning rate too large for a unit).
     With ``round_weights``, a unit's weights are first rounded by GPTQ on its inputs (the first
     ``settings.check_size`` images), and training starts from there.
-    Returns {unit: (loss before, loss after)} on those images.
+    Returns {unit: (loss before, loss after training, restored)} on those images; a restored unit
+    is back at its loss before.
     """
     cache_device = settings.cache_device or device
     q_units, fp_units = forward_units(qmodel), forward_units(fp_model)
@@ -317,9 +318,10 @@ def reconstruct_blocks(
             snapshot = copy.deepcopy(q_unit.body.state_dict())
             reconstruct_unit(q_unit, inputs, y_fp, settings, device, progress=progress, desc=f"{desc} {q_unit.name}")
             after = reconstruction_loss(q_unit, inputs[check], y_fp[check], device, settings.batch_size, settings.loss)
-            if after > before:
+            restored = after > before
+            if restored:
                 q_unit.body.load_state_dict(snapshot)
-            report[q_unit.name] = (before, min(before, after))
+            report[q_unit.name] = (before, after, restored)
         if sequential:
             x_q = run_unit(q_unit, x_q, device, settings.batch_size, settings.cache_dtype, cache_device)
         x_fp = y_fp
