@@ -55,6 +55,11 @@ def small_swin(seed: int = 0, **overrides) -> torch.nn.Module:
     return _small(SMALL_SWIN, seed, overrides)
 
 
+def random_images(n: int, size: int = 64, seed: int = 1) -> torch.Tensor:
+    """``n`` random (3, size, size) images, seeded."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     require_shared()

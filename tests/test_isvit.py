@@ -1,6 +1,7 @@
 """I&S-ViT: each stage does what it claims, on small random models, plus a smoke run on ViT-Ti."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -391,3 +392,18 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
         h.remove()
     assert set(seen["input"]) == {0.5} and set(seen["weight"]) == {0.0}  # weights are never dropped
     assert all(q.drop_prob == 0.0 for _, q in quantizers(model))
+
+
+def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
+    """QDrop's masks and the batches drawn come from seeded generators, so a run repeats exactly on
+    one machine with the same thread count (another thread count sums in another order: other
+    rounding, another trained model)."""
+    x = images(16)
+    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, preset="fast", iters=3, batch_size=8)
+    assert config.reconstruction()["drop_prob"] == 0.5
+    first = state_copy(isvit.quantize(small_vit(), x, config, progress=False))
+    torch.rand(1000)  # whatever ran in between: quantize seeds itself
+    assert same_state(state_copy(isvit.quantize(small_vit(), x, config, progress=False)), first)
+    # and the comparison sees a change: another seed draws other batches and masks
+    other = state_copy(isvit.quantize(small_vit(), x, dataclasses.replace(config, seed=1), progress=False))
+    assert not same_state(other, first)

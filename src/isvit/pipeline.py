@@ -203,6 +203,10 @@ def collect_calibration(calib: torch.Tensor | Iterable, num_images: int) -> torc
                 break
     if not batches:
         raise IsvitError("the calibration data is empty")
+    first = tuple(batches[0].shape[1:])
+    other = next((tuple(b.shape[1:]) for b in batches if tuple(b.shape[1:]) != first), None)
+    if other is not None:
+        raise IsvitError(f"calibration batches must all have one image shape, got {first} and {other}")
     images = torch.cat(batches)[:num_images]
     if images.dim() != 4:
         raise IsvitError(f"calibration images must be a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
