@@ -55,6 +55,17 @@ def small_swin(seed: int = 0, **overrides) -> torch.nn.Module:
     return _small(SMALL_SWIN, seed, overrides)
 
 
+def error_of(capsys, argv) -> str:
+    """Runs ``isvit`` with ``argv``, which must fail with exit status 2 and one sentence on stderr
+    (no traceback); returns that sentence."""
+    from isvit.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("isvit: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 def random_images(n: int, size: int = 64, seed: int = 1) -> torch.Tensor:
     """``n`` random (3, size, size) images, seeded."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -45,7 +45,7 @@ from isvit.pipeline import calibrate_activations, calibrate_weights, quantizers
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
 
-from conftest import VAL_BATCH, VAL_DIR
+from conftest import VAL_BATCH, VAL_DIR, error_of
 
 # One block each where one suffices: tracing for ONNX costs seconds per block.
 VIT = ("vit_tiny_patch16_224", {"depth": 1, "img_size": 64, "num_classes": 10})
@@ -385,6 +385,52 @@ def test_cli_export_prints_size_and_quantizers(cli_exported):
     assert sorted(counts.split(", ")) == ["1 log2sqrt2", "6 weight", "8 uniform"]
 
 
+@pytest.fixture(scope="module")
+def timm_test_vit(tmp_path_factory):
+    """timm's smallest ViT (``test_vit``: 6 blocks of width 64, 160x160 images), randomly
+    initialised, saved as a safetensors weights file: (model, path)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    path = tmp_path_factory.mktemp("weights") / "test_vit.safetensors"
+    save_file(model.state_dict(), str(path))
+    return model, path
+
+
+def test_cli_export_of_a_full_precision_model(timm_test_vit, tmp_path, capsys):
+    model, weights = timm_test_vit
+    path = tmp_path / "fp32.onnx"
+    assert main(["export", "--model", "test_vit", "--weights", str(weights), "--onnx", str(path), "--threads", "1"]) == 0
+    assert capsys.readouterr().out == f"exported {path}: {path.stat().st_size / 1e6:.1f} MB (no quantizers)\n"
+    onnx_model, info = load_onnx(path, threads=1)
+    assert info["config"] is None and info["model"] == "test_vit"
+    assert info["data_config"] == isvit.resolve_data_config(model)
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(onnx_model(x), model(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quantized", "{weights}", "--weights", "{weights}"], "--weights cannot be used with --quantized"),
+    (["--model", "test_vit", "--weights", "{missing}"], "does not exist"),
+    (["--model", "vit_gigantic_nonsense"], "unknown model 'vit_gigantic_nonsense'"),
+    (["--model", "vit_tiny_patch16_224", "--weights", "{weights}"], "does not match VisionTransformer: "),
+])
+def test_cli_export_refusals_are_one_sentence_and_write_nothing(timm_test_vit, tmp_path, capsys, argv, message):
+    names = {"weights": timm_test_vit[1], "missing": tmp_path / "none.safetensors"}
+    out = tmp_path / "m.onnx"
+    err = error_of(capsys, ["export", *(a.format(**names) for a in argv), "--onnx", str(out)])
+    assert message in err and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_takes_a_model_or_a_quantized_file_not_both(timm_test_vit, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", "test_vit", "--quantized", str(timm_test_vit[1]), "--onnx", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_export_then_eval_onnx(cli_exported, saved_vit, image_folder, tmp_path, capsys):
     path, _ = cli_exported
     out = tmp_path / "eval.json"
@@ -407,13 +453,6 @@ def test_cli_export_then_eval_onnx(cli_exported, saved_vit, image_folder, tmp_pa
 # ---------------------------------------------------------------------------------------------
 # Bad input: one sentence each, from the API and from the CLI
 # ---------------------------------------------------------------------------------------------
-
-def error_of(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("isvit: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
 
 def with_metadata(source: Path, target: Path, **changes) -> Path:
     proto = onnx.load(str(source))
