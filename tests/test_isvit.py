@@ -260,17 +260,20 @@ def test_quantize_isvit_leaves_every_module_in_eval_mode():
 @pytest.mark.real
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared is not present")
 def test_isvit_w8a8_on_real_images_within_a_point(real_vit, val_batches, calib32):
-    fp_top1 = isvit.evaluate(real_vit, val_batches, progress=False)["top1"]
     config = QuantConfig(method="isvit", w_bits=8, a_bits=8, preset="fast", iters=5, batch_size=16, calib_size=32)
     qmodel = isvit.quantize(real_vit, calib32, config, progress=False)
-    top1 = isvit.evaluate(qmodel, val_batches, progress=False)["top1"]
-    # Loses at most a point; on 200 images it may as well gain one or two (84.0 vs 82.5 on an
-    # AVX-512 Xeon, 83.0 on an AVX2 EPYC before the outlier grid), so the check is one-sided, and
-    # the predictions must stay the full-precision model's: it is the same function, quantized.
+    labels = torch.cat([y for _, y in val_batches])
+    with torch.inference_mode():
+        fp = torch.cat([real_vit(x) for x, _ in val_batches]).argmax(1)
+        quantized = torch.cat([qmodel(x) for x, _ in val_batches]).argmax(1)
+    fp_top1, top1 = (100.0 * (p == labels).float().mean().item() for p in (fp, quantized))
+    # Loses at most a point; on 200 images it may as well gain one or two, so the check is
+    # one-sided, and the predictions must stay the full-precision model's: it is the same function,
+    # quantized. Measured (full precision 82.5): 84.0 on an Intel Xeon AVX-512, 83.0 on an AMD EPYC
+    # AVX2 (before the outlier grid), 83.0 and 98.5% equal predictions on an AMD EPYC AVX-512.
     assert top1 >= fp_top1 - 1.0, (top1, fp_top1)
-    with torch.no_grad():
-        agree = torch.cat([(qmodel(x).argmax(1) == real_vit(x).argmax(1)) for x, _ in val_batches])
-    assert agree.float().mean() >= 0.9, agree.float().mean()
+    agree = (quantized == fp).float().mean()
+    assert agree >= 0.9, agree
 
 
 def test_token_loss_is_each_tokens_error_relative_to_its_variance():
