@@ -25,6 +25,10 @@ def quantize_args(tmp_path, *extra):
     ]
 
 
+def linear_biases(model) -> dict[str, torch.Tensor]:
+    return {name: m.bias for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 @pytest.mark.parametrize("bits", ["1", "9"])
 def test_bits_out_of_range_is_one_sentence(tmp_path, capsys, bits):
     err = error_of(capsys, quantize_args(tmp_path, "--method", "repq", "--w-bits", bits, "--a-bits", "4"))
@@ -132,10 +136,6 @@ def test_corrupt_image_is_one_sentence_and_writes_no_json(tmp_path, capsys):
                             "--json", str(out), "--quiet"])
     assert "broken.JPEG" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [data]
-
-
-def linear_biases(model) -> dict[str, torch.Tensor]:
-    return {name: m.bias for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 @needs_shared
