@@ -3,9 +3,10 @@ by isvit) and onnxruntime int8 (the W8/A8 QDQ export, whose matrix products onnx
 fuses into integer kernels), at batch 1 and 32.
 
     python benchmarks/int8_latency.py [--threads 2] [--batch-sizes 1 32] [--repeats 50 10]
-        [--quantized FILE] [--out results/int8_latency.json]
+        [--method {repq,minmax}] [--quantized FILE] [--out results/int8_latency.json]
 
-The W8/A8 model is RepQ-ViT on 32 calibration images (seed 0) unless --quantized names a W8/A8
+The W8/A8 model is --method (RepQ-ViT by default, with its log-sqrt2 post-Softmax quantizer; minmax
+has a uniform one) on 32 calibration images (seed 0), unless --quantized names a W8/A8
 checkpoint. Every runtime gets the same thread count (torch.set_num_threads and onnxruntime's
 intra-op threads; inter-op 1). After warm-up the runtimes take turns, one call each, so that a
 change of load on the machine hits all of them alike; reported: median and interquartile range of
@@ -20,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,26 +28,13 @@ from pathlib import Path
 
 import onnx
 import onnxruntime
-import timm
 import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
 from isvit.export import export_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
-CALIB = SHARED / "data" / "imagenet-calib-1000"
-MODEL = "vit_tiny_patch16_224"
-
-
-def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"model": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "load_average": os.getloadavg()}
+from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json
 
 
 def session(path: Path, threads: int, profile_prefix: str | None = None) -> onnxruntime.InferenceSession:
@@ -66,17 +53,20 @@ def session(path: Path, threads: int, profile_prefix: str | None = None) -> onnx
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def w8a8_model(quantized: str | None, data_config: dict):
-    if quantized:
-        model, info = load_quantized(quantized)
+def w8a8_model(args, data_config: dict):
+    """(model, config, source): the --quantized checkpoint, or --method calibrated here."""
+    if args.quantized:
+        model, info = load_quantized(args.quantized)
         config = info["config"]
         if (config.w_bits, config.a_bits) != (8, 8):
-            raise SystemExit(f"{quantized} is W{config.w_bits}/A{config.a_bits}, not W8/A8")
-        return model, config
-    config = isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)
-    fp = isvit.create_model(MODEL, WEIGHTS)
-    calib = isvit.load_calibration_images(CALIB, isvit.build_transform(data_config), 32, seed=0, progress=False)
-    return isvit.quantize(fp, calib, config, progress=False), config
+            raise SystemExit(f"{args.quantized} is W{config.w_bits}/A{config.a_bits}, not W8/A8")
+        return model, config, args.quantized
+    config = isvit.QuantConfig(method=args.method, w_bits=8, a_bits=8, calib_size=args.calib_size, seed=args.seed)
+    fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
+    calib = isvit.load_calibration_images(ROOT / CALIB, isvit.build_transform(data_config), args.calib_size,
+                                          seed=args.seed, progress=False)
+    source = f"{args.method} on {args.calib_size} calibration images, seed {args.seed}"
+    return isvit.quantize(fp, calib, config, progress=False), config, source
 
 
 def time_calls(runners: dict, x: torch.Tensor, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -129,22 +119,25 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, nargs="+", default=[50, 10], help="timed calls per batch size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per runtime and batch size")
-    parser.add_argument("--quantized", help="a W8/A8 checkpoint saved by isvit quantize --save (default: repq here)")
+    parser.add_argument("--method", choices=["repq", "minmax"], default="repq",
+                        help="the W8/A8 model quantized here (default repq; minmax has a uniform post-Softmax grid)")
+    parser.add_argument("--calib-size", type=int, default=32, help="its calibration images (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of its calibration subset (default 0)")
+    parser.add_argument("--quantized", help="a W8/A8 checkpoint saved by isvit quantize --save instead")
     parser.add_argument("--out", default=str(ROOT / "results" / "int8_latency.json"))
     args = parser.parse_args()
     if len(args.repeats) != len(args.batch_sizes):
         raise SystemExit("give one --repeats count per batch size")
     torch.set_num_threads(args.threads)
 
-    fp = isvit.create_model(MODEL, WEIGHTS)
+    fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
     data_config = isvit.resolve_data_config(fp)
-    int8, config = w8a8_model(args.quantized, data_config)
-    before = cpu_info()
-    results = {"environment": {
-        "threads": args.threads, "torch": torch.__version__, "timm": timm.__version__,
-        "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "cpu": before,
-    }, "int8_model": {"method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
-                      "source": args.quantized or "repq on 32 calibration images, seed 0"}, "runs": []}
+    int8, config, source = w8a8_model(args, data_config)
+    env = {**environment(args.threads), "onnxruntime": onnxruntime.__version__}
+    before = env["cpu"]
+    results = {"environment": env,
+               "int8_model": {"method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
+                              "softmax_quantizer": config.resolved_softmax_quantizer, "source": source}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         fp_path, int8_path = folder / "fp32.onnx", folder / "w8a8.onnx"
@@ -172,8 +165,7 @@ def main() -> None:
     results["environment"]["load_average_after"] = os.getloadavg()
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(f"| runtime | batch | median ms | IQR ms | ms / image | vs PyTorch fp32 |  ({args.threads} threads)")
     print("|---|---|---|---|---|---|")
     baseline = {r["batch"]: r["median_ms"] for r in results["runs"] if r["runtime"] == "pytorch_fp32"}

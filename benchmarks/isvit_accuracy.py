@@ -2,26 +2,29 @@
 
 Runs the `isvit` CLI once per setting (a fresh process each, so peak memory is per setting),
 calibrating on imagenet-calib-1000 (the method's default 1024 images, i.e. all 1000; seed 0) and
-evaluating on all of imagenet-val-1300. Results are written after every run and a setting
-already in the output file is not run again, so an interrupted benchmark resumes.
+evaluating on all of imagenet-val-1300, with --threads torch threads (default 1; the thread count
+changes float rounding and so the trained model: compare rows run with the same count). The output
+file holds this invocation's rows only (each with its command line, date and CPU) and is rewritten
+after every run.
 
-    python benchmarks/isvit_accuracy.py [--preset fast] [--only w4a4 ...] [--out results/isvit_accuracy.json]
+    python benchmarks/isvit_accuracy.py [--preset fast] [--only w4a4 ...] [--threads 1] [--seed 0] [--calib-size 1024]
+        [--qdrop P] [--outlier-ratio R] [--resume-from FILE] [--out results/isvit_accuracy.json]
 
 The ablation (W4/A4): post-Softmax quantizer SULQ vs log-sqrt2 vs uniform, without stage 1, without
 the reparameterisation (per-tensor post-LayerNorm quantizers from the start), without the outlier
-channels' own grid (one grid per tensor, as the paper has it).
+channels' own grid (one grid per tensor, as the paper has it). --qdrop and --outlier-ratio set
+those for every setting (a setting's own flag comes after and wins), e.g. `--qdrop 0
+--outlier-ratio 0` for the preset as it was before either.
+
+--resume-from FILE takes the rows of an earlier output whose command line is exactly the one this
+run would use instead of running them again; without it every setting asked for is run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from accuracy import run  # benchmarks/accuracy.py: one CLI run, its JSON back
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, run_cli, write_json
 
 SETTINGS = {
     "w6a6": ["--w-bits", "6", "--a-bits", "6"],
@@ -41,31 +44,33 @@ def main() -> None:
     parser.add_argument("--preset", default="fast", choices=["fast", "paper"])
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
     parser.add_argument("--limit", type=int, help="evaluate on the first N images only (quick check)")
-    parser.add_argument("--threads", type=int, help="torch threads per run (default: the CLI's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration subset and optimisation seed (default 0)")
+    parser.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024: all 1000)")
+    parser.add_argument("--qdrop", type=float, help="QDrop probability of every setting (default: the preset's)")
+    parser.add_argument("--outlier-ratio", type=float, help="outlier ratio of every setting (default: the method's)")
+    parser.add_argument("--resume-from", metavar="FILE", help="reuse the rows of FILE run with the same command")
     args = parser.parse_args()
+    resume = resumable_rows(args.resume_from)
 
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
     common = [
-        "quantize", "--method", "isvit", "--preset", args.preset, "--no-fp",
-        "--model", "vit_tiny_patch16_224",
-        "--weights", str(SHARED / "models" / "vit_tiny_patch16_224.safetensors"),
-        "--calib", str(SHARED / "data" / "imagenet-calib-1000"),
-        "--data", str(SHARED / "data" / "imagenet-val-1300"),
-    ] + (["--limit", str(args.limit)] if args.limit else []) + (["--threads", str(args.threads)] if args.threads else [])
+        "quantize", "--method", "isvit", "--preset", args.preset, "--no-fp", "--model", MODEL, "--weights", WEIGHTS,
+        "--calib", CALIB, "--calib-size", str(args.calib_size), "--seed", str(args.seed), "--data", VAL, "--batch-size", "64",
+        "--threads", str(args.threads),
+    ] + (["--limit", str(args.limit)] if args.limit else [])
+    common += (["--qdrop", str(args.qdrop)] if args.qdrop is not None else [])
+    common += (["--outlier-ratio", str(args.outlier_ratio)] if args.outlier_ratio is not None else [])
+    results = {}
     for name in args.only or list(SETTINGS):
-        key = f"{args.preset}/{name}"
-        if key in results:
-            continue
-        results[key] = run(common + SETTINGS[name])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        results[f"{args.preset}/{name}"] = run_cli(common + SETTINGS[name], resume)
+        write_json(args.out, results)
 
     print("| setting | preset | top-1 | top-5 | calib s | threads | peak MB |")
     print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         print(f"| {key.split('/', 1)[1]} | {r['preset']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-              f"{r['calib_seconds']:.0f} | {r.get('threads', '-')} | {r['peak_rss_mb']:.0f} |")
+              f"{r['calib_seconds']:.0f} | {r['threads']} | {r['peak_rss_mb']:.0f} |")
+    print(f"\nJSON in {args.out}")
 
 
 if __name__ == "__main__":

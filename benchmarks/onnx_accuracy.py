@@ -15,38 +15,30 @@ Reports top-1/top-5 of each, how many predictions equal PyTorch's and the max/me
 difference| to PyTorch; writes JSON and prints a markdown table.
 
     python benchmarks/onnx_accuracy.py [--settings repq:8 repq:4] [--quantized FILE ...] [--limit N]
-        [--threads T] [--out results/onnx_accuracy.json]
+        [--threads 1] [--calib-size 32] [--seed 0] [--out results/onnx_accuracy.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import onnx
 import onnxruntime
-import timm
 import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
 from isvit.export import export_onnx, load_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
-VAL = SHARED / "data" / "imagenet-val-1300"
-CALIB = SHARED / "data" / "imagenet-calib-1000"
-MODEL = "vit_tiny_patch16_224"
+from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, environment, write_json
 
 
 def decode(data_config: dict, limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    dataset = isvit.ImageFolderDataset(VAL, isvit.build_transform(data_config), limit=limit)
+    dataset = isvit.ImageFolderDataset(ROOT / VAL, isvit.build_transform(data_config), limit=limit)
     return [(x.clone(), y.clone()) for x, y in isvit.make_loader(dataset, batch_size=50)]
 
 
@@ -86,22 +78,24 @@ def integer_ops(path: Path, threads: int) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in nodes).most_common())
 
 
-def quantized_model(setting: str, data_config: dict):
-    """(model, config, source) for 'method:bits' or a checkpoint path."""
+def quantized_model(setting: str, data_config: dict, calib_size: int, seed: int):
+    """(model, config, source) for 'method:bits' (calibrated here, the method's defaults otherwise)
+    or a checkpoint path."""
     if ":" in setting:
         method, bits = setting.split(":")
-        config = isvit.QuantConfig(method=method, w_bits=int(bits), a_bits=int(bits))
-        fp = isvit.create_model(MODEL, WEIGHTS)
-        calib = isvit.load_calibration_images(CALIB, isvit.build_transform(data_config), config.resolved_calib_size,
-                                              seed=config.seed, progress=False)
-        return isvit.quantize(fp, calib, config, progress=False), config, f"{method} on {config.resolved_calib_size} calibration images, seed 0"
+        config = isvit.QuantConfig(method=method, w_bits=int(bits), a_bits=int(bits), calib_size=calib_size, seed=seed)
+        fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
+        calib = isvit.load_calibration_images(ROOT / CALIB, isvit.build_transform(data_config), calib_size, seed=seed,
+                                              progress=False)
+        return isvit.quantize(fp, calib, config, progress=False), config, f"{method} on {calib_size} calibration images, seed {seed}"
     model, info = load_quantized(setting)
     return model, info["config"], setting
 
 
-def run_setting(setting: str, data_config: dict, batches, labels, threads: int, folder: Path) -> dict:
+def run_setting(setting: str, data_config: dict, batches, labels, args, folder: Path) -> dict:
+    threads = args.threads
     start = time.perf_counter()
-    model, config, source = quantized_model(setting, data_config)
+    model, config, source = quantized_model(setting, data_config, args.calib_size, args.seed)
     calib_seconds = time.perf_counter() - start
     path = folder / f"{config.method}_w{config.w_bits}a{config.a_bits}.onnx"
     start = time.perf_counter()
@@ -145,25 +139,24 @@ def main() -> None:
     parser.add_argument("--quantized", nargs="*", default=[], help="checkpoints saved by isvit quantize --save")
     parser.add_argument("--limit", type=int, help="the first N images only (quick check)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
+    parser.add_argument("--calib-size", type=int, default=32, help="calibration images of METHOD:BITS (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of their calibration subset (default 0)")
     parser.add_argument("--out", default=str(ROOT / "results" / "onnx_accuracy.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    data_config = isvit.resolve_data_config(isvit.create_model(MODEL, WEIGHTS))
+    data_config = isvit.resolve_data_config(isvit.create_model(MODEL, ROOT / WEIGHTS))
     batches = decode(data_config, args.limit)
     labels = torch.cat([y for _, y in batches])
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for setting in [*args.settings, *args.quantized]:
             print(f"{setting} ...", flush=True)
-            results.append(run_setting(setting, data_config, batches, labels, args.threads, Path(tmp)))
-    environment = {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
-                   "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-                   "threads": args.threads, "cpu": platform.processor() or platform.machine()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": environment, "results": results}, indent=2) + "\n")
-    print_table(results, out)
+            results.append(run_setting(setting, data_config, batches, labels, args, Path(tmp)))
+    env = {**environment(args.threads), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+           "perturbation_seed": 0}
+    write_json(args.out, {"environment": env, "results": results})
+    print_table(results, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Which quantizers cost the accuracy? One group switched on at a time, the rest full precision.
 
-    python benchmarks/quantizer_groups.py [--bits 3] [--iters 1] [--out results/quantizer_groups.json]
+    python benchmarks/quantizer_groups.py [--bits 3] [--iters 1] [--outlier-ratio R] [--threads 2] [--seed 0]
+        [--out results/quantizer_groups.json]
 
 Quantizes the shared ViT-Ti with `isvit` (W{bits}/A{bits}, fast preset, ``--iters`` reconstruction
 iterations per unit: 1 by default, i.e. the quantizers' initialisation with a barely trained model)
@@ -11,16 +12,15 @@ divergence from the full-precision model. The first row has every quantizer off 
 weights and the reparameterised LayerNorms alone), the last has all of them on. No evaluation images
 are used. Groups: every weight, and the activation quantizers by role (post-LayerNorm qkv/fc1
 inputs, proj inputs, fc2 inputs, q and k, post-Softmax, v, head input); with ``--per-block`` also
-the fc2 input of each block alone.
+the fc2 input of each block alone. The JSON records the resolved QuantConfig, the command line,
+the threads (pinned, default 2) and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,8 @@ import torch.nn.functional as F
 import isvit
 from isvit.quantizers import named_quantizers
 
-from tune_heldout import SHARED, heldout_split, logits_of  # benchmarks/tune_heldout.py
-
-ROOT = Path(__file__).resolve().parents[1]
+from record import MODEL, ROOT, WEIGHTS, environment, write_json
+from tune_heldout import heldout_split, logits_of  # benchmarks/tune_heldout.py
 
 # group -> pattern on the quantizer's name (activation quantizers only, except "weights")
 GROUPS = {
@@ -66,13 +65,18 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1)
     parser.add_argument("--per-block", action="store_true", help="also each block's fc2 input alone")
     parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
+    parser.add_argument("--outlier-ratio", type=float, help="outlier ratio (default: the method's; 0 is one grid per tensor)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="optimisation seed (default 0)")
     parser.add_argument("--out", default=str(ROOT / "results" / "quantizer_groups.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    model = isvit.create_model(MODEL, ROOT / WEIGHTS)
     (calib, _), (held, labels) = heldout_split(model, args.cache)
     fp_logits = logits_of(model, held)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=args.bits, a_bits=args.bits, iters=args.iters)
+    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=args.bits, a_bits=args.bits, iters=args.iters,
+                               outlier_ratio=args.outlier_ratio, seed=args.seed)
     start = time.perf_counter()
     qmodel = isvit.quantize(model, calib, config, progress=False)
     seconds = time.perf_counter() - start
@@ -94,12 +98,11 @@ def main() -> None:
         "fp_top1": round(100 * (fp_logits.argmax(1) == labels).float().mean().item(), 2),
         "calib_seconds": round(seconds, 1),
         "groups": rows,
-        "torch": torch.__version__,
+        "config": config.to_dict(),
+        "environment": environment(args.threads),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"JSON in {out}")
+    write_json(args.out, result)
+    print(f"JSON in {args.out}")
 
 
 if __name__ == "__main__":

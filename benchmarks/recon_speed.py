@@ -1,13 +1,16 @@
 """Seconds per block-iteration of the I&S-ViT reconstruction on the shared ViT-Ti (stage 3, W4/A4).
 
-    python benchmarks/recon_speed.py [--batch-sizes 64 32] [--iters 10] [--qdrop 0 0.5]
+    python benchmarks/recon_speed.py [--threads 2] [--batch-sizes 64 32] [--iters 10] [--qdrop 0 0.5]
+        [--out results/recon_speed.json]
 
 Times `reconstruct_unit` on one transformer block with its inputs cached, after warm-up, and
 prints the median seconds per iteration (the authors' code: 0.61 s at batch 64 on these 2 cores),
 and extrapolates the paper's settings (W4/A4: 1000 iterations at batch 64 for each of the 14 units of
 ViT-Ti, in each of the two reconstruction stages; patch embedding and head cost less than a block,
 so this is an upper bound on the training time, caching forwards excluded). ``--qdrop`` times each
-QDrop probability given (0: none, the paper's; the fast preset's is 0.5) in the same run.
+QDrop probability given (0: none, the paper's; the fast preset's is 0.5) in the same run. Threads
+(default 2) and seeds (calibration subset 0, torch 0) are pinned; the timings, the command line and
+the machine go to --out as JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,7 +34,7 @@ from isvit.pipeline import (
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
 from isvit.wrap import forward_units, wrap_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json
 
 
 def main() -> None:
@@ -41,11 +43,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--learn-scales", action="store_true")
     parser.add_argument("--qdrop", type=float, nargs="+", default=[0.0], help="QDrop probabilities to time")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "recon_speed.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
 
-    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    model = isvit.create_model(MODEL, ROOT / WEIGHTS)
     transform = isvit.build_transform(isvit.resolve_data_config(model))
-    images = isvit.load_calibration_images(SHARED / "data" / "imagenet-calib-1000", transform, 128, progress=False)
+    images = isvit.load_calibration_images(ROOT / CALIB, transform, 128, seed=0, progress=False)
     fp = copy.deepcopy(model)
     q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
     set_quantizers(q, False, "weight")
@@ -56,7 +62,7 @@ def main() -> None:
     units, fp_units = forward_units(q), forward_units(fp)
     x = run_unit(fp_units[0], images, "cpu", 64, torch.float32, "cpu")
     y = run_unit(fp_units[1], x, "cpu", 64, torch.float32, "cpu")
-    per_iter = {}
+    per_iter, rows = {}, []
     for batch in args.batch_sizes:
         for p in args.qdrop:
             times = []
@@ -67,12 +73,19 @@ def main() -> None:
                 reconstruct_unit(units[1], x, y, settings, "cpu", progress=False)
                 times.append((time.perf_counter() - start) / args.iters)
             per_iter[batch, p] = statistics.median(times)
+            rows.append({"batch_size": batch, "drop_prob": p, "seconds_per_iteration": per_iter[batch, p],
+                         "runs": times, "iters": args.iters})
             print(f"batch {batch}, QDrop {p}: {per_iter[batch, p]:.3f} s per block-iteration "
                   f"(median of 3 x {args.iters}; threads {torch.get_num_threads()})")
+    result = {"environment": environment(args.threads), "setting": "stage 3, W4/A4, blocks.0 of ViT-Ti, 128 cached images",
+              "learn_scales": args.learn_scales, "rows": rows}
     if (64, 0.0) in per_iter:
         hours = 2 * len(units) * 1000 * per_iter[64, 0.0] / 3600
+        result["paper_w4a4_hours"] = hours
         print(f"paper settings, W4/A4 (2 stages x {len(units)} units x 1000 iterations at batch 64): "
               f"about {hours:.1f} h (the authors' code: 0.61 s per iteration, about 4.8 h)")
+    write_json(args.out, result)
+    print(f"JSON in {args.out}")
 
 
 if __name__ == "__main__":

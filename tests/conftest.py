@@ -117,6 +117,20 @@ def timm_builds(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", recording)
     return calls
+def error_of(capsys, argv) -> str:
+    """Runs ``isvit`` with ``argv``, which must fail with exit status 2 and one sentence on stderr
+    (no traceback); returns that sentence."""
+    from isvit.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("isvit: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def random_images(n: int, size: int = 64, seed: int = 1) -> torch.Tensor:
+    """``n`` random (3, size, size) images, seeded."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="session")
@@ -192,3 +206,76 @@ def real_w8a8(real_vit, calib32):
         return cache[method, outlier_ratio]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# Observing what the pipeline does, on the model's state
+# ---------------------------------------------------------------------------------------------
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-identical state dicts: the same keys, each tensor equal in shape, dtype and every value."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+class TrainingRecorder:
+    """Records every training call of the block reconstruction (``reconstruct_unit`` as the
+    pipeline calls it): ``calls`` is a list of dicts with the stage ("stage 1": full-precision
+    inputs, "stage 3": the quantized model's own), the unit's name, the dtype and device of its
+    cached inputs, whether its weights were quantized, and its ``body``'s state just before and
+    just after training."""
+
+    def __init__(self, monkeypatch):
+        from isvit import pipeline
+        from isvit.quantizers import named_quantizers
+
+        self.calls: list[dict] = []
+        self._stage = None
+        blocks, train = pipeline.reconstruct_blocks, pipeline.reconstruct_unit
+
+        def recorded_blocks(*args, sequential, **kwargs):
+            self._stage = "stage 3" if sequential else "stage 1"
+            return blocks(*args, sequential=sequential, **kwargs)
+
+        def recorded(unit, inputs, targets, settings, device, **kwargs):
+            weights = [q.enabled for _, q in named_quantizers(unit, "weight")]
+            call = {"stage": self._stage, "unit": unit.name, "inputs_dtype": inputs.dtype,
+                    "inputs_device": inputs.device, "weights_quantized": bool(weights) and all(weights),
+                    "before": state_copy(unit.body)}
+            losses = train(unit, inputs, targets, settings, device, **kwargs)
+            call["after"] = state_copy(unit.body)
+            self.calls.append(call)
+            return losses
+
+        monkeypatch.setattr(pipeline, "reconstruct_blocks", recorded_blocks)
+        monkeypatch.setattr(pipeline, "reconstruct_unit", recorded)
+
+    def units(self, stage: str) -> list[str]:
+        """The units trained in ``stage``, in order."""
+        return [c["unit"] for c in self.calls if c["stage"] == stage]
+
+
+@pytest.fixture
+def training(monkeypatch) -> TrainingRecorder:
+    return TrainingRecorder(monkeypatch)
+
+
+@pytest.fixture
+def quantized_by_cli(monkeypatch) -> list:
+    """What ``isvit quantize`` (``isvit.cli.main``) quantized: a list that gets one (config,
+    quantized model) pair per call of ``isvit.quantize`` by the command line."""
+    from isvit import cli
+
+    found = []
+    quantize = cli.quantize
+
+    def recorded(model, calib, config, **kwargs):
+        qmodel = quantize(model, calib, config, **kwargs)
+        found.append((config, qmodel))
+        return qmodel
+
+    monkeypatch.setattr(cli, "quantize", recorded)
+    return found

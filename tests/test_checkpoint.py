@@ -42,9 +42,10 @@ def small_model(arch: str) -> torch.nn.Module:
     return small_vit() if arch == "vit" else small_swin()
 
 
-def quantized(arch: str, method: str, bits: int):
+def quantized(arch: str, method: str, bits: int, **fields):
     config = isvit.QuantConfig(method=method, w_bits=bits, a_bits=bits, calib_size=16,
-                               iters=2 if method == "isvit" else None, batch_size=8 if method == "isvit" else None)
+                               iters=2 if method == "isvit" else None, batch_size=8 if method == "isvit" else None,
+                               **fields)
     return isvit.quantize(small_model(arch), images(16, seed=1), config, progress=False), config
 
 
@@ -102,6 +103,28 @@ def test_rebuilt_model_gives_bit_identical_logits(tmp_path, arch, bits, method):
     for (name, layer), (_, original) in zip(quantized_layers(rebuilt), quantized_layers(model)):
         q = layer.weight_quantizer
         assert torch.equal(q.codes(layer.weight), original.weight_quantizer.codes(original.weight)), name
+
+
+@pytest.mark.parametrize("fields", [{"stage1": False}, {"reparameterize": False}], ids=["no-stage1", "no-reparam"])
+def test_isvit_ablations_are_rebuilt_exactly(tmp_path, fields):
+    model, config = quantized("vit", "isvit", 4, **fields)
+    rebuilt, info = load_quantized(save(model, config, tmp_path / "q.safetensors"))
+    assert info["config"] == isvit.QuantConfig(**config.to_dict()) and info["config"].stage1 == config.stage1
+    assert info["config"].reparameterize == config.reparameterize
+    # without the fold the post-LayerNorm grids were placed per tensor, and are rebuilt so
+    assert all(block.attn.qkv.input_quantizer.per_channel == config.reparameterize for block in rebuilt.blocks)
+    x = images(4, seed=2)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_load_quantized_puts_the_model_on_the_device_asked_for(tmp_path, device):
+    model, config = quantized("vit", "minmax", 4)
+    rebuilt, _ = load_quantized(save(model, config, tmp_path / "q.safetensors"), device=device)
+    assert {t.device.type for t in rebuilt.state_dict().values()} == {device}
+    assert {q.scale.device.type for _, q in isvit.quantizers(rebuilt)} == {device}
 
 
 def vit_with_an_outlier_channel() -> torch.nn.Module:

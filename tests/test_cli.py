@@ -3,12 +3,15 @@
 import json
 
 import pytest
+import torch
 
+import isvit
 from isvit.checkpoint import load_quantized
 from isvit.cli import main
+from isvit.quantizers import LogSqrt2Quantizer
 
 from conftest import CALIB_DIR as CALIB
-from conftest import TINY_RESNET, TINY_VIT, umask
+from conftest import TINY_RESNET, TINY_VIT, error_of, umask
 from conftest import VAL_DIR as VAL
 from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
@@ -22,11 +25,8 @@ def quantize_args(tmp_path, *extra):
     ]
 
 
-def error_of(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("isvit: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+def linear_biases(model) -> dict[str, torch.Tensor]:
+    return {name: m.bias for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 @pytest.mark.parametrize("bits", ["1", "9"])
@@ -69,7 +69,7 @@ def test_missing_data_folder(tmp_path, capsys):
 
 
 @needs_shared
-def test_isvit_with_ablation_flags(tmp_path, capsys):
+def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli, real_vit):
     out = tmp_path / "r.json"
     argv = quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--limit", "8",
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
@@ -85,6 +85,37 @@ def test_isvit_with_ablation_flags(tmp_path, capsys):
     assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
     assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
     assert "fp_top1" not in result
+
+    # and the flags did what they say, on the model:
+    ((_, qmodel),) = quantized_by_cli
+    units = ["patch_embed", *(f"blocks.{i}" for i in range(12)), "head"]
+    assert training.units("stage 1") == [] and training.units("stage 3") == units  # --no-stage1
+    assert all(c["inputs_dtype"] == torch.float16 and c["inputs_device"].type == "cpu" for c in training.calls)
+    for i, call in enumerate(training.calls[1:13]):
+        fp_block = real_vit.blocks[i]
+        # --no-reparam: the LayerNorms reach stage 3 as they were (no fold), before per-tensor grids
+        assert torch.equal(call["before"]["norm1.weight"], fp_block.norm1.weight)
+        assert torch.equal(call["before"]["norm2.bias"], fp_block.norm2.bias)
+        assert call["before"]["attn.qkv.input_quantizer.scale"].numel() == 1
+        # --learn-scales: the weights' grids moved in training
+        assert not torch.equal(call["before"]["mlp.fc1.weight_quantizer.scale"], call["after"]["mlp.fc1.weight_quantizer.scale"])
+    assert all(type(block.attn.av.a_quantizer) is LogSqrt2Quantizer for block in qmodel.blocks)
+    assert not any(block.mlp.fc1.input_quantizer.per_channel for block in qmodel.blocks)
+    # --outlier-ratio 12: block 7's fc2 input channel at ~78x the median has a grid of its own
+    assert qmodel.blocks[7].mlp.fc2.input_quantizer.outlier_ratio == 12.0
+    assert qmodel.blocks[7].mlp.fc2.input_quantizer.scale.unique().numel() == 2
+
+
+@needs_shared
+def test_no_bias_correction_keeps_the_pretrained_biases(tmp_path, quantized_by_cli, real_vit):
+    out = tmp_path / "r.json"
+    assert main(quantize_args(tmp_path, "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--limit", "4",
+                              "--calib-size", "8", "--no-fp", "--no-bias-correction", "--json", str(out))) == 0
+    assert json.loads(out.read_text())["bias_correction"] is False
+    ((_, qmodel),) = quantized_by_cli
+    fp_biases = linear_biases(real_vit)
+    biases = linear_biases(qmodel)
+    assert len(biases) == 49 and all(torch.equal(b, fp_biases[name]) for name, b in biases.items())
 
 
 def test_unknown_method_rejected_by_parser(tmp_path, capsys):
@@ -108,22 +139,28 @@ def test_corrupt_image_is_one_sentence_and_writes_no_json(tmp_path, capsys):
 
 
 @needs_shared
-def test_quantize_json_and_saved_model(tmp_path, capsys):
+def test_quantize_json_and_saved_model(tmp_path, capsys, quantized_by_cli, real_vit):
     out, saved = tmp_path / "r.json", tmp_path / "q.safetensors"
-    argv = quantize_args(tmp_path, "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--limit", "16",
+    argv = quantize_args(tmp_path, "--method", "minmax", "--w-bits", "8", "--a-bits", "4", "--limit", "16",
                          "--calib-size", "8", "--batch-size", "16", "--json", str(out), "--save", str(saved))
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "fp32" in table and "minmax" in table and "8/8" in table
+    assert "fp32" in table and "minmax" in table and "8/4" in table
     result = json.loads(out.read_text())
     for key in ("top1", "top5", "images", "method", "w_bits", "a_bits", "calib_size", "iters", "calib_seconds",
                 "eval_seconds", "peak_rss_mb", "torch", "timm", "fp_top1"):
         assert key in result, key
     assert result["images"] == 16 and result["calib_size"] == 8 and result["method"] == "minmax"
+    assert (result["w_bits"], result["a_bits"]) == (8, 4) and result["bias_correction"] is True
     assert 0 <= result["top1"] <= 100 and result["peak_rss_mb"] > 0
     assert result["saved"] == str(saved) and result["saved_bytes"] == saved.stat().st_size
     assert result["fp32_bytes"] > 3.5 * result["saved_bytes"]  # 8-bit codes instead of float32 weights
     assert f"saved {saved}: " in table and "x smaller)" in table
+    ((_, qmodel),) = quantized_by_cli
+    assert {q.bits for _, q in isvit.quantizers(qmodel, "weight")} == {8}
+    assert {q.bits for _, q in isvit.quantizers(qmodel, "activation")} == {4}
+    fp_biases = linear_biases(real_vit)  # bias correction (the default) changed every Linear's bias
+    assert all(not torch.equal(b, fp_biases[name]) for name, b in linear_biases(qmodel).items())
 
     # The saved file alone rebuilds the same quantized model: same top-1 on the same images.
     model, info = load_quantized(saved)
@@ -228,3 +265,145 @@ def test_help_gives_each_presets_cost_on_a_cpu_and_a_gpu(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores" in text and "ViT-Ti W4/A4 about 10 minutes on 2 CPU cores" in text
     assert text.count("on one GPU not measured") == 2
+# eval --model, preprocessing options, devices
+# ---------------------------------------------------------------------------------------------
+
+def eval_args(*extra):
+    return ["eval", "--model", "vit_tiny_patch16_224", "--weights", str(WEIGHTS), "--data", str(VAL), "--quiet", *extra]
+
+
+def top1_top5(model, data_config, limit):
+    dataset = isvit.ImageFolderDataset(VAL, isvit.build_transform(data_config), limit=limit)
+    result = isvit.evaluate(model, isvit.make_loader(dataset, batch_size=limit, num_workers=0), progress=False)
+    return result["top1"], result["top5"]
+
+
+@needs_shared
+def test_eval_model_prints_the_table_and_writes_the_json(tmp_path, capsys, real_vit):
+    out = tmp_path / "e.json"
+    assert main(eval_args("--limit", "8", "--batch-size", "4", "--json", str(out))) == 0
+    table = capsys.readouterr().out.splitlines()
+    result = json.loads(out.read_text())
+    data_config = isvit.resolve_data_config(real_vit)
+    top1, top5 = top1_top5(real_vit, data_config, 8)
+    assert result["top1"] == top1 and result["top5"] == top5 and result["images"] == 8
+    assert result["method"] == "fp32" and result["w_bits"] == result["a_bits"] == 32
+    assert result["data_config"] == data_config and result["model"] == "vit_tiny_patch16_224"
+    assert table[0].split() == ["model", "method", "W/A", "top-1", "top-5", "images"]
+    assert table[2].split() == ["vit_tiny_patch16_224", "fp32", "32/32", f"{top1:.2f}", f"{top5:.2f}", "8"]
+
+
+@needs_shared
+def test_mean_and_std_options_reach_the_preprocessing(tmp_path, real_vit):
+    out = tmp_path / "e.json"
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert main(eval_args("--limit", "8", "--json", str(out), "--mean", "0.485,0.456,0.406",
+                          "--std", "0.229 0.224 0.225")) == 0
+    result = json.loads(out.read_text())
+    data_config = {**isvit.resolve_data_config(real_vit), **imagenet}
+    assert result["data_config"] == data_config
+    assert (result["top1"], result["top5"]) == top1_top5(real_vit, data_config, 8)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--mean", "0.5,0.5", "argument --mean: expected three numbers such as 0.5,0.5,0.5, got '0.5,0.5'"),
+    ("--std", "a,b,c", "argument --std: expected three numbers such as 0.5,0.5,0.5, got 'a,b,c'"),
+    ("--limit", "ten", "argument --limit: must be a positive integer, got 'ten'"),
+    ("--limit", "0", "argument --limit: must be a positive integer, got '0'"),
+])
+def test_a_malformed_option_is_one_sentence_from_the_parser(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path), option, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"isvit eval: error: {message}"
+
+
+@needs_shared
+def test_a_non_positive_std_is_one_sentence(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    err = error_of(capsys, eval_args("--std", "0.5,0,0.5", "--json", str(out)))
+    assert "std must be positive" in err and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "quantize"])
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "unknown device 'gpu0'"),
+    ("cuda:x", "unknown device 'cuda:x'"),
+    ("cuda", "device cuda was asked for but CUDA is not available"),
+    ("cuda:1", "device cuda:1 was asked for but CUDA is not available"),
+])
+def test_an_unknown_or_unavailable_device_is_one_sentence(tmp_path, capsys, monkeypatch, command, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    argv = eval_args() if command == "eval" else quantize_args(tmp_path, "--method", "minmax", "--w-bits", "8", "--a-bits", "8")
+    assert message in error_of(capsys, [*argv, "--device", device, "--json", str(out)])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: exit status 130, no half-written file
+# ---------------------------------------------------------------------------------------------
+
+@needs_shared
+@pytest.mark.parametrize("where", ["evaluation", "json"])
+def test_ctrl_c_exits_with_130_and_leaves_no_file(tmp_path, capsys, monkeypatch, where):
+    from pathlib import Path
+
+    from isvit import cli
+
+    if where == "evaluation":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "evaluate", interrupted)
+    else:
+        write_text = Path.write_text
+
+        def interrupted(self, text, *args, **kwargs):
+            write_text(self, text[: len(text) // 2], *args, **kwargs)  # half written, then Ctrl-C
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Path, "write_text", interrupted)
+    out = tmp_path / "e.json"
+    assert main(eval_args("--limit", "2", "--json", str(out))) == 130
+    assert capsys.readouterr().err.strip() == "isvit: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_shared
+def test_a_real_sigint_exits_with_130_without_a_traceback(tmp_path):
+    """The command in its own process, interrupted (SIGINT, as Ctrl-C sends it to the terminal's
+    process group) while it evaluates with its two data-loading workers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "e.json"
+    argv = [sys.executable, "-m", "isvit.cli", "eval", "--model", "vit_tiny_patch16_224", "--weights", str(WEIGHTS),
+            "--data", str(VAL), "--batch-size", "10", "--json", str(out)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    err, started = bytearray(), threading.Event()
+
+    def read():
+        while chunk := os.read(process.stderr.fileno(), 4096):
+            err.extend(chunk)
+            if b"full precision" in err:  # the evaluation's progress bar is up
+                started.set()
+        started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(timeout=300), bytes(err)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, bytes(err)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    reader.join(timeout=10)
+    text = err.decode()
+    assert text.rstrip().endswith("isvit: interrupted") and "Traceback" not in text, text[-2000:]
+    assert list(tmp_path.iterdir()) == []

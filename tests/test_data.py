@@ -320,8 +320,10 @@ def test_make_loader(labelled_folder, small_transform):
         batches = make_loader(dataset, batch_size=5, num_workers=0, shuffle=True, seed=seed)
         return next(iter(batches))[1].tolist()
 
-    assert order(0) == order(0)
-    assert sorted(order(0)) == sorted([5, 0, 999, 17, 3])
+    in_file_order = [5, 0, 999, 17, 3]
+    assert order(0) == order(0)  # seeded
+    assert order(0) != in_file_order and order(1) != in_file_order and order(0) != order(1)  # shuffled
+    assert sorted(order(0)) == sorted(in_file_order)
 
 
 def test_clean_error_message_through_worker(tmp_path, small_transform):

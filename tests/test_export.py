@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from isvit.pipeline import calibrate_activations, calibrate_weights, quantizers
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
 
-from conftest import VAL_BATCH, VAL_DIR, umask
+from conftest import VAL_BATCH, VAL_DIR, error_of, umask
 
 # One block each where one suffices: tracing for ONNX costs seconds per block.
 VIT = ("vit_tiny_patch16_224", {"depth": 1, "img_size": 64, "num_classes": 10})
@@ -202,7 +203,9 @@ def test_a_zero_point_outside_uint8_is_kept_exactly(zero_point):
     got, ops = run_activation(lower_activation, q, x)
     assert "QuantizeLinear" not in ops and ops[-1] == "Mul"
     assert torch.equal(got, q(x))
-    assert got.min() == (0 - zero_point) * 0.01 or got.max() == pytest.approx((255 - zero_point) * 0.01)
+    # x spans both ends of the grid (-305: 3.05 .. 5.60; 300: -3.00 .. -0.45), which clamp exactly
+    assert got.min().item() == pytest.approx((0 - zero_point) * 0.01, abs=1e-6)
+    assert got.max().item() == pytest.approx((255 - zero_point) * 0.01, abs=1e-6)
 
 
 def test_a_weight_row_of_one_sign_is_stored_as_int32_codes():
@@ -259,6 +262,9 @@ def test_exported_model_computes_what_pytorch_computes(exported, setting, optimi
         expected, fp = model(x), small_model(arch)(x)
         got = onnx_model(x)
     assert got.shape == expected.shape == (16, 10)
+    # Measured (AMD EPYC with AVX-512, onnxruntime 1.32, optimized / plain): vit-isvit-w3 16 / 16 equal
+    # predictions and |ONNX - PyTorch| 3e-7 / 3e-7 of the quantization error; vit-minmax-w8 16 / 16,
+    # 0.08 / 0.08; swin-repq-w8 15 / 16, 0.42 / 1e-5 (its integer kernels round differently).
     assert (got.argmax(1) == expected.argmax(1)).sum() >= 15
     assert (got - expected).abs().mean() <= 0.5 * (expected - fp).abs().mean()
     # the batch is dynamic
@@ -364,7 +370,54 @@ def cli_exported(saved_vit, tmp_path_factory):
 def test_cli_export_prints_size_and_quantizers(cli_exported):
     path, printed = cli_exported
     assert path.is_file() and printed.startswith(f"exported {path}: ")
-    assert "6 weight" in printed and "1 log2sqrt2" in printed and "8 uniform" in printed
+    counts = re.fullmatch(r"exported .*: [0-9.]+ MB \((.*)\)\n", printed).group(1)
+    assert sorted(counts.split(", ")) == ["1 log2sqrt2", "6 weight", "8 uniform"]
+
+
+@pytest.fixture(scope="module")
+def timm_test_vit(tmp_path_factory):
+    """timm's smallest ViT (``test_vit``: 6 blocks of width 64, 160x160 images), randomly
+    initialised, saved as a safetensors weights file: (model, path)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    path = tmp_path_factory.mktemp("weights") / "test_vit.safetensors"
+    save_file(model.state_dict(), str(path))
+    return model, path
+
+
+def test_cli_export_of_a_full_precision_model(timm_test_vit, tmp_path, capsys):
+    model, weights = timm_test_vit
+    path = tmp_path / "fp32.onnx"
+    assert main(["export", "--model", "test_vit", "--weights", str(weights), "--onnx", str(path), "--threads", "1"]) == 0
+    assert capsys.readouterr().out == f"exported {path}: {path.stat().st_size / 1e6:.1f} MB (no quantizers)\n"
+    onnx_model, info = load_onnx(path, threads=1)
+    assert info["config"] is None and info["model"] == "test_vit"
+    assert info["data_config"] == isvit.resolve_data_config(model)
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(onnx_model(x), model(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quantized", "{weights}", "--weights", "{weights}"], "--weights cannot be used with --quantized"),
+    (["--model", "test_vit", "--weights", "{missing}"], "does not exist"),
+    (["--model", "vit_gigantic_nonsense"], "unknown model 'vit_gigantic_nonsense'"),
+    (["--model", "vit_tiny_patch16_224", "--weights", "{weights}"], "does not match VisionTransformer: "),
+])
+def test_cli_export_refusals_are_one_sentence_and_write_nothing(timm_test_vit, tmp_path, capsys, argv, message):
+    names = {"weights": timm_test_vit[1], "missing": tmp_path / "none.safetensors"}
+    out = tmp_path / "m.onnx"
+    err = error_of(capsys, ["export", *(a.format(**names) for a in argv), "--onnx", str(out)])
+    assert message in err and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_takes_a_model_or_a_quantized_file_not_both(timm_test_vit, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", "test_vit", "--quantized", str(timm_test_vit[1]), "--onnx", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_export_file_has_the_umask_permissions(cli_exported):
@@ -395,13 +448,6 @@ def test_cli_export_then_eval_onnx(cli_exported, saved_vit, image_folder, tmp_pa
 # ---------------------------------------------------------------------------------------------
 # Bad input: one sentence each, from the API and from the CLI
 # ---------------------------------------------------------------------------------------------
-
-def error_of(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("isvit: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
 
 def with_metadata(source: Path, target: Path, **changes) -> Path:
     proto = onnx.load(str(source))
@@ -539,18 +585,22 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 # The real ViT-Ti at W8/A8 (RepQ-ViT, 32 calibration images) on 200 validation images
 # ---------------------------------------------------------------------------------------------
 
+# Measured on 200 images, onnxruntime vs PyTorch: (equal predictions, top-1 onnxruntime / PyTorch,
+# mean / max |logit difference|; logits reach ~20), with 2 torch threads and 1 onnxruntime thread.
+# The published RepQ-ViT (one grid per tensor; block 7's fc2 input then has an 8-bit step of ~0.8,
+# which amplifies float rounding): Intel Xeon AVX-512 194/200, 83.5 / 82.0, 0.17 / 1.45; AMD EPYC
+# AVX2 82.0 / 82.5; AMD EPYC AVX-512 (Zen 4) 198/200, 83.0 / 83.5, 0.17 / 1.52. With that channel on
+# a grid of its own (outlier_ratio 8, isvit's default): Xeon 198/200, 83.5 / 83.0, 0.13 / 1.07;
+# EPYC AVX-512 197/200, 83.0 / 83.5, 0.13 / 0.97. On all 1300 images (benchmarks/onnx_accuracy.py,
+# one grid) 96.8% equal, mean 0.17, max 2.6, where PyTorch's own model, given the images times
+# (1 + 1e-6 noise), keeps 97.2% of its predictions and moves by 0.18 mean and 1.7 max.
+# Tolerance: top-1 within 2 points (the Xeon's 1.5 is 3 images), at least 95% of the predictions
+# equal, mean |logit difference| at most 0.3 and max at most 4.
 @pytest.mark.real
-def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_batches, tmp_path, capsys):
-    """Tolerance: top-1 within 1 point, at least 95% of the predictions equal, mean |logit
-    difference| at most 0.3 and max at most 4. The model is RepQ-ViT with block 7's outlier channel
-    on its own grid (outlier_ratio 8): with one grid for that fc2 input its 8-bit step is ~0.8 and
-    the model amplifies float rounding more. Measured here (Intel Xeon, AVX-512): 198 of 200
-    predictions equal, top-1 83.5 (onnxruntime) vs 83.0 (PyTorch), mean 0.13 and max 1.07 on logits
-    up to 20; with one grid 194 of 200, 83.5 vs 82.0, mean 0.17, max 1.45 (on an AMD EPYC with AVX2:
-    198 of 200, 82.0 vs 82.5). On all 1300 images (benchmarks/onnx_accuracy.py, one grid) 96.8%
-    equal, mean 0.17, max 2.6, where PyTorch's own model, given the images times (1 + 1e-6 noise),
-    keeps 97.2% of its predictions and moves by 0.18 mean and 1.7 max."""
-    model, config = real_w8a8("repq", outlier_ratio=8.0)
+@pytest.mark.parametrize("outlier_ratio", [None, 8.0], ids=["published-repq", "outlier-grid"])
+def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_batches, tmp_path, outlier_ratio):
+    model, config = real_w8a8("repq", outlier_ratio=outlier_ratio)
+    assert config.resolved_outlier_ratio == (outlier_ratio or 0.0)
     path = tmp_path / "vit_tiny_w8a8.onnx"
     counts = export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
                          data_config=isvit.resolve_data_config(real_vit))
@@ -562,7 +612,7 @@ def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_b
     labels = torch.cat([y for _, y in val_batches])
     top1 = {name: 100.0 * (logits.argmax(1) == labels).float().mean().item() for name, logits in
             (("onnx", got), ("pytorch", expected))}
-    assert abs(top1["onnx"] - top1["pytorch"]) <= 1.0, top1
+    assert abs(top1["onnx"] - top1["pytorch"]) <= 2.0, top1
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95
     assert (got - expected).abs().mean() <= 0.3 and (got - expected).abs().max() <= 4.0
 

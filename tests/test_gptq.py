@@ -86,10 +86,11 @@ def test_conv_rows_are_what_its_weight_multiplies():
     assert torch.allclose(rows @ conv.weight.reshape(conv.out_channels, -1).T + conv.bias, expected, atol=1e-4)
 
 
-# Random Swin blocks barely correlate their inputs' features, so GPTQ has little to gain there
-# (rounding is still checked); the random ViT block's loss must drop.
-@pytest.mark.parametrize("make, lowers", [(small_vit, True), (small_swin, False)])
-def test_gptq_unit_rounds_every_weight_and_lowers_the_unit_loss(make, lowers):
+# Random Swin blocks barely correlate their inputs' features, so GPTQ has little to gain there:
+# measured loss ratio 1.0005 (first block) and 0.9999 (second), so it must stay within 1%; the
+# random ViT block's loss must drop (measured 0.958).
+@pytest.mark.parametrize("make, ratio", [(small_vit, 0.97), (small_swin, 1.01)])
+def test_gptq_unit_rounds_every_weight_and_lowers_the_unit_loss(make, ratio):
     x = images()
     model = make()
     fp = copy.deepcopy(model)
@@ -101,10 +102,13 @@ def test_gptq_unit_rounds_every_weight_and_lowers_the_unit_loss(make, lowers):
     calibrate_weights(q)
     unit, inputs, targets = unit_data(fp, q, x, 1, sequential=True)
     before = reconstruction_loss(unit, inputs, targets, "cpu")
+    layers = [m for m in unit.modules() if hasattr(m, "weight_quantizer")]
+    nearest = [layer.weight_quantizer.codes(layer.weight) for layer in layers]
     assert gptq_unit(unit, inputs, "cpu") == 4  # qkv, proj, fc1, fc2
     after = reconstruction_loss(unit, inputs, targets, "cpu")
-    if lowers:
-        assert after < 0.97 * before, (before, after)
+    assert after < ratio * before, (before, after)
+    for layer, codes in zip(layers, nearest):  # every layer's rounding moved off round-to-nearest
+        assert (layer.weight_quantizer.codes(layer.weight) != codes).float().mean() > 0.01
     for layer in (m for m in unit.modules() if hasattr(m, "weight_quantizer")):
         wq = layer.weight_quantizer
         codes = layer.weight / wq.scale[:, None] + wq.zero_point[:, None]  # latent weights inside the grid's range

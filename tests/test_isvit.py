@@ -1,11 +1,13 @@
 """I&S-ViT: each stage does what it claims, on small random models, plus a smoke run on ViT-Ti."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import isvit
+from isvit import pipeline
 from isvit.pipeline import (
     ESTIMATE_STEPS,
     DurationEstimate,
@@ -15,15 +17,14 @@ from isvit.pipeline import (
     fold_post_layernorm,
     placement_for,
     quantizers,
-    reconstruct_blocks,
     reconstruction_steps,
     set_quantizers,
 )
-from isvit.quantizers import UniformQuantizer
+from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit, token_errors
 from isvit.wrap import forward_units, wrap_model
 
-from conftest import SHARED, small_swin, small_vit
+from conftest import SHARED, same_state, small_swin, small_vit, state_copy
 
 
 def images(n=48, seed=1):
@@ -81,19 +82,32 @@ def test_stage3_lowers_the_reconstruction_loss(make, ratio):
         assert after < ratio * before, (index, before, after)
 
 
-def test_a_unit_that_training_makes_worse_is_put_back():
+# lr 1.0 wrecks every unit (losses 100x higher); at 3e-3 the Swin blocks improve while the patch
+# embedding, the patch merging and the head get worse (measured: 0.125 -> 0.40, 0.077 -> 0.11,
+# 0.0004 -> 0.0011; blocks 0.125 -> 0.088 ...).
+@pytest.mark.parametrize("lr, all_restored", [(1.0, True), (3e-3, False)])
+def test_every_unit_whose_loss_rose_is_put_back_as_it_was(training, lr, all_restored):
     x = images()
     model = small_swin()
     fp = copy.deepcopy(model)
     q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
     calibrate_weights(q)
     calibrate_activations(q, x)
-    patch_embed = q.patch_embed.proj.weight.detach().clone()
-    # A learning rate far too large wrecks every unit; each must be restored.
-    settings = ReconstructionSettings(iters=5, batch_size=16, lr=1.0)
-    report = reconstruct_blocks(q, fp, x, settings, sequential=True, device=torch.device("cpu"), progress=False)
-    assert torch.equal(q.patch_embed.proj.weight, patch_embed)
-    assert all(after == before for before, after in report.values()), report
+    settings = ReconstructionSettings(iters=5, batch_size=16, lr=lr)
+    report = pipeline.reconstruct_blocks(q, fp, x, settings, sequential=True, device=torch.device("cpu"), progress=False)
+    units = {u.name: u for u in forward_units(q)}
+    assert training.units("stage 3") == list(units) == list(report)
+    for call in training.calls:
+        before, after, restored = report[call["unit"]]
+        assert restored == (after > before), (call["unit"], before, after, restored)
+        # restored: the unit's state is exactly the one it had before training; kept: trained
+        assert same_state(state_copy(units[call["unit"]].body), call["before"]) == restored, call["unit"]
+        assert not same_state(call["after"], call["before"])  # every unit did train
+    restored = {name for name, (_, _, r) in report.items() if r}
+    blocks = {name for name in units if ".blocks." in name}
+    if_all = set(units) if all_restored else {"patch_embed", "layers.1.downsample", "head"}
+    assert restored == if_all
+    assert blocks <= restored if all_restored else not blocks & restored
 
 
 def test_learning_scales_lowers_the_loss_and_freezes_them_after():
@@ -110,6 +124,73 @@ def test_learning_scales_lowers_the_loss_and_freezes_them_after():
     assert not isinstance(learnt, torch.nn.Parameter) and not torch.equal(learnt, scale)
     assert reconstruction_loss(unit, inputs, targets, "cpu") < 0.9 * before
     assert set(q.state_dict()) == set(wrap_model(small_vit(), placement_for(QuantConfig(method="isvit"))).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablation switches change what the pipeline does (seen on the model's state)
+# ---------------------------------------------------------------------------------------------
+
+VIT_UNITS = ["patch_embed", "blocks.0", "blocks.1", "head"]
+POST_LN_SCALES = ("attn.qkv.input_quantizer.scale", "mlp.fc1.input_quantizer.scale")
+
+
+def quantize_small_vit(**fields):
+    config = QuantConfig(**{"method": "isvit", "w_bits": 4, "a_bits": 4, "iters": 2, "batch_size": 8,
+                            "calib_size": 16, **fields})
+    return isvit.quantize(small_vit(), images(16), config, progress=False)
+
+
+def block_calls(training, stage):
+    return [c for c in training.calls if c["stage"] == stage and c["unit"].startswith("blocks.")]
+
+
+def test_stage1_trains_every_unit_with_float_weights_and_no_stage1_skips_it(training):
+    quantize_small_vit()
+    # in stage 1 the patch embedding has nothing quantized (its weight is float, the image is never
+    # quantized), so it is not trained
+    assert training.units("stage 1") == VIT_UNITS[1:] and training.units("stage 3") == VIT_UNITS
+    assert [c["weights_quantized"] for c in training.calls] == [False] * 3 + [True] * 4
+    training.calls.clear()
+    quantize_small_vit(stage1=False)
+    assert training.units("stage 1") == [] and training.units("stage 3") == VIT_UNITS
+    assert all(c["weights_quantized"] for c in training.calls)
+
+
+@pytest.mark.parametrize("reparameterize", [True, False])
+def test_reparameterisation_folds_the_per_channel_post_layernorm_grids(training, reparameterize):
+    """With the fold, stage 1 trains per-channel post-LayerNorm grids (192 channels) and stage 2
+    turns them per tensor by rescaling the LayerNorms and the Linears after them; without it they
+    are per tensor from the start and nothing touches the LayerNorms between the stages."""
+    quantize_small_vit(reparameterize=reparameterize)
+    stage1, stage3 = block_calls(training, "stage 1"), block_calls(training, "stage 3")
+    assert len(stage1) == len(stage3) == 2
+    for end_of_stage1, start_of_stage3 in zip(stage1, stage3):
+        assert [end_of_stage1["before"][k].numel() for k in POST_LN_SCALES] == [192 if reparameterize else 1] * 2
+        assert [start_of_stage3["before"][k].numel() for k in POST_LN_SCALES] == [1, 1]
+        for key in ("norm1.weight", "norm2.bias", "attn.qkv.weight", "mlp.fc1.weight"):
+            unchanged = torch.equal(end_of_stage1["after"][key], start_of_stage3["before"][key])
+            assert unchanged != reparameterize, key
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_learn_scales_trains_the_grids_scales_and_only_then(training, learn_scales):
+    quantize_small_vit(learn_scales=learn_scales)
+    for call in training.calls:
+        scales = [k for k in call["before"] if k.endswith(".scale")]
+        changed = {k for k in scales if not torch.equal(call["before"][k], call["after"][k])}
+        assert not changed or learn_scales, (call["stage"], call["unit"], changed)
+        assert not same_state(call["before"], call["after"])  # the weights trained either way
+    for call in block_calls(training, "stage 3"):
+        changed = {k for k in call["before"] if k.endswith(".scale") and not torch.equal(call["before"][k], call["after"][k])}
+        assert ("mlp.fc1.weight_quantizer.scale" in changed) == learn_scales
+        assert ("attn.qkv.input_quantizer.scale" in changed) == learn_scales
+
+
+@pytest.mark.parametrize("name, kind", [(None, SULQuantizer), ("log2sqrt2", LogSqrt2Quantizer), ("uniform", UniformQuantizer)])
+def test_the_softmax_quantizer_option_sits_after_every_softmax(name, kind):
+    qmodel = quantize_small_vit(softmax_quantizer=name, iters=1)
+    found = [block.attn.av.a_quantizer for block in qmodel.blocks]
+    assert len(found) == 2 and all(type(q) is kind and q.is_calibrated and q.enabled for q in found)
 
 
 def activation_codes(q, x):
@@ -182,17 +263,20 @@ def test_quantize_isvit_leaves_every_module_in_eval_mode():
 @pytest.mark.real
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared is not present")
 def test_isvit_w8a8_on_real_images_within_a_point(real_vit, val_batches, calib32):
-    fp_top1 = isvit.evaluate(real_vit, val_batches, progress=False)["top1"]
     config = QuantConfig(method="isvit", w_bits=8, a_bits=8, preset="fast", iters=5, batch_size=16, calib_size=32)
     qmodel = isvit.quantize(real_vit, calib32, config, progress=False)
-    top1 = isvit.evaluate(qmodel, val_batches, progress=False)["top1"]
-    # Loses at most a point; on 200 images it may as well gain one or two (84.0 vs 82.5 on an
-    # AVX-512 Xeon, 83.0 on an AVX2 EPYC before the outlier grid), so the check is one-sided, and
-    # the predictions must stay the full-precision model's: it is the same function, quantized.
+    labels = torch.cat([y for _, y in val_batches])
+    with torch.inference_mode():
+        fp = torch.cat([real_vit(x) for x, _ in val_batches]).argmax(1)
+        quantized = torch.cat([qmodel(x) for x, _ in val_batches]).argmax(1)
+    fp_top1, top1 = (100.0 * (p == labels).float().mean().item() for p in (fp, quantized))
+    # Loses at most a point; on 200 images it may as well gain one or two, so the check is
+    # one-sided, and the predictions must stay the full-precision model's: it is the same function,
+    # quantized. Measured (full precision 82.5): 84.0 on an Intel Xeon AVX-512, 83.0 on an AMD EPYC
+    # AVX2 (before the outlier grid), 83.0 and 98.5% equal predictions on an AMD EPYC AVX-512.
     assert top1 >= fp_top1 - 1.0, (top1, fp_top1)
-    with torch.no_grad():
-        agree = torch.cat([(qmodel(x).argmax(1) == real_vit(x).argmax(1)) for x, _ in val_batches])
-    assert agree.float().mean() >= 0.9, agree.float().mean()
+    agree = (quantized == fp).float().mean()
+    assert agree >= 0.9, agree
 
 
 def test_token_loss_is_each_tokens_error_relative_to_its_variance():
@@ -230,12 +314,22 @@ def test_presets_set_qdrop_and_an_explicit_value_wins():
     assert QuantConfig(method="isvit", preset="fast").to_dict()["drop_prob"] == 0.5
 
 
-def test_half_precision_cache_on_a_named_device():
-    x = images(16)
-    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=3, batch_size=8, cache_dtype="bfloat16", cache_device="cpu")
-    qmodel = isvit.quantize(small_vit(), x, config, progress=False)
-    with torch.no_grad():
-        assert torch.isfinite(qmodel(x)).all()
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_cache_on_a_named_device_trains_as_well_as_float32(training, dtype):
+    x, held_out = images(16), images(32, seed=5)
+    fp = small_vit()
+    errors = {}
+    for cache in ("float32", dtype):
+        training.calls.clear()
+        config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=3, batch_size=8, cache_dtype=cache, cache_device="cpu")
+        qmodel = isvit.quantize(small_vit(), x, config, progress=False)
+        assert {(c["inputs_dtype"], c["inputs_device"].type) for c in training.calls} == {(getattr(torch, cache), "cpu")}
+        with torch.no_grad():
+            errors[cache] = (qmodel(held_out) - fp(held_out)).abs().mean().item()
+    # The rounded cache changes the training path, and this random W4/A4 model is chaotic (its
+    # logits move by about its quantization error), but not how good the result is: measured
+    # 0.98x (bfloat16) and 1.05x (float16) the float32 cache's mean |logit error|.
+    assert errors[dtype] <= 1.15 * errors["float32"], errors
 
 
 def test_quant_config_rejects_a_bad_cache_device():
@@ -345,3 +439,16 @@ def test_quantize_isvit_reports_the_estimate_once_and_other_methods_never():
     isvit.quantize(small_vit(), images(4), QuantConfig(method="repq", calib_size=4), progress=False,
                    on_estimate=reported.append)
     assert len(reported) == 1
+def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
+    """QDrop's masks and the batches drawn come from seeded generators, so a run repeats exactly on
+    one machine with the same thread count (another thread count sums in another order: other
+    rounding, another trained model)."""
+    x = images(16)
+    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, preset="fast", iters=3, batch_size=8)
+    assert config.reconstruction()["drop_prob"] == 0.5
+    first = state_copy(isvit.quantize(small_vit(), x, config, progress=False))
+    torch.rand(1000)  # whatever ran in between: quantize seeds itself
+    assert same_state(state_copy(isvit.quantize(small_vit(), x, config, progress=False)), first)
+    # and the comparison sees a change: another seed draws other batches and masks
+    other = state_copy(isvit.quantize(small_vit(), x, dataclasses.replace(config, seed=1), progress=False))
+    assert not same_state(other, first)

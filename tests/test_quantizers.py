@@ -92,13 +92,18 @@ def test_uniform_per_channel_activation_channel_dim_last():
     scale = torch.tensor([0.05, 0.5, 2.0, 0.01])
     zero_point = torch.tensor([3.0, 0.0, 7.0, 5.0])
     q = uniform(3, scale, zero_point, per_channel=True, channel_dim=-1)
-    x = torch.randn(2, 5, 4) * torch.tensor([0.2, 2.0, 8.0, 0.05])
+    # 4 tokens of 4 channels: a grid laid along the tokens instead would broadcast without an error
+    x = torch.randn(2, 4, 4) * torch.tensor([0.2, 2.0, 8.0, 0.05])
     out = q(x)
+    assert out.shape == x.shape
     for c in range(4):
         ref = ref_fake_quant(x[..., c], scale[c].item(), zero_point[c].item(), 3).float()
         assert torch.allclose(out[..., c], ref, atol=1e-6, rtol=0)
-    # a wrongly chosen channel axis would broadcast along the tokens: make sure that is different
-    assert out.shape == x.shape
+    # ... and give other values: channel c's grid applied to token c
+    along_tokens = torch.stack([ref_fake_quant(x[:, t], scale[t].item(), zero_point[t].item(), 3).float()
+                                for t in range(4)], dim=1)
+    assert torch.allclose(uniform(3, scale, zero_point, per_channel=True, channel_dim=1)(x), along_tokens, atol=1e-6, rtol=0)
+    assert not torch.allclose(out, along_tokens, atol=1e-3)
 
 
 def test_codes_range_and_consistency():

@@ -58,14 +58,20 @@ from .reconstruct import LOSSES, ROUNDINGS
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _floats3(text: str) -> tuple[float, float, float]:
-    parts = [float(p) for p in text.replace(",", " ").split()]
+    try:
+        parts = [float(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        parts = []
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three numbers such as 0.5,0.5,0.5, got {text!r}")
     return tuple(parts)

@@ -15,6 +15,8 @@ options) with one sentence naming the offending file.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import timm.data
@@ -315,6 +317,31 @@ def make_loader(dataset, batch_size=64, num_workers=None, shuffle=False, seed=0)
     )
 
 
+def iterate(loader):
+    """``iter(loader)``, with Ctrl-C held back while a DataLoader starts its worker processes.
+
+    A SIGINT (Ctrl-C reaches the workers too) that lands inside the DataLoader's iterator set-up
+    leaves it half built: its ``__del__`` then prints a traceback, and at times the process hangs
+    on exit waiting for the workers. Held back, the interrupt is raised once the iterator is
+    complete, which shuts its workers down properly; the workers, started with the holding handler,
+    leave Ctrl-C to the main process.
+    """
+    workers = isinstance(loader, DataLoader) and loader.num_workers > 0
+    previous = signal.getsignal(signal.SIGINT)
+    if not workers or threading.current_thread() is not threading.main_thread() or previous is None:
+        return iter(loader)
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        batches = iter(loader)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        del batches  # its workers are shut down here
+        raise KeyboardInterrupt
+    return batches
+
+
 def clean_error_message(exc: BaseException) -> str:
     """The original one-sentence message of an error, without a worker's traceback.
 
@@ -352,7 +379,7 @@ def load_calibration_images(root, transform, num_images, seed=0, progress=True) 
 
     batches = []
     with tqdm(total=len(dataset), desc="calibration images", unit="img", disable=not progress) as bar:
-        for images, _ in make_loader(dataset, batch_size=32):
+        for images, _ in iterate(make_loader(dataset, batch_size=32)):
             batches.append(images)
             bar.update(len(images))
     return torch.cat(batches)

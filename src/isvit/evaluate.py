@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .data import iterate
 
 
 @torch.inference_mode()
@@ -39,7 +40,7 @@ def evaluate(
     start = time.perf_counter()
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for images, labels in loader:
+        for images, labels in iterate(loader):
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -255,6 +255,10 @@ def collect_calibration(calib: torch.Tensor | Iterable, num_images: int) -> torc
                 break
     if not batches:
         raise IsvitError("the calibration data is empty")
+    first = tuple(batches[0].shape[1:])
+    other = next((tuple(b.shape[1:]) for b in batches if tuple(b.shape[1:]) != first), None)
+    if other is not None:
+        raise IsvitError(f"calibration batches must all have one image shape, got {first} and {other}")
     images = torch.cat(batches)[:num_images]
     if images.dim() != 4:
         raise IsvitError(f"calibration images must be a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
@@ -391,7 +395,7 @@ def reconstruct_blocks(
     desc: str = "",
     estimate: DurationEstimate | None = None,
     run: ResumeState | None = None,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, bool]]:
     """Reconstruct every unit of ``qmodel`` that has an enabled quantizer, in forward order.
 
     Targets are always the full-precision model's outputs; inputs are the full-precision model's
@@ -402,7 +406,8 @@ def reconstruct_blocks(
     ``settings.check_size`` images), and training starts from there. ``importance``: one output
     importance map per unit (``output_importance``), for the "fisher" loss. ``estimate`` times the
     steps it asks for.
-    Returns {unit: (loss before, loss after)} on those images.
+    Returns {unit: (loss before, loss after training, restored)} on those images; a restored unit
+    is back at its loss before.
 
     In a process group each rank caches only its shard of the images' activations (``shard``); the
     check losses are averaged over the ranks, so every rank decides alike, and every finished unit
@@ -435,9 +440,10 @@ def reconstruct_blocks(
             reconstruct_unit(q_unit, inputs, y_fp, settings, device, importance=weight, progress=progress, desc=step,
                              on_step=estimate.step_callback(q_unit) if estimate else None, shard=shard)
             after = _check_loss(q_unit, inputs[check], y_fp[check], device, settings, weight)
-            if after > before:
+            restored = after > before
+            if restored:
                 q_unit.body.load_state_dict(snapshot)
-            report[q_unit.name] = (before, min(before, after))
+            report[q_unit.name] = (before, after, restored)
             broadcast_state(q_unit)
             run.finish(step, qmodel, report[q_unit.name])
         if sequential:

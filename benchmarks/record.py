@@ -1,0 +1,97 @@
+"""What every benchmark records beside its numbers (the command, the date, the machine, the
+versions), atomic JSON writes, and reruns of the ``isvit`` command line.
+
+The thread count is part of the result, not only of its cost: it changes the order of float sums,
+so the rounding, and through block reconstruction the trained model. Benchmarks therefore pin it
+(and every seed) explicitly and record it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The shared model and images, relative to the repository root (where every command runs), so that
+# a recorded command is the same on every checkout.
+SHARED = Path("..") / "shared"
+WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
+VAL = SHARED / "data" / "imagenet-val-1300"
+CALIB = SHARED / "data" / "imagenet-calib-1000"
+MODEL = "vit_tiny_patch16_224"
+
+
+def cpu_info() -> dict:
+    """The CPU's model name, core count, the vector extensions that change float rounding and
+    integer kernels, and the load average now."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = text.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    return {"model": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "load_average": os.getloadavg()}
+
+
+def command_line() -> str:
+    """How this benchmark was started, as one would type it in the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join([".venv/bin/python", str(shown), *sys.argv[1:]])
+
+
+def environment(threads: int) -> dict:
+    import timm
+    import torch
+
+    return {"command": command_line(), "date": datetime.date.today().isoformat(), "threads": threads,
+            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "cpu": cpu_info()}
+
+
+def write_json(path: str | Path, data) -> None:
+    """``data`` as JSON at ``path``, written to a temporary file first: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def resumable_rows(path: str | None) -> dict[tuple[str, ...], dict]:
+    """``--resume-from FILE``: the rows of an earlier output of the same benchmark, by the command
+    line that made them. Only a row whose command is exactly the one to run now is reused."""
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    rows = data.values() if isinstance(data, dict) else data
+    return {tuple(row["command"]): row for row in rows if isinstance(row, dict) and "command" in row}
+
+
+def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) -> dict:
+    """``isvit ARGS --json OUT --quiet`` in a fresh process (so that peak memory is this run's),
+    in the repository root; returns its JSON with the command, the date and the CPU added. A row
+    of ``resume`` with the same command is returned instead of running it again."""
+    args = [str(a) for a in args]
+    if resume and tuple(args) in resume:
+        print("resumed: isvit", shlex.join(args), file=sys.stderr, flush=True)
+        return resume[tuple(args)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "isvit.cli", *args, "--json", str(out), "--quiet"]
+        print("$ isvit", shlex.join(args), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=ROOT)
+        result = json.loads(out.read_text())
+    cpu = {k: v for k, v in cpu_info().items() if k != "load_average"}
+    return {**result, "command": args, "date": datetime.date.today().isoformat(), "cpu": cpu}
