@@ -307,6 +307,15 @@ def test_quant_config_rejects_a_drop_probability_outside_0_1(p):
         QuantConfig(method="isvit", drop_prob=p)
 
 
+@pytest.mark.parametrize("bits, iters", [(3, 3000), (4, 3000), (6, 1000), (8, 1000)])
+def test_the_thorough_preset_is_the_fast_recipe_with_the_gpu_budget(bits, iters):
+    thorough = QuantConfig(method="isvit", preset="thorough", w_bits=bits, a_bits=bits)
+    fast = QuantConfig(method="isvit", preset="fast", w_bits=bits, a_bits=bits)
+    assert thorough.reconstruction() == {**fast.reconstruction(), "iters": iters}
+    assert thorough.activation_percentiles == fast.activation_percentiles
+    assert QuantConfig(method="isvit", preset="thorough", iters=5).reconstruction()["iters"] == 5
+
+
 def test_presets_set_qdrop_and_an_explicit_value_wins():
     assert QuantConfig(method="isvit", preset="paper").reconstruction()["drop_prob"] == 0.0
     assert QuantConfig(method="isvit", preset="fast").reconstruction()["drop_prob"] == 0.5

@@ -258,6 +258,27 @@ def test_low_activation_percentiles_reach_every_activation_grid_and_lower_its_er
     assert errors[0.99] < errors[None]
 
 
+@pytest.mark.parametrize("fields, lowest", [
+    ({"method": "isvit", "preset": "fast", "w_bits": 3, "a_bits": 3}, 0.99),
+    ({"method": "isvit", "preset": "fast", "w_bits": 4, "a_bits": 8}, 0.99),  # the lower of the two bit-widths
+    ({"method": "isvit", "preset": "thorough", "w_bits": 4, "a_bits": 4}, 0.99),
+    ({"method": "isvit", "preset": "fast", "w_bits": 6, "a_bits": 6}, None),
+    ({"method": "isvit", "preset": "paper", "w_bits": 3, "a_bits": 3}, None),  # the paper's grids
+    ({"method": "repq", "preset": "fast", "w_bits": 3, "a_bits": 3}, None),  # the published peers' grids
+    ({"method": "minmax", "w_bits": 4, "a_bits": 4}, None),
+    ({"method": "isvit", "preset": "fast", "w_bits": 3, "a_bits": 3, "act_percentile": 0.999}, 0.999),  # off
+    ({"method": "repq", "w_bits": 4, "a_bits": 4, "act_percentile": 0.995}, 0.995),
+])
+def test_the_lowest_activation_percentile_comes_from_the_preset_at_low_bits(fields, lowest):
+    config = QuantConfig(**fields)
+    assert config.resolved_act_percentile == lowest and config.to_dict()["act_percentile"] == lowest
+    expected = ACTIVATION_PERCENTILES if lowest in (None, 0.999) else \
+        tuple(sorted({lowest, *(p for p in (0.99, 0.995, 0.998) if p >= lowest), *ACTIVATION_PERCENTILES}))
+    assert config.activation_percentiles == expected
+    # the resolved config, saved and rebuilt (as a checkpoint does), searches the same grids
+    assert QuantConfig(**config.to_dict()).activation_percentiles == expected
+
+
 @pytest.mark.parametrize("field, value", [("rounding", "nearest"), ("round_lr", 0.0), ("round_reg", -1.0),
                                           ("scale_lr", -1e-3), ("act_percentile", 0.5), ("loss", "kl")])
 def test_bad_option_values_are_refused_in_one_sentence(field, value):

@@ -5,7 +5,7 @@
     isvit eval --onnx FILE --data DIR [--limit N] ...           (a model exported by isvit export, run by onnxruntime)
     isvit quantize --model NAME [--weights PATH] --calib DIR [--data DIR] --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
-                   [--save OUT] [--json OUT] [--preset {paper,fast}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
+                   [--save OUT] [--json OUT] [--preset {paper,fast,thorough}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
     isvit export --quantized FILE --onnx OUT      (or --model NAME [--weights PATH]: full precision)
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
@@ -85,7 +85,9 @@ PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
     "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
     "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32; ViT-Ti W4/A4 about 10 "
-    "minutes on 2 CPU cores (618 s of calibration measured), on one GPU not measured"
+    "minutes on 2 CPU cores (618 s of calibration measured), on one GPU not measured. thorough: for GPUs, the fast "
+    "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above; ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
+    "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
 )
 
 
@@ -378,16 +380,16 @@ def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
 
 
 def _estimate_printer(config: QuantConfig, device: torch.device) -> Callable[[float], None] | None:
-    """For I&S-ViT's paper preset on a CPU (hours of work): a callback that prints the estimated
-    duration of the block reconstruction once, and what the fast preset would take instead (the
-    same estimate scaled by its iterations x batch size)."""
-    if config.method != "isvit" or config.preset != "paper" or device.type != "cpu":
+    """For I&S-ViT's long presets (paper, thorough) on a CPU (hours of work): a callback that prints
+    the estimated duration of the block reconstruction once, and what the fast preset would take
+    instead (the same estimate scaled by its iterations x batch size)."""
+    if config.method != "isvit" or config.preset == "fast" or device.type != "cpu":
         return None
-    paper, fast = config.reconstruction(), replace(config, preset="fast").reconstruction()
-    fast_share = fast["iters"] * fast["batch_size"] / (paper["iters"] * paper["batch_size"])
+    long, fast = config.reconstruction(), replace(config, preset="fast").reconstruction()
+    fast_share = fast["iters"] * fast["batch_size"] / (long["iters"] * long["batch_size"])
 
     def report(seconds: float) -> None:
-        tqdm.write(f"paper preset: about {_duration(seconds)} on this CPU (estimated from the first steps); "
+        tqdm.write(f"{config.preset} preset: about {_duration(seconds)} on this CPU (estimated from the first steps); "
                    f"--preset fast takes about {_duration(seconds * fast_share)}", file=sys.stderr)
 
     return report
