@@ -10,7 +10,8 @@ after every run.
     python benchmarks/isvit_accuracy.py [--preset fast] [--only w4a4 ...] [--threads 1] [--seed 0] [--calib-size 1024]
         [--qdrop P] [--outlier-ratio R] [--resume-from FILE] [--out results/isvit_accuracy.json]
 
-The ablation (W4/A4): post-Softmax quantizer SULQ vs log-sqrt2 vs uniform, without stage 1, without
+The options for low bits (``OPTIONS``: w3a3-fisher, w4a4-rotate, ...) each add one flag to the
+preset at W3/A3 and W4/A4. The ablation (W4/A4): post-Softmax quantizer SULQ vs log-sqrt2 vs uniform, without stage 1, without
 the reparameterisation (per-tensor post-LayerNorm quantizers from the start), without the outlier
 channels' own grid (one grid per tensor, as the paper has it). --qdrop and --outlier-ratio set
 those for every setting (a setting's own flag comes after and wins), e.g. `--qdrop 0
@@ -36,12 +37,25 @@ SETTINGS = {
     "w4a4-no-reparam": ["--w-bits", "4", "--a-bits", "4", "--no-reparam"],
     "w4a4-no-outlier-split": ["--w-bits", "4", "--a-bits", "4", "--outlier-ratio", "0"],
 }
+# The options for low bits (issue 10), one at a time on top of the preset, at W3/A3 and W4/A4.
+# "p999" is the preset without its activation percentiles below 0.999 (the fast preset before them).
+OPTIONS = {
+    "p999": ["--act-percentile", "0.999"],
+    "learn-scales": ["--learn-scales", "--scale-lr", "0.05"],
+    "offset": ["--rounding", "offset", "--round-lr", "0.03"],
+    "adaround": ["--rounding", "adaround"],
+    "fisher": ["--loss", "fisher"],
+    "rotate": ["--rotate"],
+}
+for _bits in ("3", "4"):
+    for _name, _flags in OPTIONS.items():
+        SETTINGS[f"w{_bits}a{_bits}-{_name}"] = ["--w-bits", _bits, "--a-bits", _bits, *_flags]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "results" / "isvit_accuracy.json"))
-    parser.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    parser.add_argument("--preset", default="fast", choices=["fast", "paper", "thorough"])
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
     parser.add_argument("--limit", type=int, help="evaluate on the first N images only (quick check)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")

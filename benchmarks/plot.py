@@ -1,6 +1,6 @@
 """The picture of the results: top-1 against bit-width per method on the shared ViT-Ti.
 
-    python benchmarks/plot.py [--accuracy results/accuracy.json] [--isvit results/isvit_accuracy.json]
+    python benchmarks/plot.py [--accuracy results/accuracy.json] [--isvit results/isvit_accuracy.json ...]
                               [--out docs/results.png]
 
 Needs matplotlib (``pip install -e ".[plot]"``). Reads the benchmarks' JSON, nothing else:
@@ -8,7 +8,8 @@ Needs matplotlib (``pip install -e ".[plot]"``). Reads the benchmarks' JSON, not
 - ``accuracy.json`` (benchmarks/accuracy.py, a list of CLI results): full precision (the ``fp32``
   entry), drawn as a horizontal line, and ``minmax`` and ``repq`` with their default bias correction;
 - ``isvit_accuracy.json`` (benchmarks/isvit_accuracy.py, ``{"preset/setting": CLI result}``): the
-  plain ``wNaN`` settings of each preset (one line per preset; the ablations are left out);
+  plain ``wNaN`` settings of each preset (one line per preset; the ablations are left out); with
+  several files, a later file's point replaces an earlier one's (newer runs of the same setting);
 - the peers' official code on the same files (``accuracy.OFFICIAL``), drawn as markers.
 
 Entries without ``w_bits``, ``a_bits`` or ``top1``, or with weight and activation bits that differ,
@@ -111,11 +112,13 @@ def draw(series: dict[str, dict[int, float]], fp_top1: float | None, out: str | 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accuracy", default=str(ROOT / "results" / "accuracy.json"))
-    parser.add_argument("--isvit", default=str(ROOT / "results" / "isvit_accuracy.json"))
+    parser.add_argument("--isvit", nargs="+", default=[str(ROOT / "results" / "isvit_accuracy.json")])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.png"))
     args = parser.parse_args(argv)
     fp_top1, series = read_accuracy(args.accuracy)
-    series.update(read_isvit(args.isvit))
+    for path in args.isvit:
+        for label, points in read_isvit(path).items():
+            series.setdefault(label, {}).update(points)
     draw(series, fp_top1, args.out)
     print(f"wrote {args.out}")
 

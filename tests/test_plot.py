@@ -58,3 +58,15 @@ def test_draws_a_png(tmp_path, plot):  # matplotlib: in the test extra, as in th
     out = tmp_path / "docs" / "results.png"
     plot.draw({"repq": {4: 38.9, 6: 80.6}, "isvit (fast preset)": {3: 8.1, 4: 73.1, 6: 81.7}}, 82.6, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_a_later_isvit_file_replaces_the_points_it_has(tmp_path, plot, monkeypatch):
+    older, newer, accuracy = tmp_path / "old.json", tmp_path / "new.json", tmp_path / "accuracy.json"
+    older.write_text(json.dumps({f"fast/w{b}a{b}": cli_result("isvit", b, t, preset="fast")
+                                 for b, t in ((3, 8.1), (4, 73.1), (6, 81.7))}))
+    newer.write_text(json.dumps({"fast/w3a3": cli_result("isvit", 3, 20.0, preset="fast")}))
+    accuracy.write_text(json.dumps([cli_result("fp32", 32, 82.6)]))
+    drawn = {}
+    monkeypatch.setattr(plot, "draw", lambda series, fp_top1, out: drawn.update(series))
+    plot.main(["--accuracy", str(accuracy), "--isvit", str(older), str(newer), "--out", str(tmp_path / "p.png")])
+    assert drawn == {"isvit (fast preset)": {3: 20.0, 4: 73.1, 6: 81.7}}
