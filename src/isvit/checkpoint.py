@@ -216,6 +216,9 @@ def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = Fal
     value = metadata_json(metadata, "config", path, (dict, type(None)) if allow_none else dict)
     if value is None:
         return None
+    # Files written before a field existed were made without what it adds; its default now may differ
+    if "act_percentile" not in value:  # the activation grids were searched from 0.999
+        value["act_percentile"] = 0.999 if value.get("method") == "isvit" else None
     try:
         return QuantConfig(**value)
     except TypeError:
