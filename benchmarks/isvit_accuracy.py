@@ -10,7 +10,7 @@ after every run.
     python benchmarks/isvit_accuracy.py [--preset fast] [--only w4a4 ...] [--threads 1] [--seed 0] [--calib-size 1024]
         [--qdrop P] [--outlier-ratio R] [--resume-from FILE] [--out results/isvit_accuracy.json]
 
-The options for low bits (``OPTIONS``: w3a3-fisher, w4a4-rotate, ...) each add one flag to the
+The options for low bits (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag to the
 preset at W3/A3 and W4/A4. The ablation (W4/A4): post-Softmax quantizer SULQ vs log-sqrt2 vs uniform, without stage 1, without
 the reparameterisation (per-tensor post-LayerNorm quantizers from the start), without the outlier
 channels' own grid (one grid per tensor, as the paper has it). --qdrop and --outlier-ratio set
@@ -38,14 +38,15 @@ SETTINGS = {
     "w4a4-no-outlier-split": ["--w-bits", "4", "--a-bits", "4", "--outlier-ratio", "0"],
 }
 # The options for low bits (issue 10), one at a time on top of the preset, at W3/A3 and W4/A4.
-# "p999" is the preset without its activation percentiles below 0.999 (the fast preset before them).
+# "p999" and "no-rotate" take away what the fast and thorough presets do at <= 4 bits (activation
+# percentiles below 0.999, the rotation); the others add one option.
 OPTIONS = {
     "p999": ["--act-percentile", "0.999"],
+    "no-rotate": ["--no-rotate"],
     "learn-scales": ["--learn-scales", "--scale-lr", "0.05"],
     "offset": ["--rounding", "offset", "--round-lr", "0.03"],
     "adaround": ["--rounding", "adaround"],
     "fisher": ["--loss", "fisher"],
-    "rotate": ["--rotate"],
 }
 for _bits in ("3", "4"):
     for _name, _flags in OPTIONS.items():

@@ -76,7 +76,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
                          "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
                          "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
                          "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--outlier-ratio", "12", "--no-fp",
-                         "--json", str(out))
+                         "--no-rotate", "--act-percentile", "0.995", "--json", str(out))
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
@@ -84,7 +84,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     assert result["softmax_quantizer"] == "log2sqrt2" and result["learn_scales"] is True
     assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
     assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
-    assert "fp_top1" not in result
+    assert result["rotate"] is False and result["act_percentile"] == 0.995 and "fp_top1" not in result
 
     # and the flags did what they say, on the model:
     ((_, qmodel),) = quantized_by_cli

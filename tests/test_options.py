@@ -118,6 +118,16 @@ def test_learnt_rounding_lowers_the_loss_and_ends_on_the_grid(make, mode, lr):
     assert not any(name.endswith("rounding") for name, _ in unit.named_parameters())
 
 
+@pytest.mark.parametrize("rounding", ["adaround", "offset"])
+def test_a_unit_put_back_after_learnt_rounding_also_ends_on_its_grid(rounding):
+    # at learning rate 10 every unit ends worse than it started and is put back as it was
+    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=3, calib_size=16, lr=10.0,
+                         rounding=rounding, round_lr=10.0, stage1=False, rotate=False)
+    qmodel = isvit.quantize(small_vit(), images(16), config, progress=False)
+    layers = [m for m in qmodel.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled]
+    assert layers and all(on_grid(m) for m in layers)
+
+
 @pytest.mark.parametrize("spec, make", [(SMALL_VIT, small_vit), (SMALL_SWIN, small_swin)])
 def test_learnt_rounding_is_saved_as_its_codes_and_reloads_exactly(tmp_path, spec, make):
     model = make()

@@ -7,6 +7,7 @@ reloads bit-exactly from its checkpoint and exports to ONNX."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import onnx
@@ -300,15 +301,61 @@ def test_exported_rotated_model_computes_what_pytorch_computes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_config_carries_rotate():
-    assert isvit.QuantConfig().rotate is False
+    assert isvit.QuantConfig().rotate is None and isvit.QuantConfig().resolved_rotate is False  # repq: off
     for method in isvit.METHODS:
         assert isvit.QuantConfig(method=method, rotate=True).to_dict()["rotate"] is True
     with pytest.raises(IsvitError, match="rotate must be True or False"):
         isvit.QuantConfig(rotate="yes")
 
 
+@pytest.mark.parametrize("fields, rotated", [
+    ({"method": "isvit", "preset": "fast", "w_bits": 3, "a_bits": 3}, True),
+    ({"method": "isvit", "preset": "fast", "w_bits": 8, "a_bits": 4}, True),
+    ({"method": "isvit", "preset": "thorough", "w_bits": 4, "a_bits": 4}, True),
+    ({"method": "isvit", "preset": "fast", "w_bits": 6, "a_bits": 6}, False),
+    ({"method": "isvit", "preset": "paper", "w_bits": 4, "a_bits": 4}, False),  # the paper's method
+    ({"method": "repq", "preset": "fast", "w_bits": 4, "a_bits": 4}, False),  # the published peers
+    ({"method": "isvit", "preset": "fast", "w_bits": 4, "a_bits": 4, "rotate": False}, False),
+    ({"method": "minmax", "w_bits": 6, "a_bits": 6, "rotate": True}, True),
+])
+def test_the_fast_and_thorough_presets_rotate_at_low_bits(fields, rotated):
+    config = isvit.QuantConfig(**fields)
+    assert config.resolved_rotate is rotated and config.to_dict()["rotate"] is rotated
+    assert isvit.QuantConfig(**config.to_dict()).resolved_rotate is rotated  # as a checkpoint rebuilds it
+
+
+def test_a_preset_rotation_the_model_cannot_carry_says_how_to_go_without():
+    model = small_vit()
+    model.global_pool = "max"
+    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=2, iters=1)
+    with pytest.raises(IsvitError, match="average pooling.*the fast preset rotates at <= 4 bits: pass --no-rotate"):
+        isvit.quantize(model, images(2, seed=0), config, progress=False)
+    with pytest.raises(IsvitError, match="average pooling") as error:  # asked for: the sentence as it is
+        isvit.quantize(model, images(2, seed=0), dataclasses.replace(config, rotate=True), progress=False)
+    assert "--no-rotate" not in str(error.value)
+
+
+def test_a_file_from_before_rotate_existed_is_rebuilt_unrotated(tmp_path):
+    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=4, iters=1, batch_size=2,
+                               rotate=False)
+    model = isvit.quantize(small_vit(), images(4, seed=0), config, progress=False)
+    path = tmp_path / "q.safetensors"
+    save_quantized(model, path, model_name=SMALL_VIT[0], config=config, data_config={"input_size": [3, 64, 64]},
+                   model_args=SMALL_VIT[1])
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
+    stored = json.loads(metadata["config"])
+    del stored["rotate"]  # as written before rotation existed
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(stored)})
+    rebuilt, info = load_quantized(path)
+    assert info["config"].resolved_rotate is False
+    x = images(2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
 @pytest.mark.skipif(not VIT_TINY_WEIGHTS.is_file(), reason="../shared is not present")
-@pytest.mark.parametrize("flag, expected", [("--rotate", True), (None, False)])
+@pytest.mark.parametrize("flag, expected", [("--rotate", True), ("--no-rotate", False), (None, None)])
 def test_cli_rotate_flag_reaches_the_config(monkeypatch, capsys, flag, expected):
     seen = []
 

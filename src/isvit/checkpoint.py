@@ -219,6 +219,7 @@ def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = Fal
     # Files written before a field existed were made without what it adds; its default now may differ
     if "act_percentile" not in value:  # the activation grids were searched from 0.999
         value["act_percentile"] = 0.999 if value.get("method") == "isvit" else None
+    value.setdefault("rotate", False)  # not rotated
     try:
         return QuantConfig(**value)
     except TypeError:
@@ -247,7 +248,7 @@ def _build_model(name: str, model_args: dict, config: QuantConfig, path: Path) -
         model = timm.create_model(name, pretrained=False, **model_args)
     except Exception as exc:  # timm raises TypeError/ValueError/AssertionError for bad arguments
         raise IsvitError(f"cannot build the {name} architecture with the arguments in {path} ({type(exc).__name__})") from exc
-    if config.rotate:  # the same modules as the saved model's (its weights come from the file)
+    if config.resolved_rotate:  # the same modules as the saved model's (its weights come from the file)
         rotate_model(model, seed=config.seed)
     return wrap_model(model, placement_for(config))
 

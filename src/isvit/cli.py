@@ -84,7 +84,8 @@ DATA_HELP = "evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG"
 PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
     "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
-    "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32; ViT-Ti W4/A4 about 10 "
+    "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
+    "rotation and activation percentiles from 0.99; ViT-Ti W4/A4 about 10 "
     "minutes on 2 CPU cores (618 s of calibration measured), on one GPU not measured. thorough: for GPUs, the fast "
     "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above; ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
     "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
@@ -141,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-tensor Linear inputs put the channels whose peak exceeds R times the median "
                          "channel's on a grid of their own; 0 is off (default: the method's)")
     qu.add_argument("--act-percentile", type=float, metavar="P",
-                    help="lowest clipping percentile searched for activation grids, e.g. 0.99 (default 0.999)")
-    qu.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=False,
+                    help="lowest clipping percentile searched for activation grids, e.g. 0.99 (default: 0.99 for "
+                         "isvit's fast and thorough presets at <= 4 bits, otherwise 0.999)")
+    qu.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="rotate the residual stream and every attention head by random Hadamard matrices "
-                         "first (exact in full precision, nothing added at inference; default: off)")
+                         "first (exact in full precision, nothing added at inference; default: on for isvit's "
+                         "fast and thorough presets at <= 4 bits, otherwise off)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
     sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
     sos.add_argument("--preset", choices=PRESETS, default="paper", help=PRESET_HELP)

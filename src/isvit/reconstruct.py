@@ -153,6 +153,15 @@ def rounded_layers(unit: nn.Module) -> list[nn.Module]:
     ]
 
 
+@torch.no_grad()
+def snap_to_grid(unit: nn.Module) -> None:
+    """Put every weight of ``rounded_layers(unit)`` on its grid (round to nearest), as learnt
+    rounding leaves the weights of the units it trained: a unit put back as it was before training
+    then also ends on exact codes (its forward pass does not change: it rounded the same way)."""
+    for m in rounded_layers(unit):
+        m.weight.copy_(m.weight_quantizer(m.weight))
+
+
 def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
     """The regulariser's exponent at ``step`` (None during the warm-up: no regulariser yet):
     linear from ``round_beta[0]`` after the warm-up to ``round_beta[1]`` at the last step."""
