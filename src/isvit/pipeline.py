@@ -79,8 +79,9 @@ DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
 # activation grids searched down to the 0.99 percentile at <= 4 bits lowered it at W3/A3 from 4.42
 # to 3.40 (top-1 5.56 -> 17.78) and at W4/A4 from 0.57 to 0.47 (top-1 73.33 -> 74.44).
 # "thorough": the fast preset's recipe with the later methods' GPU budget (3000 iterations per unit
-# at <= 4 bits, 1000 above); a longer schedule kept lowering a block's held-out loss (ViT-Ti block
-# 3 at W3/A3: 31.9 after 60 iterations, 27.0 after 200, 24.4 after 600). Not run end to end here.
+# at <= 4 bits, 1000 above); a longer schedule kept lowering a block's held-out loss (ViT-Ti's
+# blocks.2 at W3/A3, benchmarks/unit_probe.py: 31.9 after 60 iterations, 27.0 after 200, 24.4 after
+# 600). Not run end to end here.
 # "act_percentile_low_bits": the lowest activation clipping percentile searched at <= 4 bits
 # (None: ACTIVATION_PERCENTILES' 0.999); above 4 bits every preset searches from 0.999.
 # "rotate_low_bits": the model is rotated first at <= 4 bits (rotate.py): held-out W3/A3 KL 3.40 ->

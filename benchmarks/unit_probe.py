@@ -1,0 +1,112 @@
+"""One block of the shared ViT-Ti trained alone with various reconstruction settings: its loss on
+calibration images it did not train on. Cheap (minutes), so options are compared here first.
+
+    python benchmarks/unit_probe.py --block 2 --bits 3 --threads 1 \
+        --set '{}' --set '{"rounding": "offset", "round_lr": 0.03}' --set '{"iters": 600, "learn_scales": true}'
+
+The model is quantized as isvit does before stage 1 (activation grids on 64 images, the fold, weight
+grids) on the calibration part of tune_heldout.py's split of imagenet-calib-1000 (640 images, split
+seed 123); the block's full-precision inputs and targets are cached for 512 of them. Each ``--set``
+(JSON: ReconstructionSettings fields over the fast preset's iters=60, batch_size=32, lr=5e-4,
+loss=token, drop_prob=0.5) trains the block from the same start on the first 384 images; the
+"token" loss is reported on the other 128 before and after, with the mean of the last five training
+losses and, for learnt rounding, the share of rounding variables still between 0.05 and 0.95 just
+before they are made hard. One JSON line per setting, also appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import time
+
+import torch
+
+import isvit
+from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
+from isvit.quantizers import UniformQuantizer
+from isvit.reconstruct import ReconstructionSettings, output_importance, reconstruct_unit, reconstruction_loss, run_unit
+from isvit.wrap import forward_units, wrap_model
+
+from tune_heldout import SHARED, heldout_split  # benchmarks/tune_heldout.py
+
+BASE = {"iters": 60, "batch_size": 32, "lr": 5e-4, "loss": "token", "drop_prob": 0.5}
+
+
+def undecided_share(record: list[float]):
+    """Wraps UniformQuantizer.finish_learnt_rounding so that each call appends the share of soft
+    rounding values still undecided (between 0.05 and 0.95) to ``record``; returns the original."""
+    original = UniformQuantizer.finish_learnt_rounding
+
+    def finish(self, weight):
+        if self._parameters.get("rounding") is not None and hasattr(self, "soft_rounding"):
+            h = self.soft_rounding().detach()
+            record.append(((h > 0.05) & (h < 0.95)).float().mean().item())
+        return original(self, weight)
+
+    UniformQuantizer.finish_learnt_rounding = finish
+    return original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--block", type=int, default=2, help="transformer block, blocks.N (0-11; default 2)")
+    parser.add_argument("--bits", type=int, default=3, help="weight and activation bits (default 3)")
+    parser.add_argument("--set", action="append", default=[], dest="settings", help="JSON settings (repeatable)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
+    parser.add_argument("--out", help="append the JSON lines here too")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    (calib, _), _ = heldout_split(model, args.cache)
+    train, check = calib[:384], calib[384:512]
+    config = isvit.QuantConfig(method="isvit", w_bits=args.bits, a_bits=args.bits, preset="fast", rotate=False,
+                               act_percentile=0.999)
+    qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
+    set_quantizers(qmodel, False, "weight")
+    calibrate_activations(qmodel, calib[:64])
+    fold_post_layernorm(qmodel)
+    set_quantizers(qmodel, True, "weight")
+    calibrate_weights(qmodel)
+    fp_units, q_units = forward_units(model), forward_units(qmodel)
+    unit_index = args.block + 1  # forward_units: the patch embedding first
+    x = torch.cat([train, check])
+    for unit in fp_units[:unit_index]:
+        x = run_unit(unit, x, "cpu", 64, torch.float32, "cpu")
+    inputs, targets = x, run_unit(fp_units[unit_index], x, "cpu", 64, torch.float32, "cpu")
+    unit = q_units[unit_index]
+    start_state = copy.deepcopy(unit.state_dict())
+    importance = None
+    record: list[float] = []
+    undecided_share(record)
+    for text in args.settings or ["{}"]:
+        extra = json.loads(text)
+        settings = ReconstructionSettings(**{**BASE, **extra})
+        if settings.loss == "fisher" and importance is None:
+            importance = output_importance(fp_units, train, "cpu", 32, args.seed)[unit_index]
+        unit.load_state_dict(start_state)
+        record.clear()
+        before = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
+        t0 = time.perf_counter()
+        losses = reconstruct_unit(unit, inputs[:384], targets[:384], settings, "cpu",
+                                  importance=importance if settings.loss == "fisher" else None, progress=False)
+        seconds = time.perf_counter() - t0
+        after = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
+        row = {"block": args.block, "bits": args.bits, "settings": {**BASE, **extra}, "before": round(before, 3),
+               "after": round(after, 3), "train_last": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 3),
+               "undecided": [round(v, 3) for v in record], "seconds": round(seconds, 1), "threads": args.threads,
+               "date": datetime.date.today().isoformat()}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
