@@ -16,25 +16,17 @@ the machine go to --out as JSON.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 
 import isvit
-from isvit.pipeline import (
-    QuantConfig,
-    calibrate_activations,
-    calibrate_weights,
-    fold_post_layernorm,
-    placement_for,
-    set_quantizers,
-)
+from isvit.pipeline import QuantConfig
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
-from isvit.wrap import forward_units, wrap_model
+from isvit.wrap import forward_units
 
-from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json
+from record import CALIB, MODEL, ROOT, WEIGHTS, environment, untrained_isvit, write_json
 
 
 def main() -> None:
@@ -52,13 +44,8 @@ def main() -> None:
     model = isvit.create_model(MODEL, ROOT / WEIGHTS)
     transform = isvit.build_transform(isvit.resolve_data_config(model))
     images = isvit.load_calibration_images(ROOT / CALIB, transform, 128, seed=0, progress=False)
-    fp = copy.deepcopy(model)
-    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
-    set_quantizers(q, False, "weight")
-    calibrate_activations(q, images[:64])
-    fold_post_layernorm(q)
-    set_quantizers(q, True, "weight")
-    calibrate_weights(q)
+    fp = model
+    q = untrained_isvit(model, QuantConfig(method="isvit", w_bits=4, a_bits=4), images[:64])
     units, fp_units = forward_units(q), forward_units(fp)
     x = run_unit(fp_units[0], images, "cpu", 64, torch.float32, "cpu")
     y = run_unit(fp_units[1], x, "cpu", 64, torch.float32, "cpu")

@@ -95,3 +95,27 @@ def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) 
         result = json.loads(out.read_text())
     cpu = {k: v for k, v in cpu_info().items() if k != "load_average"}
     return {**result, "command": args, "date": datetime.date.today().isoformat(), "cpu": cpu}
+
+
+def untrained_isvit(model, config, images):
+    """A wrapped copy of ``model`` quantized as ``isvit`` has it before stage 3, with no training:
+    activation grids fitted on ``images``, the fold of the post-LayerNorm grids, weight grids. For
+    the benchmarks that train one block alone (recon_speed.py, unit_probe.py)."""
+    import copy
+
+    from isvit.pipeline import (
+        calibrate_activations,
+        calibrate_weights,
+        fold_post_layernorm,
+        placement_for,
+        set_quantizers,
+    )
+    from isvit.wrap import wrap_model
+
+    qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
+    set_quantizers(qmodel, False, "weight")
+    calibrate_activations(qmodel, images)
+    fold_post_layernorm(qmodel)
+    set_quantizers(qmodel, True, "weight")
+    calibrate_weights(qmodel)
+    return qmodel

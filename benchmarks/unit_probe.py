@@ -25,11 +25,11 @@ import time
 import torch
 
 import isvit
-from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
 from isvit.quantizers import UniformQuantizer
 from isvit.reconstruct import ReconstructionSettings, output_importance, reconstruct_unit, reconstruction_loss, run_unit
-from isvit.wrap import forward_units, wrap_model
+from isvit.wrap import forward_units
 
+from record import untrained_isvit  # benchmarks/record.py
 from tune_heldout import SHARED, heldout_split  # benchmarks/tune_heldout.py
 
 BASE = {"iters": 60, "batch_size": 32, "lr": 5e-4, "loss": "token", "drop_prob": 0.5}
@@ -68,12 +68,7 @@ def main() -> None:
     train, check = calib[:384], calib[384:512]
     config = isvit.QuantConfig(method="isvit", w_bits=args.bits, a_bits=args.bits, preset="fast", rotate=False,
                                act_percentile=0.999)
-    qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
-    set_quantizers(qmodel, False, "weight")
-    calibrate_activations(qmodel, calib[:64])
-    fold_post_layernorm(qmodel)
-    set_quantizers(qmodel, True, "weight")
-    calibrate_weights(qmodel)
+    qmodel = untrained_isvit(model, config, calib[:64])
     fp_units, q_units = forward_units(model), forward_units(qmodel)
     unit_index = args.block + 1  # forward_units: the patch embedding first
     x = torch.cat([train, check])
