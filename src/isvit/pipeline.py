@@ -198,22 +198,20 @@ class QuantConfig:
     def resolved_outlier_ratio(self) -> float:
         return self.outlier_ratio if self.outlier_ratio is not None else DEFAULT_OUTLIER_RATIO[self.method]
 
+    def _low_bits_default(self, key: str):
+        """The preset's ``key`` for ``isvit`` at <= 4 bits (the presets' "..._low_bits" entries), else None."""
+        return PRESETS[self.preset][key] if self.method == "isvit" and min(self.w_bits, self.a_bits) <= 4 else None
+
     @property
     def resolved_act_percentile(self) -> float | None:
         """The lowest activation clipping percentile searched: the one given, else for ``isvit`` at
         <= 4 bits its preset's; None (ACTIVATION_PERCENTILES' lowest, 0.999) otherwise."""
-        if self.act_percentile is not None:
-            return self.act_percentile
-        if self.method == "isvit" and min(self.w_bits, self.a_bits) <= 4:
-            return PRESETS[self.preset]["act_percentile_low_bits"]
-        return None
+        return self.act_percentile if self.act_percentile is not None else self._low_bits_default("act_percentile_low_bits")
 
     @property
     def resolved_rotate(self) -> bool:
         """Whether the model is rotated first: as given, else for ``isvit`` at <= 4 bits as its preset says."""
-        if self.rotate is not None:
-            return self.rotate
-        return self.method == "isvit" and min(self.w_bits, self.a_bits) <= 4 and PRESETS[self.preset]["rotate_low_bits"]
+        return self.rotate if self.rotate is not None else bool(self._low_bits_default("rotate_low_bits"))
 
     @property
     def activation_percentiles(self) -> tuple[float, ...]:
