@@ -26,7 +26,6 @@ on the next run with the same settings, so the table can be redone without retra
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import time
@@ -36,12 +35,12 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized, save_quantized
-from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
 from isvit.quantizers import UniformQuantizer, named_quantizers
 from isvit.reconstruct import reconstruction_loss, run_unit
-from isvit.wrap import forward_units, wrap_model
+from isvit.wrap import forward_units
 
 from quantizer_groups import GROUPS, only, score  # benchmarks/quantizer_groups.py
+from record import untrained_isvit  # benchmarks/record.py
 from tune_heldout import SHARED, heldout_split, logits_of, parse_setting  # benchmarks/tune_heldout.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +75,7 @@ def raise_bits(qmodel, pattern: str, bits: int, calib: torch.Tensor) -> list[str
 @torch.no_grad()
 def per_block_errors(model, calib, config) -> dict:
     """{block: {group: token loss with only that group quantized}} before training (see the docstring)."""
-    qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
-    set_quantizers(qmodel, False, "weight")
-    calibrate_activations(qmodel, calib[: config.init_size])
-    if config.reparameterize:
-        fold_post_layernorm(qmodel)
-    set_quantizers(qmodel, True, "weight")
-    calibrate_weights(qmodel)
+    qmodel = untrained_isvit(model, config, calib[: config.init_size])
     x = calib[-128:]
     rows = {}
     for fp_unit, q_unit in zip(forward_units(model), forward_units(qmodel)):

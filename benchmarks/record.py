@@ -99,8 +99,10 @@ def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) 
 
 def untrained_isvit(model, config, images):
     """A wrapped copy of ``model`` quantized as ``isvit`` has it before stage 3, with no training:
-    activation grids fitted on ``images``, the fold of the post-LayerNorm grids, weight grids. For
-    the benchmarks that train one block alone (recon_speed.py, unit_probe.py)."""
+    activation grids fitted on ``images``, the fold of the post-LayerNorm grids (unless
+    ``config.reparameterize`` is off), weight grids. For the benchmarks that look at one block alone
+    (recon_speed.py, unit_probe.py, bit_groups.py --per-block), whose full-precision targets come
+    from ``model`` itself: a config that rotates is refused (its blocks would work in another basis)."""
     import copy
 
     from isvit.pipeline import (
@@ -112,10 +114,13 @@ def untrained_isvit(model, config, images):
     )
     from isvit.wrap import wrap_model
 
+    if config.resolved_rotate:
+        raise SystemExit("this benchmark compares blocks with the unrotated model: add rotate=False to its settings")
     qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
     set_quantizers(qmodel, False, "weight")
     calibrate_activations(qmodel, images)
-    fold_post_layernorm(qmodel)
+    if config.reparameterize:
+        fold_post_layernorm(qmodel)
     set_quantizers(qmodel, True, "weight")
     calibrate_weights(qmodel)
     return qmodel
