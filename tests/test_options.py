@@ -303,3 +303,15 @@ def test_the_options_reach_the_reconstruction_settings():
     assert settings["rounding"] == "offset" and settings["round_lr"] == 0.03 and settings["round_reg"] == 0.5
     assert settings["scale_lr"] == 1e-2 and settings["learn_scales"] and settings["loss"] == "fisher"
     assert config.to_dict()["rounding"] == "offset"
+
+
+@pytest.mark.parametrize("preset, rounding, lr, reg", [
+    ("fast", "adaround", 0.3, 1000.0), ("fast", "offset", 0.03, 1000.0), ("fast", "ste", None, 1000.0),
+    ("paper", "adaround", 1e-2, 0.1), ("thorough", "offset", 1e-2, 0.1),
+])
+def test_each_learnt_rounding_takes_its_own_learning_rate_from_the_preset(preset, rounding, lr, reg):
+    config = QuantConfig(method="isvit", preset=preset, rounding=rounding)
+    settings = config.reconstruction()
+    assert (settings["rounding"], settings["round_lr"], settings["round_reg"]) == (rounding, lr, reg)
+    # the resolved config, saved and rebuilt (as a checkpoint does), resolves the same way
+    assert QuantConfig(**config.to_dict()).reconstruction() == settings
