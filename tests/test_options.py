@@ -289,6 +289,21 @@ def test_the_lowest_activation_percentile_comes_from_the_preset_at_low_bits(fiel
     assert QuantConfig(**config.to_dict()).activation_percentiles == expected
 
 
+@pytest.mark.parametrize("fields, loss", [
+    ({"preset": "fast", "w_bits": 3, "a_bits": 3}, "fisher"),
+    ({"preset": "fast", "w_bits": 8, "a_bits": 4}, "fisher"),  # the lower of the two bit-widths
+    ({"preset": "thorough", "w_bits": 4, "a_bits": 4}, "fisher"),
+    ({"preset": "fast", "w_bits": 6, "a_bits": 6}, "token"),
+    ({"preset": "paper", "w_bits": 3, "a_bits": 3}, "mse"),  # the paper's loss
+    ({"preset": "fast", "w_bits": 3, "a_bits": 3, "loss": "token"}, "token"),  # off
+])
+def test_the_fast_and_thorough_presets_weight_the_loss_by_fisher_importance_at_low_bits(fields, loss):
+    config = QuantConfig(method="isvit", **fields)
+    assert config.reconstruction()["loss"] == loss and config.to_dict()["loss"] == loss
+    # the resolved config, saved and rebuilt (as a checkpoint does), trains with the same loss
+    assert QuantConfig(**config.to_dict()).reconstruction()["loss"] == loss
+
+
 @pytest.mark.parametrize("field, value", [("rounding", "nearest"), ("round_lr", 0.0), ("round_reg", -1.0),
                                           ("scale_lr", -1e-3), ("act_percentile", 0.5), ("loss", "kl")])
 def test_bad_option_values_are_refused_in_one_sentence(field, value):

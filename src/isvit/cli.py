@@ -85,7 +85,7 @@ PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
     "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
     "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
-    "rotation and activation percentiles from 0.99; ViT-Ti W4/A4 about 10 "
+    "rotation, activation percentiles from 0.99 and the Fisher-weighted loss; ViT-Ti W4/A4 about 10 "
     "minutes on 2 CPU cores (618 s of calibration measured), on one GPU not measured. thorough: for GPUs, the fast "
     "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above; ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
     "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sos.add_argument("--loss", choices=LOSSES,
                      help="reconstruction loss: mse (the paper's), token (each token's error relative to its "
                           "variance, as the next LayerNorm sees it) or fisher (token, each output weighted by its "
-                          "Fisher importance for the final prediction) (default: the preset's)")
+                          "Fisher importance for the final prediction) (default: the preset's; fisher in the fast and thorough "
+                          "presets at <= 4 bits)")
     sos.add_argument("--rounding", choices=ROUNDINGS,
                      help="stage 3 trains: ste (the latent weights through the rounding, the paper's), adaround "
                           "(learnt rounding, annealed) or offset (learnt rounding through the straight-through "
