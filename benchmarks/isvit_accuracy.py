@@ -38,8 +38,10 @@ SETTINGS = {
     "w4a4-no-outlier-split": ["--w-bits", "4", "--a-bits", "4", "--outlier-ratio", "0"],
 }
 # The options for low bits (issue 10), one at a time on top of the preset, at W3/A3 and W4/A4.
-# "p999" and "no-rotate" take away what the fast and thorough presets do at <= 4 bits (activation
-# percentiles below 0.999, the rotation); the others add one option.
+# "p999", "no-rotate" and "token" take away what the fast and thorough presets do at <= 4 bits
+# (activation percentiles below 0.999, the rotation, the Fisher-weighted loss); the others add one
+# option. "fisher" gives the preset's own loss explicitly: it measured the Fisher loss before it
+# became the preset's (the same model as the plain setting now).
 OPTIONS = {
     "p999": ["--act-percentile", "0.999"],
     "no-rotate": ["--no-rotate"],
@@ -49,6 +51,7 @@ OPTIONS = {
     # iterations the preset's 0.01 and 0.1 leave 89% of the rounding variables undecided
     "adaround": ["--rounding", "adaround", "--round-lr", "0.3", "--round-reg", "1000"],
     "fisher": ["--loss", "fisher"],
+    "token": ["--loss", "token"],
 }
 for _bits in ("3", "4"):
     for _name, _flags in OPTIONS.items():
