@@ -311,7 +311,11 @@ def test_quant_config_rejects_a_drop_probability_outside_0_1(p):
 def test_the_thorough_preset_is_the_fast_recipe_with_the_gpu_budget(bits, iters):
     thorough = QuantConfig(method="isvit", preset="thorough", w_bits=bits, a_bits=bits)
     fast = QuantConfig(method="isvit", preset="fast", w_bits=bits, a_bits=bits)
-    assert thorough.reconstruction() == {**fast.reconstruction(), "iters": iters}
+    # the same recipe, but for its iterations and learnt rounding's step sizes (made for a long schedule)
+    long = {"iters": iters, "round_lr": None, "round_reg": 0.1}
+    assert thorough.reconstruction() == {**fast.reconstruction(), **long}
+    for rounding in ("adaround", "offset"):
+        assert dataclasses.replace(thorough, rounding=rounding).reconstruction()["round_lr"] == 1e-2
     assert thorough.activation_percentiles == fast.activation_percentiles
     assert QuantConfig(method="isvit", preset="thorough", iters=5).reconstruction()["iters"] == 5
 
