@@ -47,8 +47,8 @@ OPTIONS = {
     "no-rotate": ["--no-rotate"],
     "learn-scales": ["--learn-scales", "--scale-lr", "0.05"],
     "offset": ["--rounding", "offset", "--round-lr", "0.03"],
-    # round-lr and round-reg chosen on one block (unit_probe.py, calibration images only): at 60
-    # iterations the preset's 0.01 and 0.1 leave 89% of the rounding variables undecided
+    # the fast preset's own round-lr and round-reg (chosen on one block, unit_probe.py), given
+    # explicitly so that the row reruns the same if the preset's change
     "adaround": ["--rounding", "adaround", "--round-lr", "0.3", "--round-reg", "1000"],
     "fisher": ["--loss", "fisher"],
     "token": ["--loss", "token"],
