@@ -38,10 +38,11 @@ SETTINGS = {
     "w4a4-no-outlier-split": ["--w-bits", "4", "--a-bits", "4", "--outlier-ratio", "0"],
 }
 # The options for low bits (issue 10), one at a time on top of the preset, at W3/A3 and W4/A4.
-# "p999", "no-rotate" and "token" take away what the fast and thorough presets do at <= 4 bits
-# (activation percentiles below 0.999, the rotation, the Fisher-weighted loss); the others add one
-# option. "fisher" gives the preset's own loss explicitly: it measured the Fisher loss before it
-# became the preset's (the same model as the plain setting now).
+# "p999", "no-rotate", "token" and "ste" take away what the fast preset does at <= 4 bits (activation
+# percentiles below 0.999, the rotation, the Fisher-weighted loss, learnt rounding offsets); the
+# others add one option. "fisher" and "offset" give the preset's own loss and rounding explicitly:
+# they measured each before it became the preset's (the same model as the plain setting now). A row
+# measures the code of its day: --resume-from matches rows by command line only.
 OPTIONS = {
     "p999": ["--act-percentile", "0.999"],
     "no-rotate": ["--no-rotate"],
@@ -52,6 +53,7 @@ OPTIONS = {
     "adaround": ["--rounding", "adaround", "--round-lr", "0.3", "--round-reg", "1000"],
     "fisher": ["--loss", "fisher"],
     "token": ["--loss", "token"],
+    "ste": ["--rounding", "ste"],
 }
 for _bits in ("3", "4"):
     for _name, _flags in OPTIONS.items():

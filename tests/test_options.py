@@ -304,6 +304,25 @@ def test_the_fast_and_thorough_presets_weight_the_loss_by_fisher_importance_at_l
     assert QuantConfig(**config.to_dict()).reconstruction()["loss"] == loss
 
 
+@pytest.mark.parametrize("fields, rounding, round_lr", [
+    ({"preset": "fast", "w_bits": 3, "a_bits": 3}, "offset", 0.03),
+    ({"preset": "fast", "w_bits": 8, "a_bits": 4}, "offset", 0.03),  # the lower of the two bit-widths
+    ({"preset": "fast", "w_bits": 6, "a_bits": 6}, "ste", None),
+    ({"preset": "thorough", "w_bits": 3, "a_bits": 3}, "ste", None),  # the long schedule's latent weights
+    ({"preset": "paper", "w_bits": 3, "a_bits": 3}, "ste", None),  # the paper's
+    ({"preset": "fast", "w_bits": 3, "a_bits": 3, "rounding": "ste"}, "ste", None),  # off
+    ({"preset": "fast", "w_bits": 4, "a_bits": 4, "rounding": "adaround"}, "adaround", 0.3),
+])
+def test_the_fast_preset_learns_rounding_offsets_at_low_bits(fields, rounding, round_lr):
+    config = QuantConfig(method="isvit", **fields)
+    settings = config.reconstruction()
+    assert (settings["rounding"], settings["round_lr"]) == (rounding, round_lr)
+    assert (config.to_dict()["rounding"], config.to_dict()["round_lr"]) == (rounding, round_lr)
+    # the resolved config, saved and rebuilt (as a checkpoint does), trains the same way
+    rebuilt = QuantConfig(**config.to_dict()).reconstruction()
+    assert (rebuilt["rounding"], rebuilt["round_lr"]) == (rounding, round_lr)
+
+
 @pytest.mark.parametrize("field, value", [("rounding", "nearest"), ("round_lr", 0.0), ("round_reg", -1.0),
                                           ("scale_lr", -1e-3), ("act_percentile", 0.5), ("loss", "kl")])
 def test_bad_option_values_are_refused_in_one_sentence(field, value):

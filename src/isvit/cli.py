@@ -85,9 +85,9 @@ PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
     "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
     "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
-    "rotation, activation percentiles from 0.99 and the Fisher-weighted loss; ViT-Ti on 2 CPU cores: "
+    "rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets; ViT-Ti on 2 CPU cores: "
     "calibration 645 s at W3/A3, 510 s at W4/A4, 315 s at W6/A6 (measured), on one GPU not measured. thorough: for GPUs, the fast "
-    "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above; ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
+    "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, training the latent weights (ste); ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
     "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
 )
 
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sos.add_argument("--rounding", choices=ROUNDINGS,
                      help="stage 3 trains: ste (the latent weights through the rounding, the paper's), adaround "
                           "(learnt rounding, annealed) or offset (learnt rounding through the straight-through "
-                          "estimator) (default: the preset's)")
+                          "estimator) (default: the preset's; offset in the fast preset at <= 4 bits, otherwise ste)")
     sos.add_argument("--round-lr", type=float, help="learning rate of the learnt rounding (default: the preset's for the --rounding given: "
                                                          "fast 0.3 adaround, 0.03 offset; paper and thorough 0.01)")
     sos.add_argument("--round-reg", type=float, help="weight of AdaRound's regulariser (default: the preset's: fast 1000, paper and thorough 0.1)")
