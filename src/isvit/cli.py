@@ -86,7 +86,7 @@ PRESET_HELP = (
     "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
     "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
     "rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets; ViT-Ti on 2 CPU cores: "
-    "calibration 645 s at W3/A3, 510 s at W4/A4, 315 s at W6/A6 (measured), on one GPU not measured. thorough: for GPUs, the fast "
+    "calibration 602 s at W3/A3, 607 s at W4/A4, 315 s at W6/A6 (measured), on one GPU not measured. thorough: for GPUs, the fast "
     "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, training the latent weights (ste); ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
     "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
 )
