@@ -129,18 +129,21 @@ def test_a_unit_put_back_after_learnt_rounding_also_ends_on_its_grid(rounding):
 
 
 @pytest.mark.parametrize("spec, make", [(SMALL_VIT, small_vit), (SMALL_SWIN, small_swin)])
-def test_learnt_rounding_is_saved_as_its_codes_and_reloads_exactly(tmp_path, spec, make):
+@pytest.mark.parametrize("fields, rounding", [
+    ({"rounding": "adaround", "round_lr": 0.1}, "adaround"),
+    ({}, "offset"),  # the fast preset's own at 3 bits
+])
+def test_learnt_rounding_is_saved_as_its_codes_and_reloads_exactly(tmp_path, spec, make, fields, rounding):
     model = make()
     x = images(32)
-    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=8, calib_size=32,
-                         rounding="adaround", round_lr=0.1)
+    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=8, calib_size=32, **fields)
     qmodel = isvit.quantize(model, x, config, progress=False)
     layers = [m for m in qmodel.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled]
-    assert all(on_grid(m) for m in layers)
-    path = tmp_path / "adaround.safetensors"
+    assert layers and all(on_grid(m) for m in layers)
+    path = tmp_path / "rounded.safetensors"
     save_quantized(qmodel, path, model_name=spec[0], config=config, data_config={}, model_args=spec[1])
     rebuilt, info = load_quantized(path)
-    assert info["config"].rounding == "adaround"
+    assert info["config"].reconstruction()["rounding"] == rounding
     with torch.no_grad():
         assert torch.equal(rebuilt(x), qmodel(x))
     for name, m in rebuilt.named_modules():
