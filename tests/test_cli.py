@@ -76,7 +76,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
                          "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
                          "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
                          "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--outlier-ratio", "12", "--no-fp",
-                         "--no-rotate", "--act-percentile", "0.995", "--json", str(out))
+                         "--no-rotate", "--act-percentile", "0.995", "--rounding", "ste", "--json", str(out))
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
@@ -85,6 +85,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
     assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
     assert result["rotate"] is False and result["act_percentile"] == 0.995 and "fp_top1" not in result
+    assert result["rounding"] == "ste" and result["round_lr"] is None  # the latent weights, not the preset's offsets
 
     # and the flags did what they say, on the model:
     ((_, qmodel),) = quantized_by_cli
@@ -97,7 +98,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
         assert torch.equal(call["before"]["norm1.weight"], fp_block.norm1.weight)
         assert torch.equal(call["before"]["norm2.bias"], fp_block.norm2.bias)
         assert call["before"]["attn.qkv.input_quantizer.scale"].numel() == 1
-        # --learn-scales: the weights' grids moved in training
+        # --learn-scales with --rounding ste: the weights' grids moved in training
         assert not torch.equal(call["before"]["mlp.fc1.weight_quantizer.scale"], call["after"]["mlp.fc1.weight_quantizer.scale"])
     assert all(type(block.attn.av.a_quantizer) is LogSqrt2Quantizer for block in qmodel.blocks)
     assert not any(block.mlp.fc1.input_quantizer.per_channel for block in qmodel.blocks)
