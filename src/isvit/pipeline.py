@@ -79,9 +79,9 @@ DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
 # activation grids searched down to the 0.99 percentile at <= 4 bits lowered it at W3/A3 from 4.42
 # to 3.40 (top-1 5.56 -> 17.78) and at W4/A4 from 0.57 to 0.47 (top-1 73.33 -> 74.44).
 # "thorough": the fast preset's recipe with the later methods' GPU budget (3000 iterations per unit
-# at <= 4 bits, 1000 above), but training the latent weights (see "rounding_low_bits"); a longer schedule kept lowering a block's held-out loss (ViT-Ti's
-# blocks.2 at W3/A3, benchmarks/unit_probe.py: 31.9 after 60 iterations, 27.0 after 200, 24.4 after
-# 600). Not run end to end here.
+# at <= 4 bits, 1000 above), but training the latent weights (see "rounding_low_bits"); a longer
+# schedule kept lowering a block's held-out loss (ViT-Ti's blocks.2 at W3/A3, benchmarks/unit_probe.py:
+# 31.9 after 60 iterations, 27.0 after 200, 24.4 after 600). Not run end to end here.
 # "loss_low_bits": the reconstruction loss at <= 4 bits (None: "loss"). The fast and thorough presets
 # weight the token loss by each output's Fisher importance there: held-out W3/A3 KL 2.94 -> 2.47
 # (top-1 24.44 -> 27.50), W4/A4 KL 0.397 -> 0.410, level (top-1 71.11 -> 75.83, agreement with full
@@ -95,8 +95,9 @@ DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
 # "rounding_low_bits": stage 3's rounding at <= 4 bits (None: "rounding"). The fast preset learns a
 # rounding offset per weight there ("offset", round_lr 0.03): held-out W3/A3 KL 2.47 -> 2.25 (top-1
 # 27.50 -> 36.11), W4/A4 KL 0.410 -> 0.410, level (top-1 75.83 -> 72.22, within the noise of 360
-# images), and a quarter less calibration time. The thorough preset keeps "ste": on one block at 600
-# iterations the latent weights did better than the offsets (14.7 vs 16.5, with learnt scales).
+# images); alone with 2 threads its calibration took about as long as "ste" (602 vs 645 s at W3/A3,
+# 607 vs 510 s at W4/A4). The thorough preset keeps "ste": on one block at 600 iterations the latent
+# weights did better than the offsets (14.7 vs 16.5, with learnt scales).
 # "act_percentile_low_bits": the lowest activation clipping percentile searched at <= 4 bits
 # (None: ACTIVATION_PERCENTILES' 0.999); above 4 bits every preset searches from 0.999.
 # "rotate_low_bits": the model is rotated first at <= 4 bits (rotate.py): held-out W3/A3 KL 3.40 ->
