@@ -50,11 +50,12 @@ from .data import (
 )
 from .errors import IsvitError
 from .evaluate import evaluate
-from .export import export_onnx, load_onnx
+from .export import export_onnx
 from .models import create_model
 from .pipeline import METHODS, PRESETS, QuantConfig, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 from .reconstruct import LOSSES, ROUNDINGS
+from .runtime import load_onnx
 
 
 def _positive_int(text: str) -> int:
