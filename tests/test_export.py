@@ -1,20 +1,24 @@
-"""ONNX export (isvit.export): each quantizer's ONNX form computes what its PyTorch forward computes,
-whole small ViT and Swin models run in onnxruntime, the file's format and metadata, the CLI's export
-and eval --onnx, one-sentence errors, and the real ViT-Ti at W8/A8 on 200 images.
+"""ONNX export (isvit.export): each form computes the codes the PyTorch quantizers give (weights and
+uniform grids bit for bit, the post-Softmax tables within their stated bound), packed weights
+unpack exactly, the runtimes really run the integer kernels the export claims, whole small ViT and
+Swin models run in onnxruntime, the file's format and metadata, the CLI's export and eval --onnx,
+one-sentence errors, and the real ViT-Ti at W8/A8 on 200 images.
 
 Whole-model tolerance: a quantized network is a step function, so the float rounding differences
 between onnxruntime's and PyTorch's LayerNorm, GELU, Softmax and matrix products (~1e-6) move a few
 values across a grid boundary, and later layers amplify that (PyTorch's own model changes as much
-when its input is perturbed by 1e-6). Exactness is therefore tested per quantizer, on identical
+when its input is perturbed by 1e-6). Exactness is therefore tested per form, on identical
 inputs; whole models must agree on the predicted class and differ from PyTorch by well under the
 quantization error itself (mean |ONNX - PyTorch| <= half of mean |PyTorch quantized - fp32|).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -32,14 +36,22 @@ from isvit.cli import main
 from isvit.errors import IsvitError
 from isvit.export import (
     FORMAT,
+    MAX_SIGNED_WEIGHT,
     _Builder,
+    activation_operand,
     export_onnx,
+    folded_tables,
     load_onnx,
-    lower_activation,
-    lower_log2sqrt2,
-    lower_sulq,
-    lower_weight,
+    log2sqrt2_operand,
+    lower_linear,
+    pack_bits,
+    sulq_operand,
+    table_step,
+    tensor_grid,
+    unpack_bits,
+    weight_operand,
 )
+from isvit.modules import QuantLinear
 from isvit.pipeline import calibrate_activations, calibrate_weights, quantizers
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
@@ -53,6 +65,9 @@ VIT = ("vit_tiny_patch16_224", {"depth": 1, "img_size": 64, "num_classes": 10})
 SWIN = ("swin_tiny_patch4_window7_224",
         {"embed_dim": 32, "depths": [2, 1], "num_heads": [2, 4], "img_size": 56, "window_size": 4, "num_classes": 10})
 ARCHITECTURES = {"vit": VIT, "swin": SWIN}
+# What onnxruntime's optimizer makes of an integer product (DequantizeLinear -> MatMul <- DequantizeLinear)
+INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul")
+FLOAT_KERNELS = ("MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "Conv")
 
 
 def small_model(arch: str) -> torch.nn.Module:
@@ -70,54 +85,253 @@ def data_config(arch: str) -> dict:
     return isvit.resolve_data_config(small_model(arch), input_size=ARCHITECTURES[arch][1]["img_size"])
 
 
-def run_graph(b: _Builder, inputs: dict[str, torch.Tensor], output_shape, optimize: bool = False) -> torch.Tensor:
-    """The nodes of ``b`` as a graph of their own (output ``y``), run by onnxruntime."""
+def run_graph(b: _Builder, result: str, inputs: dict[str, torch.Tensor], optimize: bool = False,
+              optimized_path: Path | None = None) -> torch.Tensor:
+    """The nodes of ``b`` as a graph of their own with float output ``result``, run by onnxruntime
+    (``optimized_path``: where to write the graph onnxruntime's optimizer made of it)."""
+    nodes = b.nodes + [helper.make_node("Identity", [result], ["y"])]
     graph = helper.make_graph(
-        b.nodes, "one_quantizer",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)) for name, t in inputs.items()],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(output_shape))], b.initializers,
+        nodes, "one_form",
+        # a dynamic first dimension, as every exported file has (onnxruntime fuses more on static shapes)
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *t.shape[1:]]) for name, t in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], b.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    onnx.checker.check_model(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {name: t.numpy() for name, t in inputs.items()})[0])
 
 
-def run_activation(lower, q, x: torch.Tensor, optimize: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """An activation quantizer's ONNX form run on ``x``: (output, node types)."""
+def run_activation(q, x: torch.Tensor, optimize: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """An activation quantizer's ONNX operand run on ``x``: (output, node types)."""
     b = _Builder("q")
-    lower(b, q, "x", "y")
-    return run_graph(b, {"x": x}, x.shape, optimize), [n.op_type for n in b.nodes]
-
-
-def run_weight(q: UniformQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, _Builder]:
-    """A weight quantizer's ONNX form (no input): (the dequantized weight, its builder)."""
-    b = _Builder("w")
-    lower_weight(b, q, weight, "y")
-    return run_graph(b, {}, weight.shape), b
-
-
-def lowering(q):
-    if isinstance(q, UniformQuantizer):
-        return lower_activation
-    return lower_sulq if isinstance(q, SULQuantizer) else lower_log2sqrt2
-
-
-def table_codes(q, values: torch.Tensor) -> torch.Tensor:
-    """The code of each dequantized value of a log-domain quantizer (its index in the table)."""
     if isinstance(q, SULQuantizer):
-        table = q.table()
+        result = sulq_operand(b, q, "x")
+    elif isinstance(q, LogSqrt2Quantizer):
+        result = log2sqrt2_operand(b, q, "x")
     else:
-        table = torch.cat([q.delta * torch.exp2(-torch.arange(q.levels) / 2), torch.zeros(1)])
-    return (values.reshape(-1, 1) - table.reshape(1, -1)).abs().argmin(dim=1)
+        result = activation_operand(b, tensor_grid(q), "x")
+    return run_graph(b, result, {"x": x}, optimize), [n.op_type for n in b.nodes]
+
+
+def run_weight(q: UniformQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, _Builder, bool]:
+    """A weight's ONNX operand, as stored (out, in) with the per-channel axis 0: (the dequantized
+    weight, its builder, whether it is an integer operand)."""
+    b = _Builder("w")
+    codes = q.codes(weight).numpy()
+    result, integer = weight_operand(b, codes, q.scale.numpy(), q.zero_point.numpy(), q.bits,
+                                     0 if q.is_per_channel else None)
+    return run_graph(b, result, {}), b, integer
+
+
+def uniform(bits: int, scale, zero_point) -> UniformQuantizer:
+    q = UniformQuantizer(bits)
+    q.set_params(torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(zero_point, dtype=torch.float32))
+    return q
+
+
+def calibrated(q, x: torch.Tensor):
+    q.calibrating = True
+    with torch.no_grad():
+        q(x)
+    return q
+
+
+def attention_maps(n: int = 4, tokens: int = 50, seed: int = 0) -> torch.Tensor:
+    """Softmax outputs with a spread like ViT's: a few large values per row, most tiny."""
+    logits = 3.0 * torch.randn(n, 3, tokens, tokens, generator=torch.Generator().manual_seed(seed))
+    return logits.softmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Each quantizer's ONNX form, on the inputs it sees inside a small model
+# Activations: uint8 QDQ pairs that carry the PyTorch grid bit for bit
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("optimize", [False, True])
+def test_below_8_bits_the_codes_stay_in_the_b_bit_range(bits, optimize):
+    # scale 0.5, zero point 3: the 3-bit grid is -1.5 .. 2.0; QuantizeLinear alone would let x = 10
+    # through as code 23 (uint8 saturates at 255, not 7).
+    q = uniform(bits, 0.5, 3.0)
+    x = torch.linspace(-200, 200, 4001)
+    got, ops = run_activation(q, x, optimize)
+    assert ops == (["Clip"] if bits < 8 else []) + ["QuantizeLinear", "DequantizeLinear"]
+    assert torch.equal(got, q(x)) and got.max() == (2 ** bits - 1 - 3) * 0.5 and got.min() == -1.5
+
+
+@pytest.mark.parametrize("bits, zero_point", [(4, -40.0), (4, -240.0), (8, 0.0), (8, 255.0)])
+def test_a_zero_point_below_0_is_shifted_into_uint8(bits, zero_point):
+    # -40 at 4 bits: a range that starts above 0 (a post-Softmax map on few tokens), codes 40..55
+    q = uniform(bits, 0.01, zero_point)
+    x = torch.linspace(-6, 6, 1201)
+    got, ops = run_activation(q, x)
+    assert "QuantizeLinear" in ops and torch.equal(got, q(x))
+
+
+@pytest.mark.parametrize("bits, zero_point", [(8, -305.0), (8, 300.0), (4, -250.0)])
+def test_a_range_uint8_cannot_hold_is_kept_exactly_as_float_arithmetic(bits, zero_point):
+    # -305 at 8 bits: 3.05 .. 5.60; 300: -3.00 .. -0.45; -250 at 4 bits: codes 250..265 after the shift
+    q = uniform(bits, 0.01, zero_point)
+    x = torch.linspace(-6, 6, 1201)
+    got, ops = run_activation(q, x)
+    assert "QuantizeLinear" not in ops and ops[-1] == "Mul"
+    assert torch.equal(got, q(x))
+    assert tensor_grid(q).uint8_zero_point is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: packed codes, int8 without zero point where exact and saturation-free
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("shape", [(13, 7), (1, 192), (8, 3, 4, 4)])
+def test_packed_bits_unpack_exactly_in_onnxruntime(bits, shape):
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, shape)
+    planes = pack_bits(codes, bits)
+    assert planes.dtype == np.uint8 and planes.shape == (bits, math.ceil(codes.size / 8))
+    b = _Builder("w")
+    result = b.op("Cast", [unpack_bits(b, planes, shape)], to=TensorProto.FLOAT)
+    for optimize in (False, True):  # as written, and folded to a constant by onnxruntime
+        assert np.array_equal(run_graph(b, result, {}, optimize).numpy(), codes)
+
+
+def weight_with_rows(bits: int) -> tuple[UniformQuantizer, torch.Tensor]:
+    """A calibrated per-row weight quantizer and its weight; row 1 all positive (a zero point below 0)."""
+    weight = torch.randn(6, 40, generator=torch.Generator().manual_seed(bits))
+    weight[1] = torch.rand(40, generator=torch.Generator().manual_seed(1)) + 5.0
+    q = UniformQuantizer(bits, per_channel=True, channel_dim=0)
+    q.calibrate(weight)
+    return q, weight
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_every_weight_form_dequantizes_to_the_pytorch_weight(bits):
+    q, weight = weight_with_rows(bits)
+    got, b, integer = run_weight(q, weight)
+    with torch.no_grad():
+        assert torch.equal(got, q(weight))
+    signed = (q.codes(weight) - q.zero_point.reshape(-1, 1)).abs().max().item()
+    (dequantize,) = [n for n in b.nodes if n.op_type == "DequantizeLinear"]
+    stored = {t.name: t for t in b.initializers}
+    if signed <= MAX_SIGNED_WEIGHT:  # int8 q - z, no zero point: what both runtimes' int8 kernels take
+        assert integer and len(dequantize.input) == 2
+    elif q.zero_point.min() >= 0:
+        assert integer and len(dequantize.input) == 3
+    else:  # a row of one sign at 7-8 bits: int32 q - z, a float product
+        assert not integer and stored[dequantize.input[0]].data_type == TensorProto.INT32
+    if integer and bits < 8:  # packed: the file holds bits / 8 bytes a weight
+        (planes,) = [t for t in b.initializers if "planes" in t.name]
+        assert planes.data_type == TensorProto.UINT8 and len(planes.raw_data) == bits * math.ceil(weight.numel() / 8)
+
+
+def test_weights_of_6_bits_or_fewer_are_always_int8_without_zero_point():
+    for bits in range(2, 7):
+        q, weight = weight_with_rows(bits)
+        q.set_params(q.scale, q.zero_point.clamp(0, 2 ** bits - 1))  # any zero point on the grid
+        _, b, integer = run_weight(q, weight)
+        (dequantize,) = [n for n in b.nodes if n.op_type == "DequantizeLinear"]
+        assert integer and len(dequantize.input) == 2, bits
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-Softmax: the log-domain code, its table folded onto uint8
+# ---------------------------------------------------------------------------------------------
+
+def table_values(q) -> torch.Tensor:
+    """The dequantized value of every code (log-sqrt2: and 0 for the codes past the last)."""
+    if isinstance(q, SULQuantizer):
+        return q.table()
+    return torch.cat([q.delta * torch.exp2(-torch.arange(q.levels) / 2), torch.zeros(1)])
+
+
+def check_post_softmax(q, x: torch.Tensor, got: torch.Tensor) -> None:
+    """The ONNX values are the PyTorch code's table value folded onto uint8 (within half a uint8 step
+    of PyTorch's value), except where ln(x) / ln 2 instead of log2 moves a code by one (x within
+    float rounding of a code boundary): at most 0.1% of the values, and then the neighbour's."""
+    table = table_values(q)
+    step = table_step(q)
+    folded = torch.round(table / step) * step
+    assert (folded - table).abs().max() <= step / 2 * (1 + 1e-5)
+    codes, got = q.codes(x).reshape(-1).long(), got.reshape(-1)
+    close = lambda c: torch.isclose(got, folded[c.clamp(0, len(table) - 1)], rtol=1e-5, atol=1e-7)
+    exact = close(codes)
+    assert torch.all(exact | close(codes - 1) | close(codes + 1))
+    assert (~exact).float().mean() <= 1e-3
+
+
+@pytest.mark.parametrize("kind", [SULQuantizer, LogSqrt2Quantizer])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_post_softmax_forms_give_the_pytorch_codes_and_values_within_half_a_uint8_step(kind, bits):
+    x = attention_maps()
+    q = calibrated(kind(bits), x)
+    got, ops = run_activation(q, x)
+    assert ops[-2:] == ["QuantizeLinear", "DequantizeLinear"] and "Gather" not in ops
+    assert ("Where" in ops) == (kind is LogSqrt2Quantizer and bits <= 4)
+    check_post_softmax(q, x, got)
+    if kind is LogSqrt2Quantizer:  # values past the last code are exactly 0, in both
+        past = q.codes(x).reshape(-1) == q.levels
+        assert past.any() == (bits <= 4) and torch.all(got.reshape(-1)[past] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers: outlier channels as a second integer product; a 2-d input stays integer
+# ---------------------------------------------------------------------------------------------
+
+def linear_with_input(bits: int, outlier_ratio: float) -> tuple[QuantLinear, torch.Tensor]:
+    """A calibrated QuantLinear (24 -> 10) and an input (3, 17, 24) whose channel 7 reaches 80."""
+    x = torch.randn(3, 17, 24, generator=torch.Generator().manual_seed(0))
+    x[:, :3, 7] = 80.0
+    linear = torch.nn.Linear(24, 10)
+    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(1))
+    layer = QuantLinear(linear, UniformQuantizer(bits, per_channel=True, channel_dim=0),
+                        UniformQuantizer(bits, outlier_ratio=outlier_ratio))
+    layer.weight_quantizer.calibrate(layer.weight.detach())
+    calibrated(layer.input_quantizer, x)
+    return layer, x
+
+
+def run_linear(layer: QuantLinear, x: torch.Tensor, tmp_path: Path, optimize: bool) -> tuple[torch.Tensor, list[str]]:
+    b = _Builder("linear")
+    forms = lower_linear(b, layer, "x", "out", rank=x.dim())
+    optimized = tmp_path / "optimized.onnx"
+    got = run_graph(b, "out", {"x": x}, optimize, optimized_path=optimized if optimize else None)
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node] if optimize else [n.op_type for n in b.nodes]
+    return got, forms, ops
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_outlier_channels_are_a_second_integer_product(bits, tmp_path):
+    layer, x = linear_with_input(bits, outlier_ratio=8.0)
+    assert layer.input_quantizer.scale.unique().numel() == 2
+    with torch.no_grad():
+        expected = layer(x)
+    got, forms, _ = run_linear(layer, x, tmp_path, optimize=False)
+    assert forms == ["integer", "integer"]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+    got, _, ops = run_linear(layer, x, tmp_path, optimize=True)
+    assert ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+def test_a_linear_on_2d_input_is_an_integer_product(tmp_path):
+    """The head reads (N, C): a 2-d MatMul + Add would become onnxruntime's float Gemm."""
+    layer, x = linear_with_input(8, outlier_ratio=0.0)
+    x = x[:, 0]
+    with torch.no_grad():
+        expected = layer(x)
+    got, forms, ops = run_linear(layer, x, tmp_path, optimize=True)
+    assert forms == ["integer"] and ops.count("MatMulIntegerToFloat") == 1 and "Gemm" not in ops
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every quantizer of a small model: its operand computes what PyTorch computes on what it sees
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("softmax", ["sulq", "log2sqrt2", "uniform"])
@@ -139,86 +353,19 @@ def test_each_quantizer_of_a_small_model_computes_the_same_in_onnx(arch, bits, s
 
     for name, q in quantizers(model, "activation"):
         x, expected = seen[name]
-        got, ops = run_activation(lowering(q), q, x)
+        if isinstance(q, UniformQuantizer) and q.is_per_channel:
+            continue  # per-channel grids: the Linear tests above and the whole-model tests below
+        got, ops = run_activation(q, x)
         if isinstance(q, UniformQuantizer):
             assert torch.equal(got, expected), name
-            uses_qdq = not q.is_per_channel and 0 <= q.zero_point.min() and q.zero_point.max() <= 255
-            assert ("QuantizeLinear" in ops) == uses_qdq, (name, ops)
-            assert ("Clip" in ops) == (bits < 8 or not uses_qdq), (name, ops)
+            assert ("QuantizeLinear" in ops) == (tensor_grid(q).uint8_zero_point is not None), (name, ops)
         else:
-            # ln(x) / ln 2 instead of log2: a code may move by one where x is within rounding of a
-            # boundary; the values of equal codes agree to float32 rounding (PyTorch's own exp2 gives
-            # values one unit in the last place apart on tensors of different sizes)
-            assert ops[-1] == "Gather"
-            codes, expected_codes = table_codes(q, got), table_codes(q, expected)
-            differ = codes != expected_codes
-            assert differ.float().mean() <= 1e-3, name
-            assert (codes - expected_codes).abs().max() <= 1, name
-            assert torch.allclose(got.reshape(-1)[~differ], expected.reshape(-1)[~differ], rtol=1e-6, atol=0), name
+            check_post_softmax(q, x, got)
 
     for name, layer in quantized_layers(model):
-        q = layer.weight_quantizer
-        got, b = run_weight(q, layer.weight)
-        assert [n.op_type for n in b.nodes] == ["DequantizeLinear"]
+        got, _, _ = run_weight(layer.weight_quantizer, layer.weight.detach())
         with torch.no_grad():
-            assert torch.equal(got, q(layer.weight)), name
-
-
-def test_a_split_grid_is_exported_as_its_float_arithmetic():
-    """Outlier channels on a grid of their own (per channel, two distinct pairs): the same values as
-    PyTorch's, computed elementwise (no QDQ pair can carry two grids)."""
-    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(0))
-    x[:, :3, 7] = 80.0
-    q = UniformQuantizer(4, outlier_ratio=8.0)
-    q.calibrating = True
-    with torch.no_grad():
-        expected = q(x)
-    assert q.scale.unique().numel() == 2
-    got, ops = run_activation(lower_activation, q, x)
-    assert torch.equal(got, expected) and "QuantizeLinear" not in ops
-
-
-def uniform(bits: int, scale, zero_point) -> UniformQuantizer:
-    q = UniformQuantizer(bits)
-    q.set_params(torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(zero_point, dtype=torch.float32))
-    return q
-
-
-@pytest.mark.parametrize("optimize", [False, True])
-def test_below_8_bits_the_codes_stay_in_the_b_bit_range(optimize):
-    # 3 bits, scale 0.5, zero point 3: the grid is -1.5 .. 2.0; QuantizeLinear alone would let
-    # x = 10 through as code 23 (uint8 saturates at 255, not 7).
-    q = uniform(3, 0.5, 3.0)
-    x = torch.linspace(-10, 10, 401)
-    got, ops = run_activation(lower_activation, q, x, optimize)
-    assert ops == ["Clip", "QuantizeLinear", "DequantizeLinear"]
-    assert torch.equal(got, q(x)) and got.max() == 2.0 and got.min() == -1.5
-
-
-@pytest.mark.parametrize("zero_point", [-305.0, 300.0])
-def test_a_zero_point_outside_uint8_is_kept_exactly(zero_point):
-    # -305: a range that starts above 0 (a post-Softmax map on few tokens); 300: one that ends below 0.
-    q = uniform(8, 0.01, zero_point)
-    x = torch.linspace(-6, 6, 1201)
-    got, ops = run_activation(lower_activation, q, x)
-    assert "QuantizeLinear" not in ops and ops[-1] == "Mul"
-    assert torch.equal(got, q(x))
-    # x spans both ends of the grid (-305: 3.05 .. 5.60; 300: -3.00 .. -0.45), which clamp exactly
-    assert got.min().item() == pytest.approx((0 - zero_point) * 0.01, abs=1e-6)
-    assert got.max().item() == pytest.approx((255 - zero_point) * 0.01, abs=1e-6)
-
-
-def test_a_weight_row_of_one_sign_is_stored_as_int32_codes():
-    torch.manual_seed(0)
-    weight = torch.randn(4, 6)
-    weight[1] = torch.rand(6) + 5.0  # all positive: zero point far below 0
-    q = UniformQuantizer(4, per_channel=True, channel_dim=0)
-    q.calibrate(weight)
-    assert q.zero_point[1] < 0
-    got, b = run_weight(q, weight)
-    codes = [t for t in b.initializers if "codes" in t.name]
-    assert len(codes) == 1 and codes[0].data_type == TensorProto.INT32
-    assert torch.equal(got, q(weight))
+            assert torch.equal(got, layer.weight_quantizer(layer.weight)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,11 +401,12 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("setting", EXPORTED, ids=[f"{a}-{m}-w{b}" for a, m, b in EXPORTED])
 @pytest.mark.parametrize("optimize", [True, False], ids=["ort-optimized", "ort-plain"])
 def test_exported_model_computes_what_pytorch_computes(exported, setting, optimize):
+    """What the file computes is the PyTorch model with its post-Softmax tables folded onto uint8."""
     model, _, path, _ = exported[setting]
     arch = setting[0]
     onnx_model, _ = load_onnx(path, threads=1, optimize=optimize)
     x = images(arch, 16, seed=3)
-    with torch.no_grad():
+    with torch.no_grad(), folded_tables(model):
         expected, fp = model(x), small_model(arch)(x)
         got = onnx_model(x)
     assert got.shape == expected.shape == (16, 10)
@@ -271,33 +419,41 @@ def test_exported_model_computes_what_pytorch_computes(exported, setting, optimi
     assert onnx_model(x[:1]).shape == (1, 10) and onnx_model(x[:3]).shape == (3, 10)
 
 
+def products(model) -> int:
+    """How many matrix products (and convolutions) the export writes: one per Linear, two where the
+    input has outlier channels of their own, one per QuantMatMul and per Conv."""
+    count = 0
+    for _, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            q = layer.input_quantizer
+            count += 2 if isinstance(q, UniformQuantizer) and q.is_per_channel and q.scale.unique().numel() == 2 else 1
+        elif isinstance(layer, (isvit.modules.QuantMatMul, isvit.modules.QuantConv2d)):
+            count += 1
+    return count
+
+
 @pytest.mark.parametrize("setting", EXPORTED, ids=[f"{a}-{m}-w{b}" for a, m, b in EXPORTED])
-def test_exported_file_is_qdq_with_integer_weights_and_metadata(exported, setting):
+def test_exported_file_has_packed_integer_weights_and_metadata(exported, setting):
     model, config, path, counts = exported[setting]
     arch, method, bits = setting
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
-    ops = [n.op_type for n in proto.graph.node]
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)  # no placeholder left
     assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    assert not any(n.metadata_props for n in proto.graph.node)  # the tracer's debug notes are gone
 
     layers = quantized_layers(model)
     initializers = {t.name: t for t in proto.graph.initializer}
     assert not any(f"{name}.weight" in initializers for name, _ in layers)  # no float copy of a quantized weight
-    codes = [t for t in proto.graph.initializer if "weight_quantizer/codes" in t.name]
-    assert len(codes) == len(layers) and all(t.data_type == TensorProto.UINT8 for t in codes)
-    for name, layer in layers:
-        (t,) = [t for t in codes if t.name.startswith(f"{name}.weight_quantizer/")]
-        assert np.array_equal(numpy_helper.to_array(t), layer.weight_quantizer.codes(layer.weight).numpy())
-
-    softmax = config.resolved_softmax_quantizer
-    log_domain = sum(isinstance(q, (SULQuantizer, LogSqrt2Quantizer)) for _, q in quantizers(model))
-    assert ops.count("Gather") >= log_domain
-    if softmax != "uniform":
-        assert counts[softmax] == log_domain > 0
-    assert counts["weight"] == len(layers) and sum(counts.values()) == len(quantizers(model))
-    assert ops.count("DequantizeLinear") >= len(layers) and "QuantizeLinear" in ops
-    assert ops.count("Clip") >= (ops.count("QuantizeLinear") if bits < 8 else 0)
+    planes = [t for t in proto.graph.initializer if "/planes" in t.name]
+    if bits < 8:  # every weight packed: bits / 8 bytes a weight
+        assert len(planes) >= len(layers) and all(t.data_type == TensorProto.UINT8 for t in planes)
+        weights = sum(layer.weight.numel() for _, layer in layers)
+        assert sum(len(t.raw_data) for t in planes) <= bits * weights / 8 + bits * len(planes)
+    else:
+        assert not planes
+    assert counts["integer"] + counts["float"] == products(model)
+    assert "Gather" not in [n.op_type for n in proto.graph.node if "attn" in n.name]  # no table lookup
 
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["format"] == FORMAT and metadata["model"] == ARCHITECTURES[arch][0]
@@ -308,17 +464,27 @@ def test_exported_file_is_qdq_with_integer_weights_and_metadata(exported, settin
     assert info["config"].method == method and info["config"].w_bits == bits and info["model"] == ARCHITECTURES[arch][0]
 
 
-def test_int8_model_runs_integer_kernels(exported, tmp_path):
-    """At W8/A8 onnxruntime's optimizer turns the QDQ matrix products into integer ones."""
-    _, _, path, _ = exported[("vit", "minmax", 8)]
+def optimized_ops(path: Path, folder: Path) -> collections.Counter:
+    """The op types of the graph onnxruntime's optimizer makes of ``path`` (what really runs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    # every Linear inside the block (4) and q @ k^T
-    assert ops.count("MatMulIntegerToFloat") >= 5
+    return collections.Counter(n.op_type for n in onnx.load(str(folder / "optimized.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("setting", EXPORTED, ids=[f"{a}-{m}-w{b}" for a, m, b in EXPORTED])
+def test_onnxruntime_runs_every_integer_product_on_its_integer_kernels(exported, setting, tmp_path):
+    """Counted in the optimized graph: each product the export calls integer is a MatMulIntegerToFloat
+    or QLinearMatMul; the float ones (the patch-embedding Conv; Swin's per-channel grid before qkv
+    where it pads its windows) are the only float products left."""
+    model, _, path, counts = exported[setting]
+    ops = optimized_ops(path, tmp_path)
+    assert sum(ops[k] for k in INTEGER_KERNELS) == counts["integer"] > 0, dict(ops)
+    # (onnxruntime runs a float product with a quantized weight as MatMulNBits: float arithmetic)
+    assert sum(ops[k] for k in FLOAT_KERNELS) == counts["float"], dict(ops)
+    assert ops["Conv"] == 1
 
 
 TINY = {"depth": 1, "img_size": 32, "num_classes": 10}
@@ -329,7 +495,8 @@ def export_tiny_fp32(path: Path) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(VIT[0], pretrained=False, **TINY).eval()
     config = isvit.resolve_data_config(model, input_size=32)
-    assert export_onnx(model, path, model_name=VIT[0], config=None, data_config=config, model_args=TINY) == {}
+    assert export_onnx(model, path, model_name=VIT[0], config=None, data_config=config, model_args=TINY) == \
+        {"integer": 0, "float": 0}
     return model
 
 
@@ -371,7 +538,7 @@ def test_cli_export_prints_size_and_quantizers(cli_exported):
     path, printed = cli_exported
     assert path.is_file() and printed.startswith(f"exported {path}: ")
     counts = re.fullmatch(r"exported .*: [0-9.]+ MB \((.*)\)\n", printed).group(1)
-    assert sorted(counts.split(", ")) == ["1 log2sqrt2", "6 weight", "8 uniform"]
+    assert counts == "7 integer products, 1 in float (see docs/onnx.md)"  # 4 Linears, 2 attention products, head
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +558,7 @@ def test_cli_export_of_a_full_precision_model(timm_test_vit, tmp_path, capsys):
     model, weights = timm_test_vit
     path = tmp_path / "fp32.onnx"
     assert main(["export", "--model", "test_vit", "--weights", str(weights), "--onnx", str(path), "--threads", "1"]) == 0
-    assert capsys.readouterr().out == f"exported {path}: {path.stat().st_size / 1e6:.1f} MB (no quantizers)\n"
+    assert capsys.readouterr().out == f"exported {path}: {path.stat().st_size / 1e6:.1f} MB (full precision)\n"
     onnx_model, info = load_onnx(path, threads=1)
     assert info["config"] is None and info["model"] == "test_vit"
     assert info["data_config"] == isvit.resolve_data_config(model)
@@ -604,7 +771,7 @@ def test_real_vit_w8a8_in_onnxruntime_matches_pytorch(real_vit, real_w8a8, val_b
     path = tmp_path / "vit_tiny_w8a8.onnx"
     counts = export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
                          data_config=isvit.resolve_data_config(real_vit))
-    assert counts == {"weight": 50, "uniform": 85, "log2sqrt2": 12}
+    assert counts == {"integer": 73 if outlier_ratio is None else 74, "float": 1}  # the float one: patch embedding
     onnx_model, _ = load_onnx(path, threads=1)
     with torch.inference_mode():
         expected = torch.cat([model(x) for x, _ in val_batches])

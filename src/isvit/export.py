@@ -1,36 +1,63 @@
-"""ONNX export of a quantized model in QDQ form, and the exported file run with onnxruntime.
+"""ONNX export of a quantized model: every matrix product an integer product for the runtimes'
+int8 kernels, weights packed to their bit-width.
 
 Export is three named stages:
 
-1. ``trace``: ``torch.onnx.export`` (the dynamo exporter) traces the model while every quantizer of
-   that one model leaves a placeholder node ``isvit::Quantizer`` (attribute ``name``) in the graph
-   instead of its arithmetic (``exporting_quantizers``); the rest of the model (LayerNorm, Softmax,
-   GELU, Swin's windows and masks ...) is what the exporter makes of the timm code;
-2. ``lower_quantizers``: each placeholder is replaced by the ONNX form of its quantizer (below),
-   built from the quantizer's own parameters;
+1. ``trace``: ``torch.onnx.export`` (the dynamo exporter) traces the model while each quantized
+   layer of that one model (``QuantLinear``, ``QuantConv2d``, ``QuantMatMul``) leaves a placeholder
+   node ``isvit::<class>`` in the graph instead of its arithmetic (``exporting_layers``); the rest of
+   the model (LayerNorm, Softmax, GELU, Swin's windows and masks ...) is what the exporter makes of
+   the timm code;
+2. ``lower_layers``: each placeholder is replaced by the layer's integer form (below), built from
+   its weight and its quantizers' parameters;
 3. the preprocessing, the architecture and the quantization config go into the model's
    ``metadata_props``, and the file is written atomically.
 
-The ONNX form of each quantizer (format ``isvit-onnx-v1``), with ``L = 2^b`` levels:
+The forms (format ``isvit-onnx-v1``), for grids of ``L = 2^b`` levels. Every product is
+``DequantizeLinear(uint8 activation codes) x DequantizeLinear(int8 or uint8 weight codes)``, the
+QDQ pattern that onnxruntime fuses into ``MatMulIntegerToFloat`` / ``QLinearMatMul`` and OpenVINO
+into its int8 FullyConnected and MatMul:
 
-- weight (uniform, per output channel): its integer codes 0..L-1 as a uint8 initializer and
-  ``DequantizeLinear`` with the per-channel scale and uint8 zero point (``axis`` 0); a channel whose
-  zero point is outside 0..255 (a weight row of one sign) makes the layer store ``codes - zero_point``
-  as int32 instead, dequantized without a zero point;
-- activation (uniform, per tensor): ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8) with its scale
-  and zero point. Below 8 bits a ``Clip`` to the b-bit grid's range ``[(0 - z) s, (L - 1 - z) s]``
-  comes first, so that the codes stay in 0..L-1 instead of saturating at 255. Two kinds of grid are
-  written as the float arithmetic of the PyTorch quantizer instead (``Div s, Round, Add z, Clip
-  0..L-1, Sub z, Mul s``): a zero point outside 0..255 (a range that does not contain 0, such as a
-  post-Softmax uniform grid), which uint8 cannot hold, and a per-channel grid (Swin's padded windows
-  keep one before qkv), which no integer matrix product can take along its reduced dimension;
-- SULQ (post-Softmax): ``Add eta, Log, Div ln 2, Sub ymin, Div step, Round, Clip 0..L-1, Cast`` gives
-  the code, ``Gather`` on the table of the L values ``2^(q step + ymin) - eta`` gives the value;
-- log-sqrt2 (post-Softmax): ``Max 1e-20, Div delta, Log, Div ln 2, Mul -2, Round, Clip 0..L, Cast``,
-  then ``Gather`` on the L + 1 values ``delta 2^(-q/2)`` and 0 (codes past the last one give 0).
+- weights (uniform, per output channel, scale s and zero point z): the codes ``q - z`` as int8
+  without a zero point where ``|q - z| <= 64`` (every weight of 6 bits or fewer): symmetric int8 is
+  what OpenVINO's int8 kernels take (a zero point makes it dequantize the weights to float) and, for
+  the product with any uint8 activation, cannot saturate the 16-bit pair sums of the AVX2 u8 x s8
+  instruction onnxruntime uses; otherwise the codes q as uint8 with the per-channel zero point
+  (onnxruntime's u8 x u8 kernels), and a zero point outside 0..255 (a row of one sign) stores
+  ``q - z`` as int32 (a float product). Below 8 bits the codes are stored packed to b bits (bit
+  planes of the unsigned codes in uint8 initializers, ``pack_bits``) and unpacked by integer
+  arithmetic on constants (``Div``, ``Mod``, ``Mul``, ``ReduceSum``, ``Sub z``, ``Cast``), which both
+  runtimes fold into plain int8 weights when they load the file: a W4 file holds 4 bits a weight,
+  a W3 file 3. (Bit shifts would be the natural unpacking; OpenVINO 2026.4 does not fold them and
+  then computes the product wrongly.) A Linear's weight is stored as its MatMul reads it,
+  transposed (in, out);
+- activations (uniform, per tensor): ``QuantizeLinear -> DequantizeLinear`` (uint8) with the scale
+  and the zero point ``max(z, 0)``, after a ``Clip`` to the grid's range ``[(0 - z) s, (L - 1 - z) s]``
+  below 8 bits, so that the codes are exactly the b-bit ones (``QuantizeLinear`` alone saturates at
+  0..255). A zero point below 0 (a range that starts above 0, such as a post-Softmax map on few
+  tokens) is shifted to 0: the same values, codes ``q - z``. Only a range uint8 cannot hold even
+  shifted (z > 255, or z < L - 256) is written as the PyTorch arithmetic (``Div s, Round, Add z,
+  Clip 0..L-1, Sub z, Mul s``) and its product runs in float;
+- outlier channels on a grid of their own (two (scale, zero point) pairs, ``search_split_range``):
+  two integer products summed, ``x W^T = Q_main(x) W_main^T + Q_out(x[:, idx]) W[:, idx]^T``, the
+  outlier columns of ``W_main`` zero (a ``Gather`` takes the few outlier channels). Any other
+  per-channel activation grid (Swin keeps one before qkv where it pads its windows) cannot go into
+  an integer product along its reduced dimension: its PyTorch arithmetic and a float product;
+- post-Softmax SULQ and log-sqrt2: the code from the PyTorch arithmetic in elementwise ops (``Add
+  eta, Log, Mul, Add, Round, Clip``; log-sqrt2: ``Max 1e-20, Log, Mul, Add, Round, Clip 0..L``), its
+  value ``Exp(code * a + c)`` (``- eta``; log-sqrt2: 0 past the last code, a ``Where`` at 4 bits
+  or fewer), then ``QuantizeLinear -> DequantizeLinear`` on the uint8 grid of step ``t_max / 255``
+  (``t_max`` the largest value of the table): the table of the L values folded onto uint8, so
+  that attn @ v is an integer product. That fold moves each attention value by at most half a
+  step (``t_max / 510``): the one re-expression of the export, measured in docs/onnx.md;
+- a Linear on a 2-d input (the head): unsqueezed to 3-d around its MatMul, because onnxruntime
+  fuses a 2-d MatMul + Add into a float ``Gemm`` before it looks for integer products;
+- the patch-embedding Conv: its weight's codes and ``DequantizeLinear``; the image is not quantized,
+  so the convolution runs in float.
 
-ONNX has no log2, so the two log-domain quantizers compute ``ln(x) / ln 2``: where that lands within
-a rounding error of a code boundary, the code can differ by one from PyTorch's ``log2``.
+ONNX has no log2, so the two log-domain quantizers compute ``ln(x) / ln 2`` (folded into one ``Mul``):
+where that lands within a rounding error of a code boundary, the code can differ by one from
+PyTorch's ``log2``.
 
 ``metadata_props``: ``format`` (``isvit-onnx-v1``), ``model`` (timm architecture), ``model_args``,
 ``config`` (``QuantConfig.to_dict()``, ``null`` for a full-precision export) and ``data_config`` (the
@@ -43,6 +70,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,22 +80,22 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .errors import IsvitError
+from .modules import ONNX_PLACEHOLDER_DOMAIN, ONNX_PLACEHOLDER_OPS, QuantConv2d, QuantLinear, QuantMatMul
 from .pipeline import QuantConfig
-from .quantizers import (
-    ONNX_PLACEHOLDER_DOMAIN,
-    ONNX_PLACEHOLDER_OP,
-    LogSqrt2Quantizer,
-    SULQuantizer,
-    UniformQuantizer,
-    is_weight_quantizer,
-    named_quantizers,
-)
+from .quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer, named_quantizers
 from .runtime import FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel, load_onnx, require  # noqa: F401 (load_onnx: public here too)
 
 if TYPE_CHECKING:
     import onnx
 
 EXPORTABLE_QUANTIZERS = (UniformQuantizer, SULQuantizer, LogSqrt2Quantizer)
+QUANTIZED_LAYERS = (QuantLinear, QuantConv2d, QuantMatMul)
+# Weights whose codes q - z all lie within +-64 are stored as symmetric int8: 2 * 255 * 64 < 2^15,
+# so no pair of uint8 x int8 products can saturate the AVX2 instruction (vpmaddubsw) onnxruntime
+# multiplies them with.
+MAX_SIGNED_WEIGHT = 64
+# The uint8 grid that a post-Softmax table is folded onto: its largest value is code 255.
+TABLE_CODES = 255
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +104,9 @@ EXPORTABLE_QUANTIZERS = (UniformQuantizer, SULQuantizer, LogSqrt2Quantizer)
 
 def check_exportable(model: nn.Module) -> None:
     """Refuse a model whose ONNX form would not compute what it computes: every quantizer on,
-    calibrated and of a kind that has an ONNX form, float32 parameters."""
+    calibrated, of a kind that has an ONNX form and inside a quantized layer; float32 parameters."""
+    owned = {f"{name}.{child}" for name, layer in model.named_modules() if isinstance(layer, QUANTIZED_LAYERS)
+             for child, _ in layer.named_children()}
     for name, q in named_quantizers(model):
         if type(q) not in EXPORTABLE_QUANTIZERS:  # a subclass may change the grid: not isinstance
             raise IsvitError(
@@ -87,41 +117,48 @@ def check_exportable(model: nn.Module) -> None:
             raise IsvitError(f"quantizer {name} is switched off: switch every quantizer on before exporting the model")
         if not q.is_calibrated:
             raise IsvitError(f"quantizer {name} is not calibrated: quantize the model before exporting it")
-        if isinstance(q, UniformQuantizer) and q.is_per_channel and not is_weight_quantizer(name) \
+        if name not in owned:
+            raise IsvitError(f"quantizer {name} is not part of a quantized Linear, Conv2d or matrix product, "
+                             "which is all the ONNX export lowers")
+        if isinstance(q, UniformQuantizer) and q.is_per_channel and not name.endswith("weight_quantizer") \
                 and q.channel_dim >= 0:
             raise IsvitError(f"quantizer {name} is per channel along dimension {q.channel_dim}; "
                              "the ONNX export takes per-channel activations on the last dimension only")
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantConv2d) and (isinstance(layer.padding, str) or layer.padding_mode != "zeros"):
+            raise IsvitError(f"{name} pads with {layer.padding!r} ({layer.padding_mode}); "
+                             "the ONNX export takes convolutions with numeric zero padding only")
     for name, p in model.named_parameters():
         if p.dtype != torch.float32:
             raise IsvitError(f"parameter {name} is {p.dtype}: the ONNX export takes float32 models only")
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: trace the model, quantizers as placeholders
+# Stage 1: trace the model, quantized layers as placeholders
 # ---------------------------------------------------------------------------------------------
 
 @contextmanager
-def exporting_quantizers(model: nn.Module):
-    """While inside, each quantizer of ``model`` returns a placeholder node named after it."""
-    found = named_quantizers(model)
-    for name, q in found:
-        q.onnx_name = name
+def exporting_layers(model: nn.Module):
+    """While inside, each quantized layer of ``model`` returns a placeholder node named after it."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+    for name, layer in found:
+        layer.onnx_name = name
     try:
         yield
     finally:
-        for _, q in found:
-            q.onnx_name = None
+        for _, layer in found:
+            layer.onnx_name = None
 
 
 def trace(model: nn.Module, input_size) -> onnx.ModelProto:
-    """The model as an ONNX graph with a dynamic batch, quantizers left as placeholders."""
+    """The model as an ONNX graph with a dynamic batch, quantized layers left as placeholders."""
     if not hasattr(torch.onnx, "ops"):
         raise IsvitError(f"the ONNX export needs torch 2.8 or later (torch.onnx.ops), this is torch {torch.__version__}")
     require("onnxscript")  # the dynamo exporter's ONNX builder
     device = next(model.parameters()).device
     example = torch.zeros(2, *input_size, device=device)  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch")
-    with exporting_quantizers(model), torch.no_grad():
+    with exporting_layers(model), torch.no_grad():
         try:
             program = torch.onnx.export(
                 model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -134,11 +171,11 @@ def trace(model: nn.Module, input_size) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: the placeholders become QuantizeLinear / DequantizeLinear / Gather subgraphs
+# Stage 2, building blocks: nodes and initializers; weights; activations; post-Softmax maps
 # ---------------------------------------------------------------------------------------------
 
 class _Builder:
-    """New nodes and initializers for one graph, named after the quantizer they belong to."""
+    """New nodes and initializers for one graph, named after the layer they belong to."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -169,125 +206,296 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def _grid(q: UniformQuantizer) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero point) as the quantizer uses them: float32, the scale clamped like its forward."""
-    return _f32(q.scale.clamp_min(1e-8)), _f32(q.zero_point)
+@dataclass(frozen=True)
+class Grid:
+    """One uniform per-tensor grid: ``x^ = (clamp(round(x / scale) + zero_point, 0, levels - 1) - zero_point) * scale``."""
+
+    scale: np.float32
+    zero_point: int
+    levels: int
+
+    @property
+    def uint8_zero_point(self) -> int | None:
+        """The zero point of a uint8 QDQ pair that carries this grid exactly (codes shifted by
+        ``max(z, 0) - z``), or None where uint8 cannot hold the grid's codes."""
+        z = self.zero_point
+        return max(z, 0) if self.levels - 256 <= z <= 255 else None
 
 
-def _broadcast_shape(q: UniformQuantizer) -> list[int]:
-    """Shape of per-channel constants in elementwise ops: (C, 1, ..., 1) for ``channel_dim``."""
-    if not q.is_per_channel:
-        return []
-    return [-1] + [1] * (-q.channel_dim - 1)
+def tensor_grid(q: UniformQuantizer) -> Grid:
+    """A per-tensor quantizer's grid, its scale clamped as its forward clamps it."""
+    return Grid(np.float32(_f32(q.scale.clamp_min(1e-8)).reshape(-1)[0]), int(q.zero_point.reshape(-1)[0]), q.levels)
 
 
-def _fits_uint8(zero_point: np.ndarray) -> bool:
-    return bool(np.all((zero_point >= 0) & (zero_point <= 255)))
+# -- weights ----------------------------------------------------------------------------------
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit codes as ``bits`` bit planes of 8 codes a byte: (bits, ceil(n / 8)) uint8,
+    plane p holding bit p of each code, the first code in each byte's lowest bit."""
+    flat = codes.reshape(-1).astype(np.uint8)
+    padded = np.zeros(-(-flat.size // 8) * 8, np.uint8)
+    padded[:flat.size] = flat
+    return np.stack([np.packbits((padded >> p) & 1, bitorder="little") for p in range(bits)])
 
 
-def lower_weight(b: _Builder, q: UniformQuantizer, weight: torch.Tensor, output: str) -> None:
-    """Integer codes as an initializer and DequantizeLinear (per output channel, axis 0)."""
-    scale, zero_point = _grid(q)
-    codes = q.codes(weight.detach()).cpu().numpy()
-    per_channel = q.is_per_channel
-    axis = {"axis": q.channel_dim} if per_channel else {}
-    scale_c = b.constant("scale", scale if per_channel else scale.reshape(()))
-    if _fits_uint8(zero_point):
-        zp = zero_point.astype(np.uint8)
-        zp_c = b.constant("zero_point", zp if per_channel else zp.reshape(()))
-        b.op("DequantizeLinear", [b.constant("codes", codes.astype(np.uint8)), scale_c, zp_c], output, **axis)
-    else:  # int32 carries any zero point: store codes - zero point, dequantized without one
-        shape = [-1] + [1] * (codes.ndim - 1) if per_channel else []
-        shifted = codes.astype(np.int64) - zero_point.astype(np.int64).reshape(shape)
-        b.op("DequantizeLinear", [b.constant("codes_minus_zero_point", shifted.astype(np.int32)), scale_c], output, **axis)
+def unpack_bits(b: _Builder, planes: np.ndarray, shape: tuple[int, ...]) -> str:
+    """Nodes computing the int32 codes of ``pack_bits``' planes, in ``shape``: integer arithmetic on
+    constants, which the runtimes fold when they load the file."""
+    bits, groups = planes.shape
+    count = int(np.prod(shape))
+    x = b.op("Cast", [b.constant("planes", planes.reshape(bits, groups, 1))], to=6)  # INT32
+    x = b.op("Mod", [b.op("Div", [x, b.constant("bit_value", (2 ** np.arange(8, dtype=np.int32)).reshape(1, 1, 8))]),
+                     b.constant("two", np.int32(2))])
+    x = b.op("Mul", [x, b.constant("plane_value", (2 ** np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1))])
+    # keepdims: OpenVINO 2026.4 drops a Reshape to (1, n) that follows a ReduceSum without them
+    x = b.op("ReduceSum", [x, b.constant("plane_axis", np.array([0], np.int64))], keepdims=1)
+    if groups * 8 != count:  # the last byte's padding codes go
+        x = b.op("Reshape", [x, b.constant("flat", np.array([groups * 8], np.int64))])
+        x = b.op("Slice", [x, b.constant("start", np.array([0], np.int64)), b.constant("end", np.array([count], np.int64))])
+    return b.op("Reshape", [x, b.constant("shape", np.array(shape, np.int64))])
 
 
-def lower_activation(b: _Builder, q: UniformQuantizer, x: str, output: str) -> None:
-    """Per tensor with a zero point in 0..255: QuantizeLinear -> DequantizeLinear (uint8), after a
-    Clip to the b-bit range below 8 bits. Otherwise the float arithmetic itself: a per-channel grid
-    along the reduced dimension of the next matrix product cannot go into an integer kernel (and
-    onnxruntime's QDQ fusion would build a MatMulIntegerToFloat that fails at run time), and a
-    zero point outside 0..255 does not fit uint8."""
-    scale, zero_point = _grid(q)
-    levels = q.levels
-    if not q.is_per_channel and _fits_uint8(zero_point):
-        scale_c = b.constant("scale", scale.reshape(()))
-        zp_c = b.constant("zero_point", zero_point.astype(np.uint8).reshape(()))
-        if levels < 256:  # QuantizeLinear saturates at 255: keep the codes in 0..L-1 exactly
-            low = (np.float32(0) - zero_point) * scale
-            high = (np.float32(levels - 1) - zero_point) * scale
-            x = b.op("Clip", [x, b.constant("low", low.reshape(())), b.constant("high", high.reshape(()))])
-        b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale_c, zp_c]), scale_c, zp_c], output)
-        return
-    shape = _broadcast_shape(q)
-    scale_c = b.constant("scale", scale.reshape(shape))
-    zp_c = b.constant("zero_point", zero_point.reshape(shape))
+def weight_operand(b: _Builder, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int,
+                   axis: int | None) -> tuple[str, bool]:
+    """(The dequantized weight, whether an integer kernel can take it) from its integer codes (any
+    layout; ``axis``: the dimension of the per-channel ``scale`` and ``zero_point``, None for one of
+    each), in the form the module docstring describes: int8 ``q - z`` without zero point, uint8 ``q``
+    with it, or int32 ``q - z``; packed to ``bits`` bits below 8."""
+    shape = [1] * codes.ndim
+    if axis is not None:
+        shape[axis] = -1
+    zero_point = zero_point.astype(np.int64).reshape(shape if axis is not None else ())
+    signed = codes.astype(np.int64) - zero_point
+    per_channel = {"axis": axis} if axis is not None else {}
+    scale_c = b.constant("scale", scale.astype(np.float32).reshape(-1 if axis is not None else ()))
+    if np.abs(signed).max(initial=0) <= MAX_SIGNED_WEIGHT:
+        form, kept_zero_point = np.int8, None
+    elif zero_point.min() >= 0 and zero_point.max() <= 255:
+        form, kept_zero_point = np.uint8, zero_point.astype(np.uint8)
+    else:  # int32 carries any zero point: store q - z, dequantized without one
+        return b.op("DequantizeLinear", [b.constant("codes_minus_zero_point", signed.astype(np.int32)), scale_c],
+                    **per_channel), False
+    if bits < 8:
+        stored = unpack_bits(b, pack_bits(codes, bits), codes.shape)
+        if form is np.int8:
+            stored = b.op("Sub", [stored, b.constant("zero_point", zero_point.astype(np.int32))])
+        stored = b.op("Cast", [stored], to=3 if form is np.int8 else 2)  # INT8 / UINT8
+    else:
+        stored = b.constant("codes", (signed if form is np.int8 else codes).astype(form))
+    inputs = [stored, scale_c]
+    if kept_zero_point is not None:
+        inputs.append(b.constant("zero_point", kept_zero_point.reshape(-1 if axis is not None else ())))
+    return b.op("DequantizeLinear", inputs, **per_channel), True
+
+
+def weight_grid(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """(codes, scale, zero point, per-channel axis) of a layer's weight as its quantizer rounds it."""
+    q = layer.weight_quantizer
+    codes = q.codes(layer.weight.detach()).cpu().numpy()
+    scale, zero_point = _f32(q.scale.clamp_min(1e-8)), _f32(q.zero_point)
+    return codes, scale, zero_point, (0 if q.is_per_channel else None)
+
+
+# -- activations ------------------------------------------------------------------------------
+
+def activation_operand(b: _Builder, grid: Grid, x: str) -> str:
+    """``x`` on ``grid``: ``(Clip ->) QuantizeLinear -> DequantizeLinear`` (uint8), or where uint8
+    cannot hold the grid, its float arithmetic."""
+    zp = grid.uint8_zero_point
+    if zp is None:
+        return float_activation(b, np.float32(grid.scale), np.float32(grid.zero_point), grid.levels, x)
+    scale_c = b.constant("scale", np.float32(grid.scale))
+    zp_c = b.constant("zero_point", np.uint8(zp))
+    if grid.levels < 256:  # QuantizeLinear saturates at 0..255: keep the codes in the b-bit range exactly
+        low = (np.float32(0) - np.float32(grid.zero_point)) * grid.scale
+        high = (np.float32(grid.levels - 1) - np.float32(grid.zero_point)) * grid.scale
+        x = b.op("Clip", [x, b.constant("low", np.float32(low)), b.constant("high", np.float32(high))])
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale_c, zp_c]), scale_c, zp_c])
+
+
+def float_activation(b: _Builder, scale: np.ndarray, zero_point: np.ndarray, levels: int, x: str) -> str:
+    """The PyTorch arithmetic of a uniform grid (per tensor, or per channel on the last dimension)."""
+    scale_c = b.constant("scale", scale.astype(np.float32))
+    zp_c = b.constant("zero_point", zero_point.astype(np.float32))
     code = b.op("Add", [b.op("Round", [b.op("Div", [x, scale_c])]), zp_c])
     code = b.op("Clip", [code, b.constant("low", np.float32(0)), b.constant("high", np.float32(levels - 1))])
-    b.op("Mul", [b.op("Sub", [code, zp_c]), scale_c], output)
+    return b.op("Mul", [b.op("Sub", [code, zp_c]), scale_c])
 
 
-def _log2(b: _Builder, x: str) -> str:
-    return b.op("Div", [b.op("Log", [x]), b.constant("ln2", np.float32(math.log(2.0)))])
+def split_groups(q: UniformQuantizer) -> tuple[Grid, Grid, np.ndarray] | None:
+    """(main grid, outlier grid, outlier channel indices) of a grid with outlier channels of their own
+    (exactly two distinct (scale, zero point) pairs), else None. The pair most channels share is main."""
+    if not q.is_per_channel:
+        return None
+    scale, zero_point = _f32(q.scale.clamp_min(1e-8)), _f32(q.zero_point)
+    pairs, inverse, counts = np.unique(np.stack([scale, zero_point], 1), axis=0, return_inverse=True, return_counts=True)
+    if len(pairs) != 2:
+        return None
+    main = int(np.argmax(counts))
+    grids = [Grid(np.float32(s), int(z), q.levels) for s, z in pairs]
+    return grids[main], grids[1 - main], np.flatnonzero(inverse.reshape(-1) != main)
 
 
-def _lookup(b: _Builder, code: str, table: torch.Tensor, output: str) -> None:
-    index = b.op("Cast", [code], to=6)  # INT32 (Gather takes int32 or int64 indices; int32 is faster)
-    b.op("Gather", [b.constant("table", _f32(table)), index], output, axis=0)
+# -- post-Softmax maps ------------------------------------------------------------------------
 
-
-def lower_sulq(b: _Builder, q: SULQuantizer, x: str, output: str) -> None:
-    """code = clamp(round((log2(x + eta) - ymin) / step), 0, L-1); value = table[code]."""
-    eta, ymin, ymax = (q.eta.float(), q.ymin.float(), q.ymax.float())
+def sulq_operand(b: _Builder, q: SULQuantizer, x: str) -> str:
+    """SULQ's code ``clamp(round((log2(x + eta) - ymin) / step), 0, L-1)``, its value
+    ``2^(code step + ymin) - eta``, folded onto uint8 (``table_step``)."""
+    eta, ymin, ymax = (float(t.reshape(-1)[0]) for t in (q.eta, q.ymin, q.ymax))
     step = (ymax - ymin) / (q.levels - 1)
-    y = _log2(b, b.op("Add", [x, b.constant("eta", _f32(eta).reshape(()))]))
-    code = b.op("Div", [b.op("Sub", [y, b.constant("ymin", _f32(ymin).reshape(()))]), b.constant("step", _f32(step).reshape(()))])
+    ln2 = math.log(2.0)
+    y = b.op("Log", [b.op("Add", [x, b.constant("eta", np.float32(eta))])])
+    code = b.op("Add", [b.op("Mul", [y, b.constant("per_step", np.float32(1 / (step * ln2)))]),
+                        b.constant("offset", np.float32(-ymin / step))])
     code = b.op("Clip", [b.op("Round", [code]), b.constant("low", np.float32(0)), b.constant("high", np.float32(q.levels - 1))])
-    _lookup(b, code, q.table().float(), output)
+    value = b.op("Exp", [b.op("Add", [b.op("Mul", [code, b.constant("step_ln", np.float32(step * ln2))]),
+                                      b.constant("ymin_ln", np.float32(ymin * ln2))])])
+    value = b.op("Sub", [value, b.constant("eta", np.float32(eta))])
+    return activation_operand(b, Grid(np.float32(table_step(q)), 0, 256), value)
 
 
-def lower_log2sqrt2(b: _Builder, q: LogSqrt2Quantizer, x: str, output: str) -> None:
-    """code = clamp(round(-2 log2(max(x, 1e-20) / delta)), 0, L); value = table[code], table[L] = 0."""
-    delta = q.delta.float().reshape(())
-    ratio = b.op("Div", [b.op("Max", [x, b.constant("tiny", np.float32(1e-20))]), b.constant("delta", _f32(delta))])
-    code = b.op("Round", [b.op("Mul", [_log2(b, ratio), b.constant("minus_two", np.float32(-2))])])
-    code = b.op("Clip", [code, b.constant("low", np.float32(0)), b.constant("high", np.float32(q.levels))])
-    values = torch.arange(q.levels, dtype=torch.float32, device=delta.device).neg_().div_(2).exp2_().mul_(delta)
-    _lookup(b, code, torch.cat([values, values.new_zeros(1)]), output)
+def log2sqrt2_operand(b: _Builder, q: LogSqrt2Quantizer, x: str) -> str:
+    """log-sqrt2's code ``round(-2 log2(max(x, 1e-20) / delta))``, its value ``delta 2^(-code / 2)``
+    (0 past the last code), folded onto uint8 (``table_step``)."""
+    delta = float(q.delta.reshape(-1)[0])
+    levels, ln2 = q.levels, math.log(2.0)
+    y = b.op("Log", [b.op("Max", [x, b.constant("tiny", np.float32(1e-20))])])
+    code = b.op("Round", [b.op("Add", [b.op("Mul", [y, b.constant("minus_two_per_ln2", np.float32(-2 / ln2))]),
+                                       b.constant("offset", np.float32(2 * math.log2(delta)))])])
+    # Codes past the last one (L and above) dequantize to 0: clipped to L, whose value delta 2^(-L/2)
+    # is below half a step of the uint8 grid from 5 bits on; at 4 bits or fewer a Where zeroes it.
+    clipped = b.op("Clip", [code, b.constant("low", np.float32(0)), b.constant("high", np.float32(levels))])
+    value = b.op("Exp", [b.op("Add", [b.op("Mul", [clipped, b.constant("minus_half_ln2", np.float32(-ln2 / 2))]),
+                                      b.constant("ln_delta", np.float32(math.log(delta)))])])
+    if TABLE_CODES * 2.0 ** (-levels / 2) >= 0.5:
+        inside = b.op("Less", [clipped, b.constant("levels", np.float32(levels))])
+        value = b.op("Where", [inside, value, b.constant("zero", np.float32(0))])
+    return activation_operand(b, Grid(np.float32(table_step(q)), 0, 256), value)
 
 
-def lower_quantizers(proto, model: nn.Module) -> dict[str, int]:
-    """Replace every placeholder of ``proto`` (in place) by its quantizer's ONNX form; returns how
-    many placeholders of each quantizer kind were lowered."""
+def table_step(q: SULQuantizer | LogSqrt2Quantizer) -> float:
+    """The step of the uint8 grid a post-Softmax quantizer's table is folded onto: the table's
+    largest value is code 255 (zero point 0), as a float32."""
+    top = q.table().max() if isinstance(q, SULQuantizer) else q.delta.reshape(-1)[0]
+    return float(np.float32(float(top) / TABLE_CODES))
+
+
+@contextmanager
+def folded_tables(model: nn.Module):
+    """While inside, ``model``'s post-Softmax quantizers (SULQ, log-sqrt2) give their values folded
+    onto the uint8 grid of the export, ``round(x^ / step) * step``: the PyTorch model then computes
+    what its ONNX file computes, which is how the fold's own effect is measured."""
+    hooks = [q.register_forward_hook(lambda module, inputs, out, step=table_step(q): torch.round(out / step) * step)
+             for _, q in named_quantizers(model) if isinstance(q, (SULQuantizer, LogSqrt2Quantizer))]
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def operand(b: _Builder, q: nn.Module, x: str) -> tuple[str, bool]:
+    """(``x`` as the product reads it, whether that is an integer operand) for an activation
+    quantizer of any kind."""
+    if isinstance(q, SULQuantizer):
+        return sulq_operand(b, q, x), True
+    if isinstance(q, LogSqrt2Quantizer):
+        return log2sqrt2_operand(b, q, x), True
+    if isinstance(q, UniformQuantizer) and not q.is_per_channel:
+        grid = tensor_grid(q)
+        return activation_operand(b, grid, x), grid.uint8_zero_point is not None
+    if isinstance(q, UniformQuantizer):
+        return float_activation(b, _f32(q.scale.clamp_min(1e-8)), _f32(q.zero_point), q.levels, x), False
+    return x, False  # no quantizer: a float input
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: each quantized layer's form
+# ---------------------------------------------------------------------------------------------
+
+def lower_linear(b: _Builder, layer: QuantLinear, x: str, output: str, rank: int) -> list[str]:
+    """``x W^T + b`` as integer products (see the module docstring); returns each product's form."""
+    codes, scale, zero_point, axis = weight_grid(layer)
+    codes_t, axis_t = codes.T, (None if axis is None else 1)  # MatMul reads the weight as (in, out)
+    if rank == 2:  # onnxruntime would fuse a 2-d MatMul + Add into a float Gemm first
+        x = b.op("Unsqueeze", [x, b.constant("axis", np.array([1], np.int64))])
+    split = split_groups(layer.input_quantizer) if isinstance(layer.input_quantizer, UniformQuantizer) else None
+    bits = layer.weight_quantizer.bits
+    if split is None:
+        x_op, x_integer = operand(b, layer.input_quantizer, x)
+        w, w_integer = weight_operand(b, codes_t, scale, zero_point, bits, axis_t)
+        y = b.op("MatMul", [x_op, w])
+        forms = [_form(x_integer and w_integer)]
+    else:  # outlier channels: their columns of the weight leave the main product for a second one
+        main, outliers, index = split
+        main_codes = codes_t.copy()
+        main_codes[index, :] = np.round(zero_point).astype(codes_t.dtype).reshape(1, -1)  # q = z: weight 0
+        w_main, main_integer = weight_operand(b, main_codes, scale, zero_point, bits, axis_t)
+        y_main = b.op("MatMul", [activation_operand(b, main, x), w_main])
+        x_out = b.op("Gather", [x, b.constant("outlier_channels", index.astype(np.int64))], axis=-1)
+        w_out, out_integer = weight_operand(b, codes_t[index, :], scale, zero_point, bits, axis_t)
+        y_out = b.op("MatMul", [activation_operand(b, outliers, x_out), w_out])
+        y = b.op("Add", [y_main, y_out])
+        forms = [_form(main_integer and main.uint8_zero_point is not None),
+                 _form(out_integer and outliers.uint8_zero_point is not None)]
+    if rank == 2:
+        y = b.op("Squeeze", [b.op("Add", [y, b.constant("bias", _f32(layer.bias))]),
+                             b.constant("axis", np.array([1], np.int64))], output)
+    else:
+        b.op("Add", [y, b.constant("bias", _f32(layer.bias))], output)
+    return forms
+
+
+def _form(integer: bool) -> str:
+    return "integer" if integer else "float"
+
+
+def lower_matmul(b: _Builder, layer: QuantMatMul, a: str, other: str, output: str) -> list[str]:
+    """``a^ @ b^``: both operands quantized (uint8 QDQ; the post-Softmax tables folded onto uint8)."""
+    a_op, a_integer = operand(b, layer.a_quantizer, a)
+    b_op, b_integer = operand(b, layer.b_quantizer, other)
+    b.op("MatMul", [a_op, b_op], output)
+    return [_form(a_integer and b_integer)]
+
+
+def lower_conv(b: _Builder, layer: QuantConv2d, x: str, output: str) -> list[str]:
+    """The convolution on the float image with the dequantized weight codes."""
+    codes, scale, zero_point, axis = weight_grid(layer)
+    w, _ = weight_operand(b, codes, scale, zero_point, layer.weight_quantizer.bits, axis)
+    inputs = [x, w] + ([b.constant("bias", _f32(layer.bias))] if layer.bias is not None else [])
+    b.op("Conv", inputs, output, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+         pads=[*layer.padding, *layer.padding], dilations=list(layer.dilation), group=layer.groups)
+    return ["float"]
+
+
+def lower_layers(proto, model: nn.Module) -> dict[str, int]:
+    """Replace every placeholder of ``proto`` (in place) by its layer's form; returns how many matrix
+    products (and convolutions) of each form the graph now holds: 'integer' or 'float'."""
     from onnx import helper
 
-    found = dict(named_quantizers(model))
-    modules = dict(model.named_modules())
+    layers = dict(model.named_modules())
     graph = proto.graph
-    nodes, counts = [], {}
+    nodes, counts = [], {"integer": 0, "float": 0}
     for node in graph.node:
-        if node.domain != ONNX_PLACEHOLDER_DOMAIN or node.op_type != ONNX_PLACEHOLDER_OP:
+        if node.domain != ONNX_PLACEHOLDER_DOMAIN or node.op_type not in ONNX_PLACEHOLDER_OPS:
             nodes.append(node)
             continue
-        name = helper.get_attribute_value(node.attribute[0]).decode()
-        q = found[name]
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        name = attributes["name"].decode()
+        layer = layers[name]
         b = _Builder(name)
-        x, output = node.input[0], node.output[0]
-        if isinstance(q, UniformQuantizer) and is_weight_quantizer(name):
-            lower_weight(b, q, modules[name.rsplit(".", 1)[0]].weight, output)
-            kind = "weight"
-        elif isinstance(q, UniformQuantizer):
-            lower_activation(b, q, x, output)
-            kind = "uniform"
-        elif isinstance(q, SULQuantizer):
-            lower_sulq(b, q, x, output)
-            kind = "sulq"
+        if isinstance(layer, QuantLinear):
+            forms = lower_linear(b, layer, node.input[0], node.output[0], int(attributes["rank"]))
+        elif isinstance(layer, QuantMatMul):
+            forms = lower_matmul(b, layer, node.input[0], node.input[1], node.output[0])
         else:
-            lower_log2sqrt2(b, q, x, output)
-            kind = "log2sqrt2"
+            forms = lower_conv(b, layer, node.input[0], node.output[0])
         nodes.extend(b.nodes)
         graph.initializer.extend(b.initializers)
-        counts[kind] = counts.get(kind, 0) + 1
+        for form in forms:
+            counts[form] += 1
+    for node in nodes:  # the tracer's debug notes (stack traces, FX nodes): a fifth of a W4 file
+        del node.metadata_props[:]
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
@@ -319,7 +527,8 @@ def export_onnx(
     model_args: dict | None = None,
 ) -> dict[str, int]:
     """Write ``model`` (quantized by ``isvit.quantize``, or full precision with ``config=None``) as
-    an ONNX model in QDQ form, atomically. Returns the number of quantizers lowered, by kind."""
+    an ONNX model in QDQ form, atomically. Returns how many matrix products (and convolutions) of
+    the file are integer and how many float (``lower_layers``); both 0 for a full-precision model."""
     onnx = require("onnx")
     check_exportable(model)
     if config is None and named_quantizers(model):
@@ -328,7 +537,7 @@ def export_onnx(
         raise IsvitError("the model has no quantizers: quantize it before exporting it with a QuantConfig")
     model = model.eval()
     proto = trace(model, data_config["input_size"])
-    counts = lower_quantizers(proto, model)
+    counts = lower_layers(proto, model)
     metadata = {
         "format": FORMAT,
         "model": model_name,

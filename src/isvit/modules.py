@@ -9,6 +9,11 @@ The attention modules reimplement the attention arithmetic explicitly (timm's fu
 ``scaled_dot_product_attention`` hides the two matrix products that must be quantized); they are
 swapped in for timm's modules rather than patching timm's forward functions, and accept the
 arguments of every timm 1.0.x release (``attn_mask``, ``is_causal``, Swin's ``mask``).
+
+While ``isvit.export`` traces a model for ONNX, each quantized layer (``QuantLinear``,
+``QuantConv2d``, ``QuantMatMul``) has ``onnx_name`` set to its name and returns a placeholder node
+``isvit::<class name>`` (attributes ``name`` and the input's ``rank``) instead of its arithmetic;
+the exporter replaces each by the layer's integer form, built from its quantizers' parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizers import Quantizer
+
+# The placeholders a quantized layer leaves in the graph while the model is traced for ONNX.
+ONNX_PLACEHOLDER_DOMAIN = "isvit"
+ONNX_PLACEHOLDER_OPS = ("QuantLinear", "QuantConv2d", "QuantMatMul")
+
+
+def onnx_placeholder(layer: nn.Module, inputs: tuple[torch.Tensor, ...], shape) -> torch.Tensor:
+    """A node ``isvit::<layer class>(inputs)`` with the layer's name and the first input's rank as
+    attributes, of the given output ``shape``; only meaningful inside ``torch.onnx.export``."""
+    from torch.onnx.ops import symbolic  # torch >= 2.8
+
+    return symbolic(
+        f"{ONNX_PLACEHOLDER_DOMAIN}::{type(layer).__name__}", inputs,
+        {"name": layer.onnx_name, "rank": inputs[0].dim()}, dtype=inputs[0].dtype, shape=shape, version=1,
+    )
 
 
 class Identity(nn.Identity):
@@ -43,8 +63,11 @@ class QuantLinear(nn.Linear):
             self.bias = linear.bias
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = _quantizer_or_identity(input_quantizer)
+        self.onnx_name: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx_name is not None:
+            return onnx_placeholder(self, (x,), (*x.shape[:-1], self.out_features))
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
@@ -58,8 +81,20 @@ class QuantConv2d(nn.Conv2d):
             setattr(self, name, getattr(conv, name))
         self.weight, self.bias = conv.weight, conv.bias
         self.weight_quantizer = weight_quantizer
+        self.onnx_name: str | None = None
+
+    def output_shape(self, x: torch.Tensor) -> tuple:
+        """(N, C_out, H_out, W_out) for input ``x`` (int padding only, as ``isvit.export`` takes)."""
+        sizes = [
+            (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+            for size, pad, dilation, kernel, stride in zip(x.shape[-2:], self.padding, self.dilation,
+                                                           self.kernel_size, self.stride)
+        ]
+        return (x.shape[0], self.out_channels, *sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx_name is not None:
+            return onnx_placeholder(self, (x,), self.output_shape(x))
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
 
@@ -70,8 +105,11 @@ class QuantMatMul(nn.Module):
         super().__init__()
         self.a_quantizer = a_quantizer
         self.b_quantizer = b_quantizer
+        self.onnx_name: str | None = None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.onnx_name is not None:
+            return onnx_placeholder(self, (a, b), (*a.shape[:-1], b.shape[-1]))
         return self.a_quantizer(a) @ self.b_quantizer(b)
 
 

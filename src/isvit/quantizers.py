@@ -9,9 +9,7 @@ runtime switches, none of which is state:
 - ``calibrating``: when True the next forward fits the parameters to the tensor it sees (the
   percentile-MSE search), then quantizes it; the flag clears itself;
 - an uncalibrated quantizer that is enabled refuses to run, so a forgotten calibration is an error,
-  not silently full precision;
-- ``onnx_name``: set only while ``isvit.export`` traces the model for ONNX; the quantizer then
-  returns a placeholder node named after it, which the exporter replaces by its ONNX form.
+  not silently full precision.
 
 Rounding uses a straight-through estimator, so the block reconstruction can train weights through
 the quantizers.
@@ -152,23 +150,6 @@ def fake_quant_log2sqrt2(x: torch.Tensor, delta, levels: int) -> torch.Tensor:
     return _ScaledSTE.apply(x, value, factor) if want_grad else value
 
 
-# The placeholder that a quantizer leaves in the graph while the model is traced for ONNX: one node
-# of this domain and type, with the quantizer's name as attribute, that export.py replaces.
-ONNX_PLACEHOLDER_DOMAIN = "isvit"
-ONNX_PLACEHOLDER_OP = "Quantizer"
-
-
-def onnx_placeholder(x: torch.Tensor, name: str) -> torch.Tensor:
-    """A node ``isvit::Quantizer(x)`` (attribute ``name``) in the traced graph; only meaningful
-    inside ``torch.onnx.export``."""
-    from torch.onnx.ops import symbolic  # torch >= 2.8
-
-    return symbolic(
-        f"{ONNX_PLACEHOLDER_DOMAIN}::{ONNX_PLACEHOLDER_OP}", (x,), {"name": name},
-        dtype=x.dtype, shape=x.shape, version=1,
-    )
-
-
 def check_bits(bits: int) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
@@ -185,7 +166,6 @@ class Quantizer(nn.Module):
         self.calibrating = False
         # QDrop (block reconstruction only): each element keeps its float value with this probability.
         self.drop_prob = 0.0
-        self.onnx_name: str | None = None
 
     @property
     def levels(self) -> int:
@@ -233,8 +213,6 @@ class Quantizer(nn.Module):
             self.calibrating = False
         if not self.is_calibrated:
             raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated")
-        if self.onnx_name is not None:
-            return onnx_placeholder(x, self.onnx_name)
         out = self.quantize(x)
         if self._drop_prob > 0:
             out = torch.lerp(out, x, self._keep_mask(x))  # exactly x where the mask is 1, out where 0
