@@ -2,7 +2,8 @@
 
     isvit eval --model NAME [--weights PATH] --data DIR [--limit N] [--batch-size B] [--device D] [--json OUT]
     isvit eval --quantized FILE --data DIR [--limit N] ...      (a model saved by quantize --save)
-    isvit eval --onnx FILE --data DIR [--limit N] ...           (a model exported by isvit export, run by onnxruntime)
+    isvit eval --onnx FILE --data DIR [--runtime {onnxruntime,openvino}] [--inference-precision {f32,bf16}] ...
+                                                                (a model exported by isvit export)
     isvit quantize --model NAME [--weights PATH] --calib DIR [--data DIR] --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
                    [--save OUT] [--json OUT] [--preset {paper,fast,thorough}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
@@ -11,7 +12,7 @@
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
 the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
 alone; ``export`` writes it as an ONNX model in QDQ form (``export.py``) that ``eval --onnx`` runs
-with onnxruntime. ``quantize`` without ``--data`` quantizes and saves without evaluating.
+with onnxruntime or OpenVINO (``runtime.py``). ``quantize`` without ``--data`` quantizes and saves without evaluating.
 ``quantize --resume DIR`` saves the state after each finished step in DIR and, started again,
 carries on from there (``resume.py``). Bad input ends the program with one sentence on stderr and
 exit status 2.
@@ -55,7 +56,7 @@ from .models import create_model
 from .pipeline import METHODS, PRESETS, QuantConfig, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 from .reconstruct import LOSSES, ROUNDINGS
-from .runtime import load_onnx
+from .runtime import PRECISIONS, RUNTIMES, load_onnx
 
 
 def _positive_int(text: str) -> int:
@@ -123,8 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save' "
                                                           "(architecture, weights and preprocessing come from it)")
     which.add_argument("--onnx", metavar="FILE", help="an ONNX model written by 'isvit export', run on the CPU by "
-                                                      "onnxruntime (preprocessing from the file)")
+                                                      "onnxruntime or OpenVINO (preprocessing from the file)")
     _add_common(ev)
+    ev.add_argument("--runtime", choices=RUNTIMES, help="with --onnx: what runs the file (default onnxruntime; "
+                                                        "openvino needs pip install 'isvit[openvino]')")
+    ev.add_argument("--inference-precision", choices=PRECISIONS,
+                    help="with --runtime openvino: its inference precision (default: OpenVINO's, bf16 on CPUs that "
+                         "have it, f32 elsewhere; a CPU without bf16 runs f32)")
 
     qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
     qu.add_argument("--model", required=True, help=MODEL_HELP + " of a supported family (ViT, DeiT, Swin)")
@@ -294,6 +300,9 @@ def _duration(seconds: float) -> str:
 
 
 def run_eval(args) -> dict:
+    for option, value in (("--runtime", args.runtime), ("--inference-precision", args.inference_precision)):
+        if value and not args.onnx:
+            raise IsvitError(f"{option} applies to an exported ONNX model only: give it with --onnx")
     if args.quantized:
         return run_eval_quantized(args)
     if args.onnx:
@@ -327,17 +336,26 @@ def run_eval_quantized(args) -> dict:
     return result
 
 
+def _runtime_label(model) -> str:
+    """The runtime that runs an exported model, its version and (OpenVINO) the precision it compiled."""
+    label = f"{model.runtime} {model.version}"
+    return f"{label}, inference precision {model.precision}" if model.precision else label
+
+
 def run_eval_onnx(args) -> dict:
-    """Evaluate an exported ONNX model with onnxruntime on the CPU, on the same data pipeline."""
+    """Evaluate an exported ONNX model with onnxruntime or OpenVINO on the CPU, on the same data pipeline."""
+    runtime = args.runtime or "onnxruntime"
     if args.weights:
         raise IsvitError("--weights cannot be used with --onnx: the ONNX model file holds the weights")
+    if args.inference_precision and runtime != "openvino":
+        raise IsvitError("--inference-precision is OpenVINO's inference precision: give it with --runtime openvino")
     if args.device is not None and _device(args.device).type != "cpu":
-        raise IsvitError(f"eval --onnx runs on the CPU with onnxruntime, not on {args.device}")
-    # Several processes on one machine: onnxruntime takes torch's thread count (1 under torchrun
+        raise IsvitError(f"eval --onnx runs on the CPU with {runtime}, not on {args.device}")
+    # Several processes on one machine: the runtime takes torch's thread count (1 under torchrun
     # unless OMP_NUM_THREADS says otherwise) instead of every core each.
     threads = args.threads or (torch.get_num_threads() if distributed.is_distributed() else None)
-    model, info = load_onnx(args.onnx, threads=threads)
-    import onnxruntime
+    model, info = load_onnx(args.onnx, threads=threads, runtime=runtime, precision=args.inference_precision)
+    label = _runtime_label(model)
 
     config = info["config"]
     quant = config.to_dict() if config else {"method": "fp32", "w_bits": 32, "a_bits": 32}
@@ -348,12 +366,14 @@ def run_eval_onnx(args) -> dict:
         raise IsvitError(f"{args.onnx} takes {size} images: --input-size cannot change that")
     loader = _eval_loader(args, build_transform(data_config))
     metrics = evaluate(model, loader, device="cpu", progress=_progress(args),
-                       desc=f"onnxruntime W{quant['w_bits']}/A{quant['a_bits']}")
+                       desc=f"{runtime} W{quant['w_bits']}/A{quant['a_bits']}")
+    # the runtime and its version under its own name ("onnxruntime": "1.32.0"), OpenVINO's precision beside
+    precision = {"inference_precision": model.precision} if model.precision else {}
     result = {"model": info["model"], "onnx": args.onnx, **quant, **metrics, "data": args.data,
               "data_config": data_config, "peak_rss_mb": _peak_rss_mb(), "device": "cpu",
-              "onnxruntime": onnxruntime.__version__, **_environment()}
+              "runtime": model.runtime, model.runtime: model.version, **precision, **_environment()}
     _report([{"name": info["model"], "method": quant["method"], "wa": wa, **metrics}],
-            f"eval {metrics['eval_seconds']:.1f} s (onnxruntime), peak memory {result['peak_rss_mb']:.0f} MB")
+            f"eval {metrics['eval_seconds']:.1f} s ({label}), peak memory {result['peak_rss_mb']:.0f} MB")
     _write_json(args.json, result)
     return result
 
@@ -372,9 +392,12 @@ def run_export(args) -> dict:
         name, config, data_config, model_args = args.model, None, resolve_data_config(model), {}
     counts = export_onnx(model, args.onnx, model_name=name, config=config, data_config=data_config, model_args=model_args)
     size = Path(args.onnx).stat().st_size
-    lowered = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no quantizers"
-    print(f"exported {args.onnx}: {_megabytes(size)} ({lowered})")
-    return {"onnx": args.onnx, "bytes": size, "quantizers": counts}
+    if config is None:
+        products = "full precision"
+    else:
+        products = f"{counts['integer']} integer products, {counts['float']} in float (see docs/onnx.md)"
+    print(f"exported {args.onnx}: {_megabytes(size)} ({products})")
+    return {"onnx": args.onnx, "bytes": size, "products": counts}
 
 
 def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:

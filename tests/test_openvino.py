@@ -1,0 +1,287 @@
+"""OpenVINO as the second runtime of an exported file (``load_onnx(path, runtime="openvino")``):
+small ViT and Swin models at W8/A8 and W4/A4 run by OpenVINO compute what PyTorch computes, the
+metadata and the one-sentence errors are onnxruntime's, the inference precision reported is the one
+compiled, ``isvit eval --onnx --runtime openvino``, and the real ViT-Ti at W8/A8 on 200 images.
+
+Whole-model tolerance as for onnxruntime (see test_export.py's docstring): a quantized network is a
+step function, so OpenVINO's float rounding moves a few values across a grid boundary; whole models
+must agree on the predicted class and differ from PyTorch by well under the quantization error
+(mean |OpenVINO - PyTorch| <= half of mean |PyTorch quantized - fp32|). Everything that compares
+logits asks for f32: OpenVINO's default is bf16 on CPUs that have it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import onnx
+import openvino
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import isvit
+from isvit.cli import main
+from isvit.errors import IsvitError
+from isvit.export import export_onnx
+from isvit.runtime import OpenVinoModel, load_onnx
+
+from conftest import VAL_BATCH, VAL_DIR, error_of
+from test_export import ARCHITECTURES, BAD_ONNX, data_config, images, quantized, small_model
+
+VERSION = openvino.__version__.split("-")[0]  # the release, as isvit reports it
+# OpenVINO's CPU plugin lists BF16 where the CPU has it (AVX-512 BF16 or AMX): its default precision there
+CPU_HAS_BF16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+# ViT and Swin (with padded windows, as in test_export.py) at W8/A8 and W4/A4: the uniform
+# post-Softmax grid (minmax), log-sqrt2 (repq) and SULQ after one reconstruction step (isvit).
+SETTINGS = [("vit", "minmax", 8), ("vit", "isvit", 4), ("swin", "repq", 8), ("swin", "isvit", 4)]
+IDS = [f"{a}-{m}-w{b}" for a, m, b in SETTINGS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This module's PyTorch work on one thread, as its runtimes' (threads=1); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each setting quantized and exported once: {setting: (model, path)}."""
+    folder = tmp_path_factory.mktemp("openvino")
+    found = {}
+    for arch, method, bits in SETTINGS:
+        model, config = quantized(arch, method, bits)
+        path = folder / f"{arch}_{method}_w{bits}.onnx"
+        name, args = ARCHITECTURES[arch]
+        export_onnx(model, path, model_name=name, config=config, data_config=data_config(arch), model_args=args)
+        found[(arch, method, bits)] = (model, path)
+    return found
+
+
+@pytest.fixture(scope="module")
+def vit_w4a4(exported):
+    """The small W4/A4 ViT (isvit) and its file: what the error and CLI tests read."""
+    return exported[("vit", "isvit", 4)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole small models run by OpenVINO
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_openvino_computes_what_pytorch_computes(exported, setting):
+    model, path = exported[setting]
+    arch = setting[0]
+    ov_model, info = load_onnx(path, threads=1, runtime="openvino", precision="f32")
+    assert isinstance(ov_model, OpenVinoModel)
+    assert (ov_model.runtime, ov_model.version, ov_model.precision) == ("openvino", VERSION, "f32")
+    x = images(arch, 16, seed=3)
+    with torch.no_grad():
+        expected, fp = model(x), small_model(arch)(x)
+        got = ov_model(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape == (16, 10)
+    # Measured (AMD EPYC, AVX2, OpenVINO 2026.4.1): 16 / 16 equal predictions everywhere, mean
+    # |OpenVINO - PyTorch| 1e-5 (vit-minmax-w8), 5e-7 (vit-isvit-w4), 0.16 (swin-repq-w8), 7e-7
+    # (swin-isvit-w4) of the quantization error.
+    assert (got.argmax(1) == expected.argmax(1)).sum() >= 15
+    assert (got - expected).abs().mean() <= 0.5 * (expected - fp).abs().mean()
+    # the batch is dynamic, and each call's logits are its own, not the buffer the next call writes into
+    kept = got.clone()
+    assert ov_model(x[:1]).shape == (1, 10) and ov_model(x[:3]).shape == (3, 10)
+    ov_model(x.flip(0))
+    assert torch.equal(got, kept)
+    # the metadata is read and checked as onnxruntime reads it
+    assert info == load_onnx(path, threads=1)[1]
+
+
+@pytest.mark.parametrize("asked", [None, "bf16"])
+def test_the_precision_reported_is_the_one_compiled(vit_w4a4, asked):
+    """Where the CPU has no bf16, OpenVINO compiles f32 when bf16 is asked for (and by default),
+    silently: isvit reads back what was compiled rather than repeating what was asked."""
+    _, path = vit_w4a4
+    ov_model, _ = load_onnx(path, threads=1, runtime="openvino", precision=asked)
+    assert ov_model.precision == ov_model.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    assert ov_model.precision == ("bf16" if CPU_HAS_BF16 else "f32")
+    x = images("vit", 4, seed=3)
+    got = ov_model(x)
+    assert got.shape == (4, 10) and torch.isfinite(got).all()
+    if not CPU_HAS_BF16:  # the same f32 model as precision="f32"
+        f32_model, _ = load_onnx(path, threads=1, runtime="openvino", precision="f32")
+        assert torch.equal(got, f32_model(x))
+
+
+def test_evaluate_takes_the_openvino_model(vit_w4a4, image_folder):
+    model, path = vit_w4a4
+    ov_model, info = load_onnx(path, threads=1, runtime="openvino", precision="f32")
+    dataset = isvit.ImageFolderDataset(image_folder, isvit.build_transform(info["data_config"]))
+    loader = isvit.make_loader(dataset, batch_size=3, num_workers=0)
+    got = isvit.evaluate(ov_model, loader, device="cpu", progress=False)
+    expected = isvit.evaluate(model, loader, device="cpu", progress=False)
+    assert got["images"] == 8 and (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one sentence, in onnxruntime's words
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(BAD_ONNX))
+def test_bad_onnx_file_is_the_same_sentence_as_onnxruntime(vit_w4a4, image_folder, tmp_path, capsys, case):
+    make, message = BAD_ONNX[case]
+    path = make(vit_w4a4[1], tmp_path / "bad.onnx")
+    with pytest.raises(IsvitError) as error:
+        load_onnx(path, threads=1, runtime="openvino")
+    assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+    out = tmp_path / "eval.json"
+    err = error_of(capsys, ["eval", "--onnx", str(path), "--data", str(image_folder), "--runtime", "openvino",
+                            "--json", str(out), "--quiet"])
+    assert message in err and not out.exists()
+
+
+def isvit_file_with(node: onnx.NodeProto, output: str, source: Path, target: Path) -> Path:
+    """A one-node model (input ``images``, output ``output``) with the metadata of ``source``."""
+    graph = helper.make_graph([node], "one_node", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("isvit.test", 1)])
+    helper.set_model_props(model, {p.key: p.value for p in onnx.load(str(source)).metadata_props})
+    onnx.save_model(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize("node, output, message", [
+    (helper.make_node("Relu", ["images"], ["y"]), "y", "does not have the input 'images' and output 'logits'"),
+    (helper.make_node("NoSuchOp", ["images"], ["logits"], domain="isvit.test"), "logits",
+     "OpenVINO cannot read {path} (No conversion rule found for operations: isvit.test.NoSuchOp)"),
+], ids=["other names", "unknown op"])
+def test_an_isvit_file_openvino_cannot_run_is_one_sentence(vit_w4a4, tmp_path, node, output, message):
+    path = isvit_file_with(node, output, vit_w4a4[1], tmp_path / "m.onnx")
+    with pytest.raises(IsvitError) as error:
+        load_onnx(path, runtime="openvino")
+    assert message.format(path=path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("missing", ["openvino", "onnx"])
+def test_openvino_not_installed_says_how_to_install_it(vit_w4a4, image_folder, monkeypatch, capsys, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    with pytest.raises(IsvitError, match=rf"needs the {missing} package, which is not installed: "
+                                         r"pip install 'isvit\[openvino\]'$"):
+        load_onnx(vit_w4a4[1], runtime="openvino")
+    err = error_of(capsys, ["eval", "--onnx", str(vit_w4a4[1]), "--data", str(image_folder), "--runtime", "openvino"])
+    assert "pip install 'isvit[openvino]'" in err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"runtime": "tensorrt"}, "unknown runtime 'tensorrt': the exported file runs with onnxruntime or openvino"),
+    ({"precision": "f32"}, "precision='f32' is OpenVINO's inference precision: give it with runtime='openvino'"),
+    ({"runtime": "openvino", "precision": "f16"}, "unknown inference precision 'f16': OpenVINO takes f32 or bf16"),
+    ({"runtime": "openvino", "optimize": False}, "optimize=False turns off onnxruntime's graph optimizations"),
+])
+def test_options_of_the_other_runtime_are_refused(vit_w4a4, options, message):
+    with pytest.raises(IsvitError) as error:
+        load_onnx(vit_w4a4[1], **options)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: isvit eval --onnx FILE --runtime openvino
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_eval_onnx_with_openvino(vit_w4a4, image_folder, tmp_path, capsys):
+    model, path = vit_w4a4
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--onnx", str(path), "--data", str(image_folder), "--runtime", "openvino",
+                 "--inference-precision", "f32", "--batch-size", "3", "--limit", "7", "--threads", "1",
+                 "--workers", "0", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "isvit" in printed and "4/4" in printed and f"(openvino {VERSION}, inference precision f32)" in printed
+    result = json.loads(out.read_text())
+    assert result["runtime"] == "openvino" and result["openvino"] == VERSION and result["inference_precision"] == "f32"
+    assert "onnxruntime" not in result and result["onnx"] == str(path) and result["device"] == "cpu"
+    assert result["images"] == 7 and result["method"] == "isvit" and result["w_bits"] == 4
+
+    # The same images through the PyTorch model: the same top-1
+    dataset = isvit.ImageFolderDataset(image_folder, isvit.build_transform(data_config("vit")), limit=7)
+    expected = isvit.evaluate(model, isvit.make_loader(dataset, batch_size=3, num_workers=0), progress=False)
+    assert (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
+
+
+def test_cli_eval_onnx_reports_the_precision_compiled(vit_w4a4, image_folder, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--onnx", str(vit_w4a4[1]), "--data", str(image_folder), "--runtime", "openvino",
+                 "--inference-precision", "bf16", "--limit", "2", "--threads", "1", "--workers", "0",
+                 "--json", str(out), "--quiet"]) == 0
+    compiled = "bf16" if CPU_HAS_BF16 else "f32"
+    assert f"(openvino {VERSION}, inference precision {compiled})" in capsys.readouterr().out
+    assert json.loads(out.read_text())["inference_precision"] == compiled
+
+
+def test_cli_eval_onnx_names_onnxruntime_by_default(vit_w4a4, image_folder, tmp_path, capsys):
+    import onnxruntime
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--onnx", str(vit_w4a4[1]), "--data", str(image_folder), "--limit", "2", "--threads", "1",
+                 "--workers", "0", "--json", str(out), "--quiet"]) == 0
+    assert f"(onnxruntime {onnxruntime.__version__})" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["runtime"] == "onnxruntime" and result["onnxruntime"] == onnxruntime.__version__
+    assert "inference_precision" not in result and "openvino" not in result
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--onnx", "{onnx}", "--inference-precision", "bf16"],
+     "--inference-precision is OpenVINO's inference precision: give it with --runtime openvino"),
+    (["--onnx", "{onnx}", "--runtime", "onnxruntime", "--inference-precision", "f32"],
+     "--inference-precision is OpenVINO's inference precision: give it with --runtime openvino"),
+    (["--model", "test_vit", "--runtime", "openvino"], "--runtime applies to an exported ONNX model only: give it with --onnx"),
+    (["--quantized", "{onnx}", "--runtime", "onnxruntime"], "--runtime applies to an exported ONNX model only"),
+    (["--model", "test_vit", "--inference-precision", "f32"], "--inference-precision applies to an exported ONNX model only"),
+    (["--onnx", "{onnx}", "--runtime", "openvino", "--device", "meta"], "runs on the CPU with openvino, not on meta"),
+])
+def test_cli_refusals_are_one_sentence_and_write_nothing(vit_w4a4, image_folder, tmp_path, capsys, timm_builds,
+                                                         argv, message):
+    out = tmp_path / "eval.json"
+    err = error_of(capsys, ["eval", *(a.format(onnx=vit_w4a4[1]) for a in argv), "--data", str(image_folder),
+                            "--json", str(out), "--quiet"])
+    assert message in err and list(tmp_path.iterdir()) == [] and timm_builds == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The real ViT-Ti at W8/A8 (RepQ-ViT, 32 calibration images) on 200 validation images
+# ---------------------------------------------------------------------------------------------
+
+# Measured on 200 images, OpenVINO f32 vs PyTorch (AMD EPYC AVX2, OpenVINO 2026.4.1, 1 thread each):
+# 199/200 equal predictions, top-1 82.5 / 82.0, mean / max |logit difference| 0.17 / 1.44 (onnxruntime
+# on the same file: 197/200, 82.5, 0.17 / 1.46). Tolerance: top-1 within 1 point, at least 95% of the
+# predictions equal, mean |logit difference| at most 0.3 and max at most 4 (logits reach ~20), as
+# onnxruntime's test holds it.
+@pytest.mark.real
+def test_real_vit_w8a8_in_openvino_matches_pytorch(real_vit, real_w8a8, val_batches, tmp_path):
+    model, config = real_w8a8("repq")
+    path = tmp_path / "vit_tiny_w8a8.onnx"
+    export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
+                data_config=isvit.resolve_data_config(real_vit))
+    ov_model, _ = load_onnx(path, threads=1, runtime="openvino", precision="f32")
+    with torch.inference_mode():
+        expected = torch.cat([model(x) for x, _ in val_batches])
+    got = torch.cat([ov_model(x) for x, _ in val_batches])
+    labels = torch.cat([y for _, y in val_batches])
+    top1 = {name: 100.0 * (logits.argmax(1) == labels).float().mean().item() for name, logits in
+            (("openvino", got), ("pytorch", expected))}
+    assert abs(top1["openvino"] - top1["pytorch"]) <= 1.0, top1
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95
+    assert (got - expected).abs().mean() <= 0.3 and (got - expected).abs().max() <= 4.0
+
+    # eval --onnx --runtime openvino: the same preprocessing and dataset code, so the same top-1
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--onnx", str(path), "--data", str(VAL_DIR), "--limit", str(VAL_BATCH), "--batch-size",
+                 str(VAL_BATCH), "--threads", "1", "--runtime", "openvino", "--inference-precision", "f32",
+                 "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    first = slice(0, VAL_BATCH)
+    assert result["top1"] == pytest.approx(100.0 * (got[first].argmax(1) == labels[first]).sum().item() / VAL_BATCH)
+    assert result["runtime"] == "openvino" and result["inference_precision"] == "f32" and result["w_bits"] == 8
