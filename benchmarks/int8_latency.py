@@ -1,31 +1,74 @@
-"""CPU latency of the shared ViT-Ti: PyTorch fp32, onnxruntime fp32 (the unquantized model exported
-by isvit) and onnxruntime int8 (the W8/A8 QDQ export, whose matrix products onnxruntime's optimizer
-fuses into integer kernels), at batch 1 and 32.
+"""CPU latency of the shared ViT-Ti quantized by isvit against what users pick instead: full
+precision in PyTorch, onnxruntime and OpenVINO, and NNCF's INT8 model on OpenVINO; every isvit model
+(exported to ONNX here) on both onnxruntime and OpenVINO; at batch 1 and 32, with 1 and 2 threads.
 
-    python benchmarks/int8_latency.py [--threads 2] [--batch-sizes 1 32] [--repeats 50 10]
-        [--method {repq,minmax}] [--quantized FILE] [--out results/int8_latency.json]
+    python benchmarks/int8_latency.py [--quantized FILE [FILE ...]] [--make METHOD:W:A [...]]
+        [--calib-size 32] [--seed 0] [--threads 1 2] [--batch-sizes 1 32] [--repeats 50 10] [--warmup 3]
+        [--cache DIR] [--nncf-images 300] [--ov-precision {f32,bf16}] [--ov-profile]
+        [--out results/int8_latency.json]
 
-The W8/A8 model is --method (RepQ-ViT by default, with its log-sqrt2 post-Softmax quantizer; minmax
-has a uniform one) on 32 calibration images (seed 0), unless --quantized names a W8/A8
-checkpoint. Every runtime gets the same thread count (torch.set_num_threads and onnxruntime's
-intra-op threads; inter-op 1). After warm-up the runtimes take turns, one call each, so that a
-change of load on the machine hits all of them alike; reported: median and interquartile range of
-the calls, in ms. onnxruntime's idle threads do not spin (they would steal the cores from the
-runtime whose turn it is). The int8 session is also profiled once (onnxruntime's profiler) to list the
-operators that really ran and their share of the time.
+Needs the onnx extra, openvino and nncf (`.venv/bin/pip install openvino nncf`; the tested releases:
+openvino 2026.4.1, nncf 3.4.0). The full comparison: isvit at W8/A8, W4/A8 and W4/A4 from
+checkpoints (10+ minutes each to make, e.g. `isvit quantize --model vit_tiny_patch16_224 --weights
+../shared/models/vit_tiny_patch16_224.safetensors --calib ../shared/data/imagenet-calib-1000 --method
+isvit --preset fast --w-bits 4 --a-bits 4 --threads 2 --save isvit_w4a4.safetensors`), repq at the
+same bits made here, nothing else running:
+
+    python benchmarks/int8_latency.py --quantized isvit_w8a8.safetensors isvit_w4a8.safetensors
+        isvit_w4a4.safetensors --make repq:8:8 repq:4:8 repq:4:4 --cache nncf_cache
+
+Models. fp32: the shared weights (isvit.create_model), exported to ONNX by isvit (config=None);
+PyTorch runs the module itself (eager, torch.inference_mode), onnxruntime and OpenVINO the file.
+nncf_int8: nncf.quantize(..., model_type=TRANSFORMER, subset_size=N) on the OpenVINO model read
+from that file, calibrated on N images (--nncf-images, default 300) of imagenet-calib-1000 drawn with
+--seed and preprocessed with the model's timm data config, everything else NNCF's defaults (1-2
+minutes; with --cache DIR it is saved there, with its calibration time, and reused while the
+fp32 file, N, the seed and the NNCF and OpenVINO versions are the same). isvit's models:
+--quantized FILE ... (checkpoints saved by `isvit quantize --save`; method, bits and post-Softmax
+quantizer come from each file's config) and --make METHOD:W:A ... (repq or minmax quantized here on
+--calib-size images, seed --seed: seconds each; isvit takes 10+ minutes, so give it as a file).
+With neither, the script makes repq:8:8 (the old default; the old --method minmax is --make minmax:8:8).
+
+Timing. Every runtime gets the same thread count, and its sessions are built anew for each one:
+PyTorch torch.set_num_threads; onnxruntime intra-op threads, inter-op 1, sequential, all graph
+optimizations, idle threads not spinning (they would take the cores from the runtime whose turn it
+is); OpenVINO INFERENCE_NUM_THREADS, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY and its own
+inference precision (on a CPU with native bf16, AVX-512 BF16 or AMX, it picks bf16) unless
+--ov-precision asks for one (each compiled model's actual precision is recorded: on a CPU without
+bf16, bf16 gives f32). All inputs have a dynamic batch. For each thread count and batch size every model is
+called --warmup times, then the models take turns, one call each, --repeats rounds (each round
+starts at the next model), so that a change of load on the machine hits all alike. Reported per
+runtime x model x batch x threads: median and interquartile range of the calls in ms, ms per image,
+the speed ratio to the same runtime's fp32 model in the same run (its median / this median: > 1 is
+faster), and on OpenVINO the same ratio to NNCF's INT8 model.
+
+Also recorded: the CPU (model, cores, AVX2 / AVX-512 / VNNI / BF16 / AMX flags) and the load average
+before and after; the versions of torch, onnxruntime, openvino, nncf; each model's file size (MB =
+10^6 bytes); the operator types of onnxruntime's optimized graph (MatMulIntegerToFloat and
+QLinearMatMul are integer kernels, MatMul and Gemm float ones); OpenVINO's layers by type from its
+runtime model after the calls, each counted by the precision OpenVINO gives its data and the kernel
+that ran ("u8 jit_gemm_I8": an integer product; "u8 brgemm_avx2_f32": int8 weights decompressed
+into a float product); onnxruntime's per-operator time share in one profiled batch-1 call of each
+quantized model; with --ov-profile, OpenVINO's per-layer-type time and kernels (PERF_COUNT, in a
+separate untimed compile). The full comparison takes about 20 minutes on 2 cores; run it with
+nothing else on the machine and compare rows of one run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import hashlib
 import json
 import os
-import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -36,8 +79,160 @@ from isvit.export import export_onnx
 
 from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json
 
+FP32 = "fp32"
+NNCF = "nncf_int8"
+MADE_METHODS = ("repq", "minmax")  # quick enough to quantize here; isvit comes as a file
+# The layer types of OpenVINO's runtime model that hold the products ("Subgraph": fused float
+# element-wise chains or attention, whose MatMuls then no longer appear as MatMul layers).
+OV_PRODUCTS = ("FullyConnected", "MatMul", "Convolution", "Subgraph")
+# onnxruntime's float and integer products, printed under the table (the JSON has every op type).
+ORT_PRODUCTS = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger",
+                "QLinearConv", "ConvInteger", "MatMul", "FusedMatMul", "Gemm", "Conv")
 
-def session(path: Path, threads: int, profile_prefix: str | None = None) -> onnxruntime.InferenceSession:
+
+def say(message: str) -> None:
+    """Progress on stderr: stdout is for the table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def make_spec(text: str) -> tuple[str, int, int]:
+    """``--make`` item METHOD:W:A, e.g. repq:4:8, as (method, w_bits, a_bits)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not METHOD:W:A, e.g. repq:4:8")
+    if parts[0] not in MADE_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"{parts[0]!r}: --make quantizes {' or '.join(MADE_METHODS)} only (isvit takes 10+ minutes: "
+            "save it with isvit quantize --save and give the file to --quantized)")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantized", nargs="+", default=[], metavar="FILE",
+                        help="checkpoints saved by isvit quantize --save, each run on onnxruntime and OpenVINO")
+    parser.add_argument("--make", nargs="+", type=make_spec, default=[], metavar="METHOD:W:A",
+                        help="repq or minmax models quantized here, e.g. repq:8:8 repq:4:8 "
+                             "(default: repq:8:8 when no --quantized file is given)")
+    parser.add_argument("--calib-size", type=int, default=32, help="calibration images of --make models (default 32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the calibration subsets and of the random input (default 0)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default 1 2)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[50, 10], help="timed calls per batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model, batch size and thread count")
+    parser.add_argument("--cache", metavar="DIR", help="keep NNCF's INT8 model here and reuse it in later runs")
+    parser.add_argument("--nncf-images", type=int, default=300,
+                        help="NNCF's calibration images and subset_size (default 300; fewer only to try the script)")
+    parser.add_argument("--ov-precision", choices=["f32", "bf16"],
+                        help="OpenVINO's INFERENCE_PRECISION_HINT (default: OpenVINO's own choice, recorded)")
+    parser.add_argument("--ov-profile", action="store_true",
+                        help="also OpenVINO's per-layer-type time (PERF_COUNT, a separate untimed compile)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "int8_latency.json"))
+    args = parser.parse_args(argv)
+    if len(args.repeats) != len(args.batch_sizes):
+        parser.error("give one --repeats count per batch size")
+    if min(args.threads + args.batch_sizes + args.repeats) < 1 or args.nncf_images < 1 or args.calib_size < 1:
+        parser.error("thread counts, batch sizes, repeats and image counts must be positive")
+    for path in args.quantized:
+        if not Path(path).is_file():
+            parser.error(f"--quantized: {path} does not exist")
+    if not args.quantized and not args.make:
+        args.make = [("repq", 8, 8)]
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The models: fp32 export, NNCF's INT8 model, isvit's models exported to ONNX
+# ---------------------------------------------------------------------------------------------
+
+def file_mb(*paths: Path) -> float:
+    return sum(p.stat().st_size for p in paths) / 1e6
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def nncf_int8(fp32_path: Path, folder: Path, calib_folder: Path, transform, images: int,
+              seed: int) -> tuple[Path, dict]:
+    """NNCF's INT8 model of the fp32 ONNX file, as an OpenVINO IR in ``folder`` (reused when the
+    file there was made from the same fp32 file with the same settings and versions), and what
+    made it."""
+    import nncf  # imported here: it takes seconds, and the test suite imports this module without it
+    import openvino
+
+    xml = folder / f"{MODEL}_nncf_int8_{images}img_seed{seed}.xml"
+    sidecar = xml.with_suffix(".json")
+    wanted = {"fp32_onnx_sha256": sha256(fp32_path), "images": images, "subset_size": images, "seed": seed,
+              "model_type": "TRANSFORMER", "nncf": nncf.__version__, "openvino": openvino.__version__}
+    if xml.is_file() and sidecar.is_file():
+        made = json.loads(sidecar.read_text())
+        if {key: made.get(key) for key in wanted} == wanted:
+            say(f"NNCF INT8 model: reusing {xml} (calibrated in {made['calibration_s']:.0f} s)")
+            return xml, {**made, "cached": True, "file": str(xml)}
+    say(f"NNCF INT8 model: loading {images} calibration images (seed {seed})")
+    calib = isvit.load_calibration_images(calib_folder, transform, images, seed=seed, progress=False)
+    say(f"NNCF INT8 model: nncf.quantize on {images} images (1-2 minutes at 300)")
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
+        quantized = nncf.quantize(openvino.Core().read_model(str(fp32_path)),
+                                  nncf.Dataset([image[None].numpy() for image in calib]),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=images)
+    made = {**wanted, "calibration_s": time.perf_counter() - start}
+    folder.mkdir(parents=True, exist_ok=True)
+    openvino.save_model(quantized, str(xml))
+    write_json(sidecar, made)
+    return xml, {**made, "cached": False, "file": str(xml)}
+
+
+def describe(config: isvit.QuantConfig, source: str, lowered: dict) -> dict:
+    """What an isvit model is, for the JSON: method, bits, post-Softmax quantizer, where it came from."""
+    return {"method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
+            "softmax_quantizer": config.resolved_softmax_quantizer, "source": source, "quantizers_lowered": lowered}
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> dict:
+    """The checkpoint's model, exported to ONNX at ``out``; returns what it is."""
+    model, info = load_quantized(checkpoint)
+    if info["model"] != MODEL:
+        raise SystemExit(f"{checkpoint} holds a {info['model']}, not the {MODEL} this benchmark compares with")
+    lowered = export_onnx(model, out, model_name=info["model"], config=info["config"],
+                          data_config=info["data_config"], model_args=info["model_args"])
+    return describe(info["config"], str(checkpoint), lowered)
+
+
+def export_made(fp: torch.nn.Module, spec: tuple[str, int, int], calib: torch.Tensor, seed: int, data_config: dict,
+                out: Path) -> dict:
+    """``fp`` quantized here as ``spec`` (method, w_bits, a_bits), exported to ONNX at ``out``."""
+    method, w_bits, a_bits = spec
+    config = isvit.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=len(calib), seed=seed)
+    model = isvit.quantize(fp, calib, config, progress=False)
+    lowered = export_onnx(model, out, model_name=MODEL, config=config, data_config=data_config)
+    return describe(config, f"{method} quantized by this script on {len(calib)} calibration images, seed {seed}",
+                    lowered)
+
+
+def model_name(description: dict, taken: set[str]) -> str:
+    """A short unique name for an isvit model: repq_w4a8, isvit_w4a4, then isvit_w4a4_2, ..."""
+    base = f"{description['method']}_w{description['w_bits']}a{description['a_bits']}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtimes
+# ---------------------------------------------------------------------------------------------
+
+def ort_session(path: Path, threads: int, *, profile_prefix: str | None = None,
+                optimized_path: Path | None = None) -> onnxruntime.InferenceSession:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -45,55 +240,146 @@ def session(path: Path, threads: int, profile_prefix: str | None = None) -> onnx
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     # The runtimes take turns: onnxruntime's idle worker threads must not spin on the cores while
-    # PyTorch (or the other session) runs, or every other runtime is measured on a busy machine.
+    # another runtime runs, or every other runtime is measured on a busy machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def w8a8_model(args, data_config: dict):
-    """(model, config, source): the --quantized checkpoint, or --method calibrated here."""
-    if args.quantized:
-        model, info = load_quantized(args.quantized)
-        config = info["config"]
-        if (config.w_bits, config.a_bits) != (8, 8):
-            raise SystemExit(f"{args.quantized} is W{config.w_bits}/A{config.a_bits}, not W8/A8")
-        return model, config, args.quantized
-    config = isvit.QuantConfig(method=args.method, w_bits=8, a_bits=8, calib_size=args.calib_size, seed=args.seed)
-    fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
-    calib = isvit.load_calibration_images(ROOT / CALIB, isvit.build_transform(data_config), args.calib_size,
-                                          seed=args.seed, progress=False)
-    source = f"{args.method} on {args.calib_size} calibration images, seed {args.seed}"
-    return isvit.quantize(fp, calib, config, progress=False), config, source
+def ov_compile(core, path: Path, threads: int, precision: str | None, perf_count: bool = False):
+    """``path`` (ONNX or OpenVINO IR) compiled for the CPU with ``threads`` threads, one stream."""
+    config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    if perf_count:
+        config["PERF_COUNT"] = True
+    return core.compile_model(str(path), "CPU", config)
 
 
-def time_calls(runners: dict, x: torch.Tensor, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Milliseconds of each call, the runners taking turns."""
+def ov_settings(compiled) -> dict:
+    """What OpenVINO made of the compile settings: the precision it computes in, threads, streams."""
+    return {"inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+            "threads": compiled.get_property("INFERENCE_NUM_THREADS"),
+            "streams": compiled.get_property("NUM_STREAMS"),
+            "cpu_pinning": compiled.get_property("ENABLE_CPU_PINNING")}
+
+
+def ov_layers(compiled) -> dict[str, dict[str, int]]:
+    """The layers of OpenVINO's runtime model by type, counted by "PRECISION KERNEL" from each
+    layer's rt_info: runtimePrecision, the precision OpenVINO gives the layer's data, and
+    primitiveType, the kernel, whose suffix is the precision it computes in. Both are needed: a
+    FullyConnected with int8 weights can be "u8 brgemm_avx2_f32" (weights decompressed, float
+    product) or "u8 jit_gemm_I8" (an integer product). Read after a call: before one, a dynamic
+    shape's kernel is "undef". Constants left out."""
+    counts = collections.defaultdict(collections.Counter)
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str)
+        if layer != "Const":
+            counts[layer][f"{info['runtimePrecision'].astype(str)} {info['primitiveType'].astype(str)}"] += 1
+    return {layer: dict(counts[layer]) for layer in sorted(counts)}
+
+
+def pytorch_runner(model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    def run(x):
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def ort_runner(session) -> Callable[[torch.Tensor], object]:
+    return lambda x: session.run(["logits"], {"images": x.numpy()})
+
+
+def ov_runner(compiled) -> Callable[[torch.Tensor], object]:
+    request = compiled.create_infer_request()
+    # share_inputs: OpenVINO reads the array in place, as onnxruntime does, instead of copying it.
+    return lambda x: request.infer({0: x.numpy()}, share_inputs=True)
+
+
+def build_runners(fp: torch.nn.Module, onnx_paths: dict[str, Path], ov_paths: dict[str, Path], core, threads: int,
+                  precision: str | None) -> tuple[dict, dict]:
+    """What is timed at one thread count, by (runtime, model): PyTorch's fp32 model, each ONNX file
+    in an onnxruntime session, each of ``ov_paths`` compiled by OpenVINO; and the compiled models."""
+    runners = {("pytorch", FP32): pytorch_runner(fp)}
+    for name, path in onnx_paths.items():
+        runners[("onnxruntime", name)] = ort_runner(ort_session(path, threads))
+    compiled = {name: ov_compile(core, path, threads, precision) for name, path in ov_paths.items()}
+    for name, c in compiled.items():
+        runners[("openvino", name)] = ov_runner(c)
+    return runners, compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and its summary
+# ---------------------------------------------------------------------------------------------
+
+def time_interleaved(runners: dict, x: torch.Tensor, warmup: int, repeats: int) -> dict[tuple, list[float]]:
+    """Milliseconds of each call of each runner, the runners taking turns one call each."""
     for run in runners.values():
         for _ in range(warmup):
             run(x)
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
+    names = list(runners)
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        # Each round starts at the next runner: no model always follows the same one.
+        for name in names[i % len(names):] + names[:i % len(names)]:
             start = time.perf_counter()
-            run(x)
+            runners[name](x)
             times[name].append(1000.0 * (time.perf_counter() - start))
     return times
 
 
-def summary(ms: list[float], batch: int) -> dict:
-    q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "ms_per_image": median / batch,
-            "calls": len(ms)}
+def summarize(times: dict[tuple[str, str], list[float]], batch: int, threads: int) -> list[dict]:
+    """One row per (runtime, model) of one batch size and thread count: median, quartiles, ms per
+    image, and the speed ratios (the reference's median / this median) to the same runtime's fp32
+    model and to NNCF's INT8 model (None where the runtime has no such model in ``times``)."""
+    medians = {key: float(np.median(ms)) for key, ms in times.items()}
+    rows = []
+    for (runtime, model), ms in times.items():
+        q1, median, q3 = (float(q) for q in np.percentile(ms, [25, 50, 75]))
+        fp32, nncf_int8 = medians.get((runtime, FP32)), medians.get((runtime, NNCF))
+        rows.append({"runtime": runtime, "model": model, "batch": batch, "threads": threads,
+                     "median_ms": median, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "ms_per_image": median / batch,
+                     "calls": len(ms), "vs_fp32": fp32 / median if fp32 else None,
+                     "vs_nncf_int8": nncf_int8 / median if nncf_int8 else None, "ms": ms})
+    return rows
 
 
-def profile_ops(path: Path, threads: int, x: torch.Tensor, folder: Path) -> dict:
-    """Which operators the int8 session ran (onnxruntime's profiler) and their share of the time."""
-    s = session(path, threads, profile_prefix=str(folder / "int8_profile"))
-    s.run(["logits"], {"images": x.numpy()})
-    events = json.loads(Path(s.end_profiling()).read_text())
+def markdown_table(rows: list[dict]) -> str:
+    def ratio(value):
+        return "" if value is None else f"{value:.2f}x"
+
+    header = "| runtime | model | batch | threads | median ms | IQR ms | ms / image | vs own fp32 | vs NNCF int8 |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['runtime']} | {r['model']} | {r['batch']} | {r['threads']} | {r['median_ms']:.1f} | "
+                     f"{r['iqr_ms']:.1f} | {r['ms_per_image']:.2f} | {ratio(r['vs_fp32'])} | "
+                     f"{ratio(r['vs_nncf_int8'])} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# What ran: onnxruntime's optimized graph and profile, OpenVINO's per-layer times
+# ---------------------------------------------------------------------------------------------
+
+def ort_graph_ops(path: Path, threads: int, folder: Path) -> dict[str, int]:
+    """The operator types of onnxruntime's optimized graph (the kernels it really runs), by count."""
+    optimized = folder / f"{path.stem}_optimized.onnx"
+    ort_session(path, threads, optimized_path=optimized)
+    nodes = onnx.load(str(optimized)).graph.node
+    return dict(collections.Counter(n.op_type for n in nodes).most_common())
+
+
+def ort_profile(path: Path, threads: int, x: torch.Tensor, folder: Path) -> dict:
+    """The operators of one onnxruntime call (its profiler) and their share of the time."""
+    session = ort_session(path, threads, profile_prefix=str(folder / f"{path.stem}_profile"))
+    session.run(["logits"], {"images": x.numpy()})
+    events = json.loads(Path(session.end_profiling()).read_text())
     durations, counts = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -103,79 +389,132 @@ def profile_ops(path: Path, threads: int, x: torch.Tensor, folder: Path) -> dict
     return {op: {"nodes": counts[op], "time_share": durations[op] / total} for op, _ in durations.most_common()}
 
 
-def optimized_graph_ops(path: Path, threads: int, folder: Path) -> dict[str, int]:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(folder / f"{path.stem}_optimized.onnx")
-    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(options.optimized_model_filepath).graph.node
-    return dict(collections.Counter(n.op_type for n in nodes).most_common())
+def ov_profile(core, path: Path, threads: int, precision: str | None, x: torch.Tensor, calls: int = 5) -> dict:
+    """OpenVINO's time per layer type over ``calls`` calls (PERF_COUNT), with the kernels it chose."""
+    request = ov_compile(core, path, threads, precision, perf_count=True).create_infer_request()
+    request.infer({0: x.numpy()})  # the first call also allocates: not counted
+    durations, counts, kernels = collections.Counter(), collections.Counter(), collections.defaultdict(set)
+    for _ in range(calls):
+        request.infer({0: x.numpy()})
+        for layer in request.profiling_info:
+            if layer.status == layer.Status.EXECUTED:
+                durations[layer.node_type] += layer.real_time.total_seconds()
+                counts[layer.node_type] += 1
+                kernels[layer.node_type].add(layer.exec_type)
+    total = sum(durations.values())
+    return {t: {"nodes": counts[t] // calls, "time_share": durations[t] / total, "kernels": sorted(kernels[t])}
+            for t, _ in durations.most_common()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="threads of every runtime (default 2)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, nargs="+", default=[50, 10], help="timed calls per batch size")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per runtime and batch size")
-    parser.add_argument("--method", choices=["repq", "minmax"], default="repq",
-                        help="the W8/A8 model quantized here (default repq; minmax has a uniform post-Softmax grid)")
-    parser.add_argument("--calib-size", type=int, default=32, help="its calibration images (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of its calibration subset (default 0)")
-    parser.add_argument("--quantized", help="a W8/A8 checkpoint saved by isvit quantize --save instead")
-    parser.add_argument("--out", default=str(ROOT / "results" / "int8_latency.json"))
-    args = parser.parse_args()
-    if len(args.repeats) != len(args.batch_sizes):
-        raise SystemExit("give one --repeats count per batch size")
-    torch.set_num_threads(args.threads)
+def kernel_summary(name: str, model: dict) -> str:
+    """One line under the table: a model's products on each runtime."""
+    ort_ops = model.get("onnxruntime_ops", {})  # none for NNCF's model: OpenVINO only
+    ort = ", ".join(f"{op} {ort_ops[op]}" for op in ORT_PRODUCTS if op in ort_ops)
+    layers = model["openvino_layers"]
+    ov = ", ".join(f"{layer} " + " + ".join(f"{n} {kind}" for kind, n in layers[layer].items())
+                   for layer in OV_PRODUCTS if layer in layers)
+    return f"- {name} ({model['file_mb']:.1f} MB): onnxruntime {ort or '-'}; openvino {ov}"
 
+
+def print_report(results: dict) -> None:
+    """The table, then each model's kernels, OpenVINO's precision, the profiles and the load."""
+    print(markdown_table(results["runs"]))
+    print()
+    models, nncf_info, env = results["models"], results["nncf"], results["environment"]
+    for name, model in models.items():
+        what = model["source"]
+        if "method" in model:  # one of isvit's models
+            what = (f"{model['method']} W{model['w_bits']}/A{model['a_bits']}, {model['softmax_quantizer']} "
+                    f"post-Softmax, from {what}")
+        print(f"{kernel_summary(name, model)} [{what}]")
+    precisions = sorted({s["inference_precision"] for m in models.values() for s in m["openvino_settings"].values()})
+    print(f"OpenVINO inference precision: {', '.join(precisions)}; NNCF calibration {nncf_info['calibration_s']:.0f} s "
+          f"on {nncf_info['images']} images{' (cached)' if nncf_info['cached'] else ''}")
+    for name, model in models.items():
+        if "onnxruntime_profile" in model:
+            top = list(model["onnxruntime_profile"].items())[:4]
+            print(f"onnxruntime profile, {name}: " + ", ".join(f"{op} x{v['nodes']} {100 * v['time_share']:.0f}%"
+                                                              for op, v in top))
+    print(f"load average before {env['cpu']['load_average']}, after {env['load_average_after']}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import nncf
+    import openvino
+
+    env = {**environment(args.threads), "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
+           "nncf": nncf.__version__, "onnx": onnx.__version__}
+    results = {"environment": env,
+               "settings": {"threads": args.threads, "batch_sizes": args.batch_sizes, "repeats": args.repeats,
+                            "warmup": args.warmup, "ov_precision": args.ov_precision, "seed": args.seed},
+               "nncf": None, "models": {}, "runs": []}
+    core = openvino.Core()
     fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
     data_config = isvit.resolve_data_config(fp)
-    int8, config, source = w8a8_model(args, data_config)
-    env = {**environment(args.threads), "onnxruntime": onnxruntime.__version__}
-    before = env["cpu"]
-    results = {"environment": env,
-               "int8_model": {"method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
-                              "softmax_quantizer": config.resolved_softmax_quantizer, "source": source}, "runs": []}
+    transform = isvit.build_transform(data_config)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        fp_path, int8_path = folder / "fp32.onnx", folder / "w8a8.onnx"
-        export_onnx(fp, fp_path, model_name=MODEL, config=None, data_config=data_config)
-        export_onnx(int8, int8_path, model_name=MODEL, config=config, data_config=data_config)
-        fp_session, int8_session = session(fp_path, args.threads), session(int8_path, args.threads)
+        say("exporting the fp32 model to ONNX")
+        onnx_paths = {FP32: folder / "fp32.onnx"}
+        export_onnx(fp, onnx_paths[FP32], model_name=MODEL, config=None, data_config=data_config)
+        models = {FP32: {"source": str(WEIGHTS)}}
 
-        def pytorch(x):
-            with torch.inference_mode():
-                return fp(x)
+        nncf_path, results["nncf"] = nncf_int8(onnx_paths[FP32], Path(args.cache) if args.cache else folder,
+                                               ROOT / CALIB, transform, args.nncf_images, args.seed)
+        models[NNCF] = {"source": f"nncf.quantize on {args.nncf_images} calibration images"}
 
-        runners = {
-            "pytorch_fp32": pytorch,
-            "onnxruntime_fp32": lambda x: fp_session.run(["logits"], {"images": x.numpy()}),
-            "onnxruntime_int8": lambda x: int8_session.run(["logits"], {"images": x.numpy()}),
-        }
-        for batch, repeats in zip(args.batch_sizes, args.repeats):
-            x = torch.randn(batch, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
-            times = time_calls(runners, x, args.warmup, repeats)
-            for name, ms in times.items():
-                results["runs"].append({"runtime": name, "batch": batch, **summary(ms, batch), "ms": ms})
-            print(f"batch {batch} done", flush=True)
-        results["int8_optimized_graph"] = optimized_graph_ops(int8_path, args.threads, folder)
-        results["int8_profile"] = profile_ops(int8_path, args.threads, torch.randn(1, *data_config["input_size"]), folder)
-    results["environment"]["load_average_after"] = os.getloadavg()
+        for checkpoint in args.quantized:
+            say(f"exporting {checkpoint} to ONNX")
+            path = folder / f"quantized_{len(onnx_paths)}.onnx"
+            description = export_checkpoint(Path(checkpoint), path)
+            name = model_name(description, set(models))
+            models[name], onnx_paths[name] = description, path
+        if args.make:
+            calib = isvit.load_calibration_images(ROOT / CALIB, transform, args.calib_size, seed=args.seed,
+                                                  progress=False)
+            for spec in args.make:
+                say(f"quantizing {':'.join(map(str, spec))} on {args.calib_size} images and exporting it to ONNX")
+                path = folder / f"quantized_{len(onnx_paths)}.onnx"
+                description = export_made(fp, spec, calib, args.seed, data_config, path)
+                name = model_name(description, set(models))
+                models[name], onnx_paths[name] = description, path
+        quantized = [name for name in models if name not in (FP32, NNCF)]
+        for name, path in onnx_paths.items():
+            models[name]["file_mb"] = file_mb(path)
+            models[name]["onnxruntime_ops"] = ort_graph_ops(path, args.threads[0], folder)
+        models[NNCF]["file_mb"] = file_mb(nncf_path, nncf_path.with_suffix(".bin"))
+        ov_paths = {FP32: onnx_paths[FP32], NNCF: nncf_path, **{name: onnx_paths[name] for name in quantized}}
 
-    out = Path(args.out)
-    write_json(out, results)
-    print(f"| runtime | batch | median ms | IQR ms | ms / image | vs PyTorch fp32 |  ({args.threads} threads)")
-    print("|---|---|---|---|---|---|")
-    baseline = {r["batch"]: r["median_ms"] for r in results["runs"] if r["runtime"] == "pytorch_fp32"}
-    for r in results["runs"]:
-        print(f"| {r['runtime']} | {r['batch']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['ms_per_image']:.2f} | "
-              f"{baseline[r['batch']] / r['median_ms']:.2f}x |")
-    ran = {op: v for op, v in results["int8_profile"].items() if "Integer" in op or "QLinear" in op or "Quantize" in op}
-    print("int8 session, integer and quantization operators that ran: "
-          + ", ".join(f"{op} x{v['nodes']} ({100 * v['time_share']:.0f}% of the time)" for op, v in ran.items()))
-    print(f"load average before {before['load_average']}, after {results['environment']['load_average_after']}; JSON in {out}")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            say(f"{threads} thread(s): building the sessions")
+            runners, compiled = build_runners(fp, onnx_paths, ov_paths, core, threads, args.ov_precision)
+            for batch, repeats in zip(args.batch_sizes, args.repeats):
+                say(f"{threads} thread(s), batch {batch}: {len(runners)} models x {repeats} calls")
+                x = torch.randn(batch, *data_config["input_size"], generator=torch.Generator().manual_seed(args.seed))
+                times = time_interleaved(runners, x, args.warmup, repeats)
+                results["runs"] += summarize(times, batch, threads)
+            for name, c in compiled.items():  # after the calls: the kernels of the last batch size
+                models[name].setdefault("openvino_layers", ov_layers(c))
+                models[name].setdefault("openvino_settings", {})[str(threads)] = ov_settings(c)
+            del runners, compiled
+
+        say("profiling one batch-1 call of each quantized model")
+        x = torch.randn(1, *data_config["input_size"], generator=torch.Generator().manual_seed(args.seed))
+        results["profile"] = {"batch": 1, "threads": args.threads[0]}
+        for name in quantized:
+            models[name]["onnxruntime_profile"] = ort_profile(onnx_paths[name], args.threads[0], x, folder)
+        if args.ov_profile:
+            for name, path in ov_paths.items():
+                models[name]["openvino_profile"] = ov_profile(core, path, args.threads[0], args.ov_precision, x)
+    results["models"] = models
+    env["load_average_after"] = os.getloadavg()
+    write_json(args.out, results)
+    print_report(results)
+    print(f"JSON in {args.out}")
 
 
 if __name__ == "__main__":

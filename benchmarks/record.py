@@ -28,15 +28,21 @@ CALIB = SHARED / "data" / "imagenet-calib-1000"
 MODEL = "vit_tiny_patch16_224"
 
 
+# /proc/cpuinfo flags that decide which integer and low-precision kernels the runtimes can use:
+# VNNI (int8 dot products), AVX-512 BF16 and AMX (bf16 and int8 tiles).
+KERNEL_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def cpu_info() -> dict:
     """The CPU's model name, core count, the vector extensions that change float rounding and
-    integer kernels, and the load average now."""
+    integer kernels (``vnni``: either VNNI; then each flag of KERNEL_FLAGS), and the load average now."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     lines = text.splitlines()
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     return {"model": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "load_average": os.getloadavg()}
+            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), **{flag: flag in flags for flag in KERNEL_FLAGS},
+            "load_average": os.getloadavg()}
 
 
 def command_line() -> str:
@@ -46,7 +52,7 @@ def command_line() -> str:
     return shlex.join([".venv/bin/python", str(shown), *sys.argv[1:]])
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int | list[int]) -> dict:
     import timm
     import torch
 
