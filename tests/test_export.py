@@ -479,7 +479,7 @@ def test_onnxruntime_runs_every_integer_product_on_its_integer_kernels(exported,
     """Counted in the optimized graph: each product the export calls integer is a MatMulIntegerToFloat
     or QLinearMatMul; the float ones (the patch-embedding Conv; Swin's per-channel grid before qkv
     where it pads its windows) are the only float products left."""
-    model, _, path, counts = exported[setting]
+    _, _, path, counts = exported[setting]
     ops = optimized_ops(path, tmp_path)
     assert sum(ops[k] for k in INTEGER_KERNELS) == counts["integer"] > 0, dict(ops)
     # (onnxruntime runs a float product with a quantized weight as MatMulNBits: float arithmetic)

@@ -385,7 +385,10 @@ def folded_tables(model: nn.Module):
     """While inside, ``model``'s post-Softmax quantizers (SULQ, log-sqrt2) give their values folded
     onto the uint8 grid of the export, ``round(x^ / step) * step``: the PyTorch model then computes
     what its ONNX file computes, which is how the fold's own effect is measured."""
-    hooks = [q.register_forward_hook(lambda module, inputs, out, step=table_step(q): torch.round(out / step) * step)
+    def fold(step: float):
+        return lambda module, inputs, out: torch.round(out / step) * step
+
+    hooks = [q.register_forward_hook(fold(table_step(q)))
              for _, q in named_quantizers(model) if isinstance(q, (SULQuantizer, LogSqrt2Quantizer))]
     try:
         yield model
