@@ -208,6 +208,32 @@ def real_w8a8(real_vit, calib32):
     return get
 
 
+@pytest.fixture(scope="session")
+def real_exported(real_vit, calib32, tmp_path_factory):
+    """``real_exported(w_bits, a_bits)``: the real ViT-Ti quantized by isvit's fast preset with one
+    iteration a unit on ``calib32`` (so every option of the preset at those bits: at W4 the
+    rotation, the outlier grid and learnt rounding offsets, SULQ always) and exported to ONNX,
+    once per session and setting: (model, config, path). Tests must not modify them."""
+    import isvit
+    from isvit.export import export_onnx
+
+    cache = {}
+    folder = tmp_path_factory.mktemp("real_onnx")
+
+    def get(w_bits: int, a_bits: int):
+        if (w_bits, a_bits) not in cache:
+            config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=w_bits, a_bits=a_bits, iters=1,
+                                       calib_size=CALIB_IMAGES)
+            model = isvit.quantize(real_vit, calib32, config, progress=False)
+            path = folder / f"vit_tiny_w{w_bits}a{a_bits}.onnx"
+            export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
+                        data_config=isvit.resolve_data_config(real_vit))
+            cache[w_bits, a_bits] = (model, config, path)
+        return cache[w_bits, a_bits]
+
+    return get
+
+
 # ---------------------------------------------------------------------------------------------
 # Observing what the pipeline does, on the model's state
 # ---------------------------------------------------------------------------------------------

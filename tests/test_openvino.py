@@ -1,7 +1,7 @@
 """OpenVINO as the second runtime of an exported file (``load_onnx(path, runtime="openvino")``):
 small ViT and Swin models at W8/A8 and W4/A4 run by OpenVINO compute what PyTorch computes, the
 metadata and the one-sentence errors are onnxruntime's, the inference precision reported is the one
-compiled, ``isvit eval --onnx --runtime openvino``, and the real ViT-Ti at W8/A8 on 200 images.
+compiled, and ``isvit eval --onnx --runtime openvino`` (the real ViT-Ti: test_export.py, for both runtimes).
 
 Whole-model tolerance as for onnxruntime (see test_export.py's docstring): a quantized network is a
 step function, so OpenVINO's float rounding moves a few values across a grid boundary; whole models
@@ -28,7 +28,7 @@ from isvit.errors import IsvitError
 from isvit.export import export_onnx
 from isvit.runtime import OpenVinoModel, load_onnx
 
-from conftest import VAL_BATCH, VAL_DIR, error_of
+from conftest import error_of
 from test_export import ARCHITECTURES, BAD_ONNX, data_config, images, quantized, small_model
 
 VERSION = openvino.__version__.split("-")[0]  # the release, as isvit reports it
@@ -250,38 +250,5 @@ def test_cli_refusals_are_one_sentence_and_write_nothing(vit_w4a4, image_folder,
     assert message in err and list(tmp_path.iterdir()) == [] and timm_builds == []
 
 
-# ---------------------------------------------------------------------------------------------
-# The real ViT-Ti at W8/A8 (RepQ-ViT, 32 calibration images) on 200 validation images
-# ---------------------------------------------------------------------------------------------
-
-# Measured on 200 images, OpenVINO f32 vs PyTorch (AMD EPYC AVX2, OpenVINO 2026.4.1, 1 thread each):
-# 199/200 equal predictions, top-1 82.5 / 82.0, mean / max |logit difference| 0.17 / 1.44 (onnxruntime
-# on the same file: 197/200, 82.5, 0.17 / 1.46). Tolerance: top-1 within 1 point, at least 95% of the
-# predictions equal, mean |logit difference| at most 0.3 and max at most 4 (logits reach ~20), as
-# onnxruntime's test holds it.
-@pytest.mark.real
-def test_real_vit_w8a8_in_openvino_matches_pytorch(real_vit, real_w8a8, val_batches, tmp_path):
-    model, config = real_w8a8("repq")
-    path = tmp_path / "vit_tiny_w8a8.onnx"
-    export_onnx(model, path, model_name="vit_tiny_patch16_224", config=config,
-                data_config=isvit.resolve_data_config(real_vit))
-    ov_model, _ = load_onnx(path, threads=1, runtime="openvino", precision="f32")
-    with torch.inference_mode():
-        expected = torch.cat([model(x) for x, _ in val_batches])
-    got = torch.cat([ov_model(x) for x, _ in val_batches])
-    labels = torch.cat([y for _, y in val_batches])
-    top1 = {name: 100.0 * (logits.argmax(1) == labels).float().mean().item() for name, logits in
-            (("openvino", got), ("pytorch", expected))}
-    assert abs(top1["openvino"] - top1["pytorch"]) <= 1.0, top1
-    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95
-    assert (got - expected).abs().mean() <= 0.3 and (got - expected).abs().max() <= 4.0
-
-    # eval --onnx --runtime openvino: the same preprocessing and dataset code, so the same top-1
-    out = tmp_path / "eval.json"
-    assert main(["eval", "--onnx", str(path), "--data", str(VAL_DIR), "--limit", str(VAL_BATCH), "--batch-size",
-                 str(VAL_BATCH), "--threads", "1", "--runtime", "openvino", "--inference-precision", "f32",
-                 "--json", str(out), "--quiet"]) == 0
-    result = json.loads(out.read_text())
-    first = slice(0, VAL_BATCH)
-    assert result["top1"] == pytest.approx(100.0 * (got[first].argmax(1) == labels[first]).sum().item() / VAL_BATCH)
-    assert result["runtime"] == "openvino" and result["inference_precision"] == "f32" and result["w_bits"] == 8
+# The real ViT-Ti in OpenVINO: test_export.py's test_real_vit_in_each_runtime_matches_pytorch and
+# test_real_vit_w4_file_is_small_and_every_product_but_the_image_s_is_integer, for both runtimes at once.
