@@ -1,20 +1,23 @@
-"""PyTorch vs onnxruntime on all of imagenet-val-1300: does the exported model compute what the
-quantized PyTorch model computes?
+"""PyTorch vs onnxruntime and OpenVINO on all of imagenet-val-1300: does the exported model compute
+what the quantized PyTorch model computes?
 
-For each setting the shared ViT-Ti is quantized (repq at W/A bits on 32 calibration images, seed
-0) or read from a checkpoint saved by `isvit quantize --save` (`--quantized FILE`), exported with
-`isvit.export.export_onnx`, and evaluated on the same decoded images by
+For each setting the shared ViT-Ti is quantized (METHOD:BITS or METHOD:W:A on 32 calibration
+images, seed 0) or read from a checkpoint saved by `isvit quantize --save` (`--quantized FILE`),
+exported with `isvit.export.export_onnx`, and evaluated on the same decoded images by
 
 - PyTorch (the quantized model itself),
+- PyTorch with its post-Softmax tables folded onto uint8 (`isvit.export.folded_tables`): the
+  export's one re-expression, measured alone (the same as PyTorch for a uniform post-Softmax grid),
 - onnxruntime with all its graph optimizations (its default: integer kernels where it fuses QDQ),
 - onnxruntime with none (every node as written),
+- OpenVINO's CPU plugin at f32, and at bf16 where the CPU has it (else the row says it ran f32),
 - PyTorch on the images perturbed by 1e-6 (relative, seeded): how much the quantized model itself
-  moves under rounding-sized noise, the yardstick for the two above.
+  moves under rounding-sized noise, the yardstick for the runtimes.
 
 Reports top-1/top-5 of each, how many predictions equal PyTorch's and the max/mean |logit
 difference| to PyTorch; writes JSON and prints a markdown table.
 
-    python benchmarks/onnx_accuracy.py [--settings repq:8 repq:4] [--quantized FILE ...] [--limit N]
+    python benchmarks/onnx_accuracy.py [--settings repq:8 repq:4:8 ...] [--quantized FILE ...] [--limit N]
         [--threads 1] [--calib-size 32] [--seed 0] [--out results/onnx_accuracy.json]
 """
 
@@ -32,7 +35,7 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
-from isvit.export import export_onnx, load_onnx
+from isvit.export import export_onnx, folded_tables, load_onnx
 
 from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, environment, write_json
 
@@ -79,11 +82,12 @@ def integer_ops(path: Path, threads: int) -> dict[str, int]:
 
 
 def quantized_model(setting: str, data_config: dict, calib_size: int, seed: int):
-    """(model, config, source) for 'method:bits' (calibrated here, the method's defaults otherwise)
-    or a checkpoint path."""
+    """(model, config, source) for 'method:bits' or 'method:w_bits:a_bits' (calibrated here, the
+    method's defaults otherwise) or a checkpoint path."""
     if ":" in setting:
-        method, bits = setting.split(":")
-        config = isvit.QuantConfig(method=method, w_bits=int(bits), a_bits=int(bits), calib_size=calib_size, seed=seed)
+        method, *bits = setting.split(":")
+        w_bits, a_bits = int(bits[0]), int(bits[-1])
+        config = isvit.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=calib_size, seed=seed)
         fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
         calib = isvit.load_calibration_images(ROOT / CALIB, isvit.build_transform(data_config), calib_size, seed=seed,
                                               progress=False)
@@ -99,20 +103,26 @@ def run_setting(setting: str, data_config: dict, batches, labels, args, folder: 
     calib_seconds = time.perf_counter() - start
     path = folder / f"{config.method}_w{config.w_bits}a{config.a_bits}.onnx"
     start = time.perf_counter()
-    lowered = export_onnx(model, path, model_name=MODEL, config=config, data_config=data_config)
+    products = export_onnx(model, path, model_name=MODEL, config=config, data_config=data_config)
     export_seconds = time.perf_counter() - start
 
     reference, torch_seconds = logits_of(model, batches)
+    with folded_tables(model):
+        folded, folded_seconds = logits_of(model, batches)
     result = {
         "setting": setting, "source": source, "method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
         "softmax_quantizer": config.resolved_softmax_quantizer, "images": len(labels), "onnx_bytes": path.stat().st_size,
-        "lowered": lowered, "calib_seconds": calib_seconds, "export_seconds": export_seconds,
+        "products": products, "calib_seconds": calib_seconds, "export_seconds": export_seconds,
         "pytorch": {**compare(reference, reference, labels), "seconds": torch_seconds},
+        "pytorch_folded": {**compare(folded, reference, labels), "seconds": folded_seconds},
     }
-    for name, optimize in (("onnxruntime", True), ("onnxruntime_plain", False)):
-        session, _ = load_onnx(path, threads=threads, optimize=optimize)
+    for name, runtime, options in (("onnxruntime", "onnxruntime", {"optimize": True}),
+                                   ("onnxruntime_plain", "onnxruntime", {"optimize": False}),
+                                   ("openvino_f32", "openvino", {"precision": "f32"}),
+                                   ("openvino_bf16", "openvino", {"precision": "bf16"})):
+        session, _ = load_onnx(path, threads=threads, runtime=runtime, **options)
         logits, seconds = logits_of(session, batches)
-        result[name] = {**compare(logits, reference, labels), "seconds": seconds}
+        result[name] = {**compare(logits, reference, labels), "seconds": seconds, "precision": session.precision}
     logits, seconds = logits_of(model, perturbed(batches))
     result["pytorch_perturbed_1e-6"] = {**compare(logits, reference, labels), "seconds": seconds}
     result["onnxruntime_graph"] = integer_ops(path, threads)
@@ -123,10 +133,14 @@ def print_table(results: list[dict], out: Path) -> None:
     print("| model | W/A | post-Softmax | run by | top-1 | top-5 | same prediction as PyTorch | max / mean abs logit diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        for key, label in (("pytorch", "PyTorch"), ("onnxruntime", "onnxruntime (all optimizations)"),
+        for key, label in (("pytorch", "PyTorch"), ("pytorch_folded", "PyTorch, post-Softmax tables folded onto uint8"),
+                           ("onnxruntime", "onnxruntime (all optimizations)"),
                            ("onnxruntime_plain", "onnxruntime (no optimization)"),
+                           ("openvino_f32", "OpenVINO f32"), ("openvino_bf16", "OpenVINO bf16"),
                            ("pytorch_perturbed_1e-6", "PyTorch, image x (1 + 1e-6 noise)")):
             m = r[key]
+            if key == "openvino_bf16" and m["precision"] != "bf16":
+                label = f"OpenVINO bf16 asked, ran {m['precision']} (no bf16 on this CPU)"
             print(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {r['softmax_quantizer']} | {label} | {m['top1']:.2f} | "
                   f"{m['top5']:.2f} | {m['same_prediction']}/{r['images']} | "
                   f"{m['max_abs_logit_diff']:.3f} / {m['mean_abs_logit_diff']:.3f} |")
@@ -135,7 +149,8 @@ def print_table(results: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="*", default=["repq:8", "repq:4"], help="METHOD:BITS to quantize here")
+    parser.add_argument("--settings", nargs="*", default=["repq:8", "repq:4"],
+                        help="METHOD:BITS or METHOD:W:A to quantize here (default repq:8 repq:4)")
     parser.add_argument("--quantized", nargs="*", default=[], help="checkpoints saved by isvit quantize --save")
     parser.add_argument("--limit", type=int, help="the first N images only (quick check)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
@@ -153,8 +168,10 @@ def main() -> None:
         for setting in [*args.settings, *args.quantized]:
             print(f"{setting} ...", flush=True)
             results.append(run_setting(setting, data_config, batches, labels, args, Path(tmp)))
+    import openvino
+
     env = {**environment(args.threads), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-           "perturbation_seed": 0}
+           "openvino": openvino.__version__, "perturbation_seed": 0}
     write_json(args.out, {"environment": env, "results": results})
     print_table(results, Path(args.out))
 
