@@ -213,6 +213,9 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(normalized_shape, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():  # traced for ONNX: the division onnxruntime fuses into one
+            # SimplifiedLayerNormalization kernel (and OpenVINO into its RMS), eight elementwise ops else
+            return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight + self.bias
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight + self.bias
 
     def extra_repr(self) -> str:
