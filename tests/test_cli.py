@@ -388,7 +388,14 @@ def test_a_real_sigint_exits_with_130_without_a_traceback(tmp_path):
     out = tmp_path / "e.json"
     argv = [sys.executable, "-m", "isvit.cli", "eval", "--model", "vit_tiny_patch16_224", "--weights", str(WEIGHTS),
             "--data", str(VAL), "--batch-size", "10", "--json", str(out)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # A suite started as a background job (bash's `&`) runs with SIGINT ignored, which a child inherits
+    # (and Python then never raises KeyboardInterrupt). A handler is not inherited: exec resets it to
+    # the default, so the child starts with SIGINT at its default while this one is installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err, started = bytearray(), threading.Event()
 
     def read():

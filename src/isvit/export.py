@@ -82,7 +82,7 @@ from .checkpoint import atomic_write
 from .errors import IsvitError
 from .modules import ONNX_PLACEHOLDER_DOMAIN, ONNX_PLACEHOLDER_OPS, QuantConv2d, QuantLinear, QuantMatMul
 from .pipeline import QuantConfig
-from .quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer, named_quantizers
+from .quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer, is_weight_quantizer, named_quantizers
 from .runtime import FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel, load_onnx, require  # noqa: F401 (load_onnx: public here too)
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def check_exportable(model: nn.Module) -> None:
         if name not in owned:
             raise IsvitError(f"quantizer {name} is not part of a quantized Linear, Conv2d or matrix product, "
                              "which is all the ONNX export lowers")
-        if isinstance(q, UniformQuantizer) and q.is_per_channel and not name.endswith("weight_quantizer") \
+        if isinstance(q, UniformQuantizer) and q.is_per_channel and not is_weight_quantizer(name) \
                 and q.channel_dim >= 0:
             raise IsvitError(f"quantizer {name} is per channel along dimension {q.channel_dim}; "
                              "the ONNX export takes per-channel activations on the last dimension only")
