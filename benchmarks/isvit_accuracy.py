@@ -1,4 +1,5 @@
-"""I&S-ViT accuracy on the shared ViT-Ti: W6/A6, W4/A4, W3/A3 and the W4/A4 ablation.
+"""I&S-ViT accuracy on the shared ViT-Ti: W8/A8, W4/A8 (the deployable settings of docs/onnx.md),
+W6/A6, W4/A4, W3/A3 and the W4/A4 ablation.
 
 Runs the `isvit` CLI once per setting (a fresh process each, so peak memory is per setting),
 calibrating on imagenet-calib-1000 (the method's default 1024 images, i.e. all 1000; seed 0) and
@@ -28,6 +29,8 @@ import argparse
 from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, run_cli, write_json
 
 SETTINGS = {
+    "w8a8": ["--w-bits", "8", "--a-bits", "8"],
+    "w4a8": ["--w-bits", "4", "--a-bits", "8"],
     "w6a6": ["--w-bits", "6", "--a-bits", "6"],
     "w4a4": ["--w-bits", "4", "--a-bits", "4"],
     "w3a3": ["--w-bits", "3", "--a-bits", "3"],
