@@ -372,7 +372,10 @@ def correct_bias(model: nn.Module, images: torch.Tensor) -> None:
         exact = torch.nn.functional.linear(inputs[0], linear.weight, linear.bias)
         error = (output - exact).reshape(-1, output.shape[-1]).double().mean(dim=0).to(output.dtype)
         linear.bias -= error
-        return output - error
+        # Recomputed rather than ``output - error``: the two differ by a rounding, which can move a
+        # later quantizer's code across a boundary; this way the pass sees exactly what every later
+        # forward with the corrected bias computes.
+        return linear.forward(inputs[0])
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
     try:
