@@ -33,7 +33,8 @@ Timing. Every runtime gets the same thread count, and its sessions are built ane
 PyTorch torch.set_num_threads; onnxruntime intra-op threads, inter-op 1, sequential, all graph
 optimizations, idle threads not spinning (they would take the cores from the runtime whose turn it
 is); OpenVINO INFERENCE_NUM_THREADS, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY and its own
-inference precision (on a CPU with native bf16, AVX-512 BF16 or AMX, it picks bf16) unless
+inference precision (on a CPU with native bf16, AVX-512 BF16 or AMX, it picks bf16), without
+dynamic quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE 0, as isvit.load_onnx: isvit.runtime says why) unless
 --ov-precision asks for one (each compiled model's actual precision is recorded: on a CPU without
 bf16, bf16 gives f32). All inputs have a dynamic batch. For each thread count and batch size every model is
 called --warmup times, then the models take turns, one call each, --repeats rounds (each round
@@ -76,6 +77,7 @@ import torch
 import isvit
 from isvit.checkpoint import load_quantized
 from isvit.export import export_onnx
+from isvit.runtime import exact_openvino_config
 
 from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json
 
@@ -252,7 +254,8 @@ def ort_session(path: Path, threads: int, *, profile_prefix: str | None = None,
 
 def ov_compile(core, path: Path, threads: int, precision: str | None, perf_count: bool = False):
     """``path`` (ONNX or OpenVINO IR) compiled for the CPU with ``threads`` threads, one stream."""
-    config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+              **exact_openvino_config(core)}  # as isvit's load_onnx: no second quantization of activations
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
     if perf_count:

@@ -23,6 +23,39 @@ VIT_TINY_WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
 VAL_DIR = SHARED / "data" / "imagenet-val-1300"
 CALIB_DIR = SHARED / "data" / "imagenet-calib-1000"
 
+# The tests that load OpenVINO (test_openvino.py, and those marked ``openvino``) can run in a
+# process of their own: ``--openvino only`` runs just them, ``--openvino without`` everything else
+# (test_openvino.py is then not even imported). scripts/test.sh runs the two parts one after the
+# other: with OpenVINO's CPU plugin (its own TBB threads and oneDNN) loaded beside torch's, later,
+# unrelated tests crashed the process (segfault, AMD EPYC with AVX2; not seen on an AVX-512 Xeon).
+OPENVINO_PARTS = ("with", "without", "only")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--openvino", choices=OPENVINO_PARTS, default="with",
+                     help="the tests that load OpenVINO: with the rest (default), left out, or only them")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if config.getoption("--openvino") == "without" and collection_path.name == "test_openvino.py":
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    part = config.getoption("--openvino")
+    if part == "with":
+        return
+    wanted = part == "only"
+    keep = [item for item in items if is_openvino_test(item) == wanted]
+    config.hook.pytest_deselected(items=[item for item in items if is_openvino_test(item) != wanted])
+    items[:] = keep
+
+
+def is_openvino_test(item) -> bool:
+    return item.path.name == "test_openvino.py" or item.get_closest_marker("openvino") is not None
+
+
 VAL_IMAGES = 200
 VAL_BATCH = 50
 CALIB_IMAGES = 32
@@ -57,6 +90,17 @@ def small_vit(seed: int = 0, **overrides) -> torch.nn.Module:
 def small_swin(seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised 2-stage Swin (2 + 2 blocks) on 64x64 images, in eval mode."""
     return _small(SMALL_SWIN, seed, overrides)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on ``n`` threads for the block, its previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from isvit.errors import IsvitError
 from isvit.export import export_onnx
 from isvit.resume import STATE_FILE, tensors_digest
 
-from conftest import CALIB_DIR, SMALL_VIT, VAL_DIR, VIT_TINY_WEIGHTS, require_shared, small_vit
+from conftest import CALIB_DIR, SMALL_VIT, VAL_DIR, VIT_TINY_WEIGHTS, require_shared, small_vit, torch_threads
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 PROCESS_TIMEOUT = 300  # seconds a started process may take at most (the machine may be busy)
@@ -70,10 +70,8 @@ def run_ranks(per_rank_args: list[list[str]], **extra_env) -> list[tuple[int, st
 @pytest.fixture
 def one_thread():
     """This process on one thread, like the ranks, so that its runs compute bit for bit what theirs do."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
