@@ -7,8 +7,8 @@ precision in PyTorch, onnxruntime and OpenVINO, and NNCF's INT8 model on OpenVIN
         [--cache DIR] [--nncf-images 300] [--ov-precision {f32,bf16}] [--ov-profile]
         [--out results/int8_latency.json]
 
-Needs the onnx extra, openvino and nncf (`.venv/bin/pip install openvino nncf`; the tested releases:
-openvino 2026.4.1, nncf 3.4.0). The full comparison: isvit at W8/A8, W4/A8 and W4/A4 from
+Needs the bench extra (`.venv/bin/pip install -c constraints.txt -e ".[bench]"`: onnxruntime,
+OpenVINO and NNCF at the releases measured, openvino 2026.4.1, nncf 3.4.0). The full comparison: isvit at W8/A8, W4/A8 and W4/A4 from
 checkpoints (10+ minutes each to make, e.g. `isvit quantize --model vit_tiny_patch16_224 --weights
 ../shared/models/vit_tiny_patch16_224.safetensors --calib ../shared/data/imagenet-calib-1000 --method
 isvit --preset fast --w-bits 4 --a-bits 4 --threads 2 --save isvit_w4a4.safetensors`), repq at the
