@@ -95,7 +95,7 @@ PRESET_HELP = (
 
 
 def _add_common(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_required: bool = True) -> None:
-    p.add_argument("--weights", help="safetensors or PyTorch state dict; default: timm's pretrained download")
+    p.add_argument("--weights", help="safetensors or PyTorch state dict, timm's or a Hugging Face transformers ViT, DeiT, DINOv2 or Swin (model.safetensors); default: timm's pretrained download")
     p.add_argument("--data", required=data_required, help=data_help)
     p.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default 64)")
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = ex.add_mutually_exclusive_group(required=True)
     source.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save'")
     source.add_argument("--model", help=MODEL_HELP + " of a supported family (exported in full precision)")
-    ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict; default: timm's pretrained download")
+    ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict (timm or transformers, as for quantize); default: timm's pretrained download")
     ex.add_argument("--onnx", metavar="OUT", required=True, help="the ONNX file to write")
     ex.add_argument("--threads", type=_positive_int, help="CPU threads for torch while tracing (default: torch's choice)")
     return parser

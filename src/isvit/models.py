@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import nn
 
+from . import hf
 from .errors import IsvitError
 from .wrap import architecture
 
@@ -15,8 +16,9 @@ from .wrap import architecture
 def create_model(
     name: str, weights: str | Path | None = None, device: str | torch.device = "cpu", *, quantizable: bool = False
 ) -> nn.Module:
-    """A timm model in eval mode: weights from ``weights`` (safetensors or a PyTorch state dict,
-    loaded strictly) or, without a path, timm's pretrained download.
+    """A timm model in eval mode: weights from ``weights`` (safetensors or a PyTorch state dict, timm's
+    or a Hugging Face transformers ViT, DeiT, DINOv2 or Swin checkpoint; loaded strictly) or, without a
+    path, timm's pretrained download.
 
     With ``quantizable``, an architecture that isvit cannot quantize (``wrap.architecture``) is
     refused before any weights are read or downloaded: the architecture is built first, with random
@@ -64,9 +66,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict strictly, with one clear sentence about missing or unexpected keys."""
+    """Load a state dict strictly, with one clear sentence about missing or unexpected keys.
+
+    A Hugging Face transformers checkpoint (ViT, DeiT, DINOv2, Swin: ``hf.to_timm``) is first renamed
+    to the timm model's keys; a state dict that already has them is loaded as it is.
+    """
     state = read_state_dict(path)
     expected = model.state_dict()
+    source = ""
+    if hf.is_transformers(state) and not set(state) <= set(expected):
+        state = hf.to_timm(state, model, path)
+        source = " (a Hugging Face transformers checkpoint, renamed to timm's keys)"
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -75,12 +85,14 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        raise IsvitError(f"weights file {path} does not match {type(model).__name__}: {' and '.join(parts)}")
+        raise IsvitError(
+            f"weights file {path}{source} does not match {type(model).__name__}: {' and '.join(parts)}"
+        )
     wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
     if wrong:
         k = wrong[0]
         raise IsvitError(
-            f"weights file {path} does not match the model: {k} has shape {tuple(state[k].shape)}, "
+            f"weights file {path}{source} does not match the model: {k} has shape {tuple(state[k].shape)}, "
             f"expected {tuple(expected[k].shape)}"
         )
     model.load_state_dict(state, strict=True)
