@@ -28,6 +28,7 @@ saved one did.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from .files import atomic_write
 from .modules import QuantConv2d, QuantLinear
 from .pipeline import QuantConfig, placement_for, quantizers
 from .quantizers import check_bits
-from .rotate import rotate_model
+from .rotate import is_rotated, rotate_model
 from .wrap import wrap_model
 
 FORMAT = "isvit-int-v1"
@@ -152,6 +153,7 @@ def save_quantized(
     from safetensors.torch import save_file
 
     _check_ready(model)
+    config = dataclasses.replace(config, rotate=is_rotated(model))  # what was done, not what the preset asked
     tensors, layers = integer_tensors(model)
     metadata = {
         "format": FORMAT,

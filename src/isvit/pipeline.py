@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -674,15 +675,17 @@ def quantize(
 
 
 def _rotate(model: nn.Module, config: QuantConfig) -> None:
-    """``rotate.rotate_model``; a model it cannot rotate while the preset asked for it (not the
-    caller) gets the way out in its sentence."""
+    """``rotate.rotate_model``. A model it cannot rotate (``IsvitError``, raised before any weight
+    changes) while only the preset asked for it (``config.rotate`` None) is quantized without, with
+    one warning that says why; where the caller asked (``rotate=True``) the error stands."""
     try:
         rotate_model(model, seed=config.seed)
     except IsvitError as exc:
-        if config.rotate is None:
-            raise IsvitError(f"{exc} (the {config.preset} preset rotates at <= 4 bits: pass --no-rotate, "
-                             "or rotate=False, to quantize this model without)") from None
-        raise
+        if config.rotate is not None:
+            raise
+        if distributed.is_main():
+            warnings.warn(f"{exc}: quantizing it without the {config.preset} preset's rotation "
+                          "(--no-rotate, or rotate=False, does so without this warning)", stacklevel=3)
 
 
 def _open_run(model: nn.Module, images: torch.Tensor, config: QuantConfig, resume_dir: str | Path | None) -> ResumeState:

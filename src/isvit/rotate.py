@@ -3,7 +3,8 @@
 An exact rewrite of a full-precision model, done offline before it is wrapped: the quantizers then
 see rotated activations and weights, in which a few outlier channels are spread over all channels.
 Nothing is added to the forward pass (no online Hadamard transform): every rotation is in the
-weights, so inference costs what it did. (Hence fc2's input, behind a GELU, is not rotated.)
+weights, so inference costs what it did (hence fc2's input, behind a GELU, is not rotated). The
+one exception is a LayerNorm whose output is the stream itself (below).
 
 Conventions: a token is a row vector ``x``; a Linear computes ``x W^T + b``; ``Q`` is an orthogonal
 d x d matrix (``Q Q^T = I``) and the rotated stream is ``x' = x Q``.
@@ -21,6 +22,27 @@ ViT / DeiT (``_rotate_vit``):
    embeddings ``t <- t Q``), readers ``W <- W Q`` (their input columns). ``RMSNorm(x Q) = RMSNorm(x) Q``
    because Q keeps every token's norm, so ``x Q`` flows through the stream and each reader computes
    ``x Q Q^T W^T = x W^T``. Pooling the tokens by their average commutes with Q as well.
+
+The readers after the last block are the head's: ``norm`` or ``fc_norm`` (after pooling) then
+``head`` (and DeiT's ``head_dist``); or, with an attention-pool head (SigLIP, ``global_pool='map'``),
+``norm`` then the pool's ``kv``, so the pool's latent query, ``q``, ``proj``, norm and MLP never see
+the stream and stay as they are. Three variants differ:
+
+- ``norm_pre`` (CLIP; or, without it, the patch embedding's norm) is a LayerNorm whose output is
+  the stream. Its per-channel gamma sits on the stream and does not commute with Q, so its
+  affine becomes a writer: a d x d Linear, ``(gamma * n + beta) Q`` centred, after the same
+  normalisation without affine (``_norm_as_writer``; d^2 float multiply-adds a token, once). What
+  comes before it (the patch embedding, tokens and position embedding it normalises) is left alone.
+- Where a reader takes the stream without a LayerNorm first (``final_norm=False``; ``fc_norm``
+  after an attention pool), the stream's mean reaches it, so the stream is not centred: its
+  LayerNorms become ``RotatedLayerNorm``s, as in Swin, and that reader reads ``W Q``.
+- q/k norms (``qk_norm``), the attention output's and the MLP's inner norms are inside the
+  attention or MLP, not on the stream, and stay; ``rotate_heads`` skips what they normalise.
+
+Refused (``IsvitError``, before any weight changes): max pooling (it does not commute with Q), the
+parameter-free ``AttentionPoolPrr`` (attention over groups of channels), no classifier head
+(``num_classes=0``: the features would come out rotated), norms other than LayerNorm (timm's
+RmsNorm), blocks other than timm's ``Block`` with ``Attention`` and an MLP of ``fc1``/``fc2``.
 
 Swin (``_rotate_swin``) differs in two ways.
 
@@ -53,6 +75,7 @@ The model is rewritten in float64 and cast back once at the end.
 from __future__ import annotations
 
 import torch
+from timm.layers import AttentionPoolLatent
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
@@ -61,7 +84,7 @@ from .modules import RMSNorm, RotatedLayerNorm
 from .quantizers import Quantizer
 from .wrap import _pads_windows, _swin_blocks, _vit_blocks, architecture, check_swin_block, check_vit_block
 
-__all__ = ["RMSNorm", "RotatedLayerNorm", "hadamard", "random_orthogonal", "rotate_heads", "rotate_model"]
+__all__ = ["RMSNorm", "RotatedLayerNorm", "hadamard", "is_rotated", "random_orthogonal", "rotate_heads", "rotate_model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +177,20 @@ def _fold_layer_scale(ls: nn.Module, writer: nn.Linear) -> None:
     ls.gamma.fill_(1.0)
 
 
+def _norm_as_writer(norm: nn.LayerNorm, q: torch.Tensor, center: bool) -> nn.Sequential:
+    """A LayerNorm whose output is the stream itself (``norm_pre``, or the patch embedding's norm),
+    rewritten to write the rotated stream: its normalisation, without affine, then its affine as a
+    d x d Linear written like any writer, ``(gamma * n + beta) Q`` (centred first if asked). A
+    per-channel gamma does not commute with Q, so this is the one product rotation adds to the
+    forward pass: d^2 multiply-adds a token, once, before the first block (float, not quantized)."""
+    d = q.shape[0]
+    linear = nn.Linear(d, d, device=q.device, dtype=q.dtype)
+    linear.weight.copy_(torch.diag(norm.weight) if norm.weight is not None else torch.eye(d, dtype=q.dtype, device=q.device))
+    linear.bias.copy_(norm.bias if norm.bias is not None else torch.zeros(d, dtype=q.dtype, device=q.device))
+    _write_linear(linear, q, center)
+    return nn.Sequential(nn.LayerNorm(d, eps=norm.eps, elementwise_affine=False, device=q.device, dtype=q.dtype), linear)
+
+
 def _read(norm: nn.LayerNorm, readers: list[nn.Linear], q: torch.Tensor, *, centred: bool,
           keep_bias: bool = False) -> RMSNorm:
     """The norm that replaces the LayerNorm ``norm`` over a stream rotated by ``q``: an RMSNorm
@@ -219,6 +256,13 @@ def rotate_heads(attn: nn.Module, generator: torch.Generator) -> None:
 # The whole model
 # ---------------------------------------------------------------------------------------------
 
+def is_rotated(model: nn.Module) -> bool:
+    """Whether ``rotate_model`` rotated ``model``: its LayerNorms are RMSNorms (or RotatedLayerNorms).
+    What a saved or exported model records, rather than what its config asked for: the fast
+    preset's rotation is skipped, with a warning, for a model that cannot be rotated."""
+    return any(isinstance(m, RMSNorm) for m in model.modules())
+
+
 def rotate_model(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """Rotate a full-precision timm ViT/DeiT or Swin in place, before it is wrapped: same function
     (up to float rounding), rotated residual stream and attention heads (module docstring).
@@ -229,7 +273,7 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     arch = architecture(model)
     if any(isinstance(m, Quantizer) for m in model.modules()):
         raise IsvitError("the model is already quantized: rotate it before quantizing it")
-    if any(isinstance(m, RMSNorm) for m in model.modules()):
+    if is_rotated(model):
         raise IsvitError("the model is already rotated")
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) != 1:
@@ -258,13 +302,48 @@ def _require_layernorm(norm: nn.Module, where: str) -> None:
 # ViT / DeiT
 # ---------------------------------------------------------------------------------------------
 
-def _vit_head_norm(model) -> str:
-    """The attribute of the LayerNorm before the head: ``norm`` (on every token) or ``fc_norm``
-    (after average pooling)."""
-    found = [n for n in ("norm", "fc_norm") if isinstance(getattr(model, n, None), nn.LayerNorm)]
-    if len(found) != 1:
-        raise IsvitError("rotation needs exactly one LayerNorm (norm or fc_norm) between the last block and the head")
-    return found[0]
+def _vit_stream_start(model) -> str | None:
+    """The LayerNorm whose output is the residual stream itself, if there is one: ``norm_pre``
+    (CLIP: it normalises the embeddings' sum), else the patch embedding's norm (before the
+    class token and position embedding are added); None where the embeddings write the stream."""
+    if isinstance(model.norm_pre, nn.LayerNorm):
+        return "norm_pre"
+    if isinstance(getattr(model.patch_embed, "norm", None), nn.LayerNorm):
+        return "patch_embed.norm"
+    return None
+
+
+def _vit_head(model) -> tuple[str | None, list[nn.Linear]]:
+    """What reads the stream after the last block: (the attribute of the LayerNorm it goes through
+    first, or None where there is none; the Linears that read that norm's output, or the stream).
+
+    With an attention-pool head (``global_pool='map'``) that is ``norm`` then the pool's ``kv``
+    (its latent query, ``q``, ``proj``, norm and MLP never see the stream); with the class token or
+    average pooling, ``norm`` (every token) or ``fc_norm`` (after pooling) then ``head`` and
+    ``head_dist``. Raises ``IsvitError`` for a head rotation cannot carry (it must not change the
+    model's output, so one Linear at least must read the rotated stream)."""
+    pool = getattr(model, "attn_pool", None)
+    norms = ("norm",) if pool is not None else ("norm", "fc_norm")  # fc_norm after a pool reads the pool's output
+    for name in norms:
+        norm = getattr(model, name, None)
+        if norm is not None and not isinstance(norm, (nn.Identity, nn.LayerNorm)):
+            raise IsvitError(f"{name} is a {type(norm).__name__}; rotation needs a LayerNorm (or none) there")
+    found = [n for n in norms if isinstance(getattr(model, n, None), nn.LayerNorm)]
+    if len(found) > 1:
+        raise IsvitError("rotation needs one LayerNorm at most (norm or fc_norm) between the last block and the head")
+    if pool is not None:
+        if not isinstance(pool, AttentionPoolLatent):
+            raise IsvitError(f"the model pools with {type(pool).__name__} (global_pool={model.global_pool!r}), "
+                             "whose attention over groups of channels does not commute with a rotation")
+        if pool.pos_embed is not None:
+            raise IsvitError("the attention pool adds a position embedding after the final norm, which rotation cannot carry")
+        return (found[0] if found else None), [pool.kv]
+    if model.global_pool not in ("token", "avg", ""):
+        raise IsvitError(f"rotation needs the class token, average or attention pooling before the head, not {model.global_pool!r}")
+    heads = [h for h in (model.head, getattr(model, "head_dist", None)) if isinstance(h, nn.Linear)]
+    if not heads:
+        raise IsvitError("the model has no classifier head (num_classes=0): its output features would come out rotated")
+    return (found[0] if found else None), heads
 
 
 def _check_vit(model) -> None:
@@ -272,39 +351,55 @@ def _check_vit(model) -> None:
         check_vit_block(name, block)
         _require_layernorm(block.norm1, f"{name}.norm1")
         _require_layernorm(block.norm2, f"{name}.norm2")
+        if not all(isinstance(getattr(block.mlp, n, None), nn.Linear) for n in ("fc1", "fc2")):
+            raise IsvitError(f"{name}.mlp is a {type(block.mlp).__name__}; rotation needs an MLP that reads the stream "
+                             "with fc1 and writes it with fc2")
         for ls in (block.ls1, block.ls2):
             if not isinstance(ls, nn.Identity) and not isinstance(getattr(ls, "gamma", None), nn.Parameter):
                 raise IsvitError(f"{name} has a {type(ls).__name__}; rotation folds LayerScale (a gamma per channel) only")
-    for name in ("norm_pre", "patch_embed.norm"):
-        if not isinstance(model.get_submodule(name), nn.Identity):
-            raise IsvitError(f"{name} is a {type(model.get_submodule(name)).__name__}; rotation needs none there "
-                             "(it would normalise the stream before the first block)")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg", ""):
-        raise IsvitError(f"rotation needs the class token or average pooling before the head, not {model.global_pool!r}")
-    _vit_head_norm(model)
+    if not isinstance(model.norm_pre, (nn.Identity, nn.LayerNorm)):
+        raise IsvitError(f"norm_pre is a {type(model.norm_pre).__name__}; rotation needs a LayerNorm (or none) there")
+    embed_norm = getattr(model.patch_embed, "norm", None)  # before the stream where norm_pre is a LayerNorm
+    if isinstance(model.norm_pre, nn.Identity) and not isinstance(embed_norm, (type(None), nn.Identity, nn.LayerNorm)):
+        raise IsvitError(f"patch_embed.norm is a {type(embed_norm).__name__}; rotation needs a LayerNorm (or none) there")
+    _vit_head(model)
 
 
 def _rotate_vit(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
     blocks = [block for _, block in _vit_blocks(model)]
     q = _orthogonal(model.embed_dim, generator, model.patch_embed.proj.weight)
+    head_norm, head_readers = _vit_head(model)
+    # Centred (RMSNorm) where every reader reads the stream through a LayerNorm; where one reads it
+    # raw (no final norm: final_norm=False, or fc_norm after an attention pool), the stream's mean
+    # matters and every LayerNorm becomes a RotatedLayerNorm instead, as in Swin.
+    centre = head_norm is not None
     for block in blocks:
         _fold_layer_scale(block.ls1, block.attn.proj)
         _fold_layer_scale(block.ls2, block.mlp.fc2)
     # 1 + 3: the writers, centred and rotated
-    for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
-        if isinstance(getattr(model, name, None), nn.Parameter):
-            _write(getattr(model, name), q, -1, center=True)
-    _write_linear(model.patch_embed.proj, q, center=True)
+    start = _vit_stream_start(model)
+    if start is not None:  # a LayerNorm's output is the stream: its affine becomes a writer
+        owner, _, attribute = start.rpartition(".")
+        owner = model.get_submodule(owner)
+        setattr(owner, attribute, _norm_as_writer(getattr(owner, attribute), q, centre))
+    if start != "norm_pre":  # else the embeddings are normalised by norm_pre, outside the stream
+        for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
+            if isinstance(getattr(model, name, None), nn.Parameter):
+                _write(getattr(model, name), q, -1, center=centre)
+    if start is None:
+        _write_linear(model.patch_embed.proj, q, center=centre)
     for block in blocks:
-        _write_linear(block.attn.proj, q, center=True)
-        _write_linear(block.mlp.fc2, q, center=True)
-    # 2 + 3: the readers, each LayerNorm swapped for an RMSNorm
+        _write_linear(block.attn.proj, q, center=centre)
+        _write_linear(block.mlp.fc2, q, center=centre)
+    # 2 + 3: the readers, each LayerNorm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
     for block in blocks:
-        block.norm1 = _read(block.norm1, [block.attn.qkv], q, centred=True)
-        block.norm2 = _read(block.norm2, [block.mlp.fc1], q, centred=True)
-    heads = [h for h in (model.head, getattr(model, "head_dist", None)) if isinstance(h, nn.Linear)]
-    name = _vit_head_norm(model)
-    setattr(model, name, _read(getattr(model, name), heads, q, centred=True))
+        block.norm1 = _read(block.norm1, [block.attn.qkv], q, centred=centre)
+        block.norm2 = _read(block.norm2, [block.mlp.fc1], q, centred=centre)
+    if head_norm is not None:
+        setattr(model, head_norm, _read(getattr(model, head_norm), head_readers, q, centred=True))
+    else:  # the head (or the attention pool's kv) reads the stream itself
+        for linear in head_readers:
+            linear.weight.copy_(linear.weight @ q)
     for block in blocks:
         rotate_heads(block.attn, generator)
     return {"stream": q}
