@@ -10,7 +10,7 @@ from torch import nn
 
 from . import hf
 from .errors import IsvitError
-from .wrap import architecture
+from .wrap import check_supported
 
 
 def create_model(
@@ -20,7 +20,7 @@ def create_model(
     or a Hugging Face transformers ViT, DeiT, DINOv2 or Swin checkpoint; loaded strictly) or, without a
     path, timm's pretrained download.
 
-    With ``quantizable``, an architecture that isvit cannot quantize (``wrap.architecture``) is
+    With ``quantizable``, an architecture that isvit cannot quantize (``wrap.check_supported``) is
     refused before any weights are read or downloaded: the architecture is built first, with random
     weights (for a download, that costs one extra build of the model).
     """
@@ -29,7 +29,7 @@ def create_model(
     if quantizable or weights is not None:
         model = timm.create_model(name, pretrained=False)
         if quantizable:
-            architecture(model)
+            check_supported(model)
     if weights is None:
         try:
             model = timm.create_model(name, pretrained=True)

@@ -18,6 +18,8 @@ the exporter replaces each by the layer's integer form, built from its quantizer
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,6 +190,158 @@ class QuantWindowAttention(nn.Module):
         B_, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = self.qk(q * self.scale, k.transpose(-2, -1)) + self.relative_position_bias()
+        if mask is not None:
+            num_windows = mask.shape[0]
+            attn = attn.view(-1, num_windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+def _attention_output_bias(relative_position_bias, shared_bias):
+    """The float biases added to ``q @ k^T`` before the Softmax (either may be None)."""
+    if relative_position_bias is None:
+        return shared_bias
+    return relative_position_bias if shared_bias is None else relative_position_bias + shared_bias
+
+
+class QuantBeitAttention(nn.Module):
+    """BEiT's attention (timm ``beit.Attention``) with quantized products.
+
+    ``qkv`` carries BEiT's separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` as its one bias (wrap.py);
+    the relative position bias (the block's own table, and a model-wide one if given) is added in
+    floating point before the Softmax.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.window_size = attn.window_size
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        if attn.relative_position_index is not None:
+            self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        else:
+            self.relative_position_index = None
+        self.qkv, self.proj = qkv, proj
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.qk, self.av = qk, av
+
+    def relative_position_bias(self) -> torch.Tensor | None:
+        if self.relative_position_bias_table is None:
+            return None
+        n = self.window_size[0] * self.window_size[1] + 1
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1))
+        bias = _attention_output_bias(self.relative_position_bias(), shared_rel_pos_bias)
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class QuantEvaAttention(nn.Module):
+    """EVA's attention (timm ``EvaAttention``) with quantized products.
+
+    ``qkv`` is one Linear: the fused one with the separate ``q_bias`` / zero ``k_bias`` / ``v_bias``
+    as its one bias, or ``q_proj``, ``k_proj`` and ``v_proj`` joined (wrap.py).
+    The rotary position embedding is applied to q and k in floating point before they are quantized
+    for ``q @ k^T``; the optional q/k norms and the sub-LayerNorm before ``proj`` (``norm``) stay float.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
+        super().__init__()
+        # getattr: the attributes that not every timm 1.0.x release's EvaAttention has
+        self.num_heads = attn.num_heads
+        self.head_dim = proj.in_features // attn.num_heads
+        self.scale = attn.scale
+        self.num_prefix_tokens = getattr(attn, "num_prefix_tokens", 1)
+        self.rotate_half = getattr(attn, "rotate_half", False)
+        self.qkv, self.proj = qkv, proj
+        self.q_norm = getattr(attn, "q_norm", nn.Identity())
+        self.k_norm = getattr(attn, "k_norm", nn.Identity())
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.qk, self.av = qk, av
+
+    def _rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        from timm.layers import apply_rot_embed_cat
+
+        npt = self.num_prefix_tokens
+        return torch.cat([t[:, :, :npt, :], apply_rot_embed_cat(t[:, :, npt:, :], rope, half=self.rotate_half)], dim=2)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1))
+        bias = _additive_mask(attn_mask, is_causal, N, attn)
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class QuantSwiGLU(nn.Module):
+    """timm's ``SwiGLU`` MLP (``fc1_g``, ``fc1_x``, optional sub-LayerNorm ``norm``, ``fc2``) with its
+    two input Linears as one ``QuantLinear`` ``fc1`` (gate rows first): both read the same
+    post-LayerNorm tokens, which thus have one quantizer, foldable like any other ``fc1``'s."""
+
+    def __init__(self, mlp: nn.Module, fc1: QuantLinear, fc2: QuantLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+        self.act, self.drop1, self.norm, self.drop2 = mlp.act, mlp.drop1, mlp.norm, mlp.drop2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, x = self.fc1(x).chunk(2, dim=-1)
+        x = self.drop1(self.act(gate) * x)
+        return self.drop2(self.fc2(self.norm(x)))
+
+
+class QuantCosineWindowAttention(nn.Module):
+    """Swin V2's window attention (timm ``swin_transformer_v2.WindowAttention``) with quantized
+    products: cosine attention, whose ``q @ k^T`` takes the L2-normalised q and k as its operands.
+
+    ``qkv`` carries the separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` as its one bias (wrap.py);
+    the learnt logit scale, the continuous position bias (``cpb_mlp`` on the relative coordinates)
+    and the shifted-window mask stay floating point.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.window_size = attn.window_size
+        self.logit_scale = attn.logit_scale
+        self.cpb_mlp = attn.cpb_mlp
+        for name in ("relative_coords_table", "relative_position_index"):
+            self.register_buffer(name, getattr(attn, name), persistent=name not in attn._non_persistent_buffers_set)
+        self.qkv, self.proj = qkv, proj
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.qk, self.av = qk, av
+
+    def relative_position_bias(self) -> torch.Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        return 16 * torch.sigmoid(bias).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.qk(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        attn = attn + self.relative_position_bias()
         if mask is not None:
             num_windows = mask.shape[0]
             attn = attn.view(-1, num_windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)

@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,7 +56,15 @@ from .reconstruct import (
 from .reparam import reparameterize_layernorm
 from .resume import ResumeState, run_identity
 from .rotate import rotate_model
-from .wrap import Placement, Unit, architecture, forward_units, post_layernorm_pairs, wrap_model
+from .wrap import (
+    Placement,
+    Unit,
+    check_supported,
+    forward_units,
+    is_block,
+    post_layernorm_pairs,
+    wrap_model,
+)
 
 METHODS = ("isvit", "repq", "minmax")
 DEFAULT_CALIB_SIZE = {"isvit": 1024, "repq": 32, "minmax": 32}
@@ -421,7 +427,7 @@ class DurationEstimate:
 
     def step_callback(self, unit: Unit) -> Callable[[int], None] | None:
         """What ``reconstruct_unit`` calls after each step of ``unit``: the timer for the first block, else None."""
-        if self.done or not isinstance(unit.body, (Block, SwinTransformerBlock)):
+        if self.done or not is_block(unit.body):
             return None
         return self._step
 
@@ -654,7 +660,7 @@ def quantize(
     (``distributed.py``) and all return the same model. Only rank 0 shows progress and writes the
     resume state.
     """
-    architecture(model)  # an architecture isvit cannot wrap is refused before any work
+    check_supported(model)  # an architecture isvit cannot wrap is refused before any work
     if not inplace:
         model = copy.deepcopy(model)
     if device is not None:

@@ -271,6 +271,8 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     ``{"layers.i": Q_i}`` for each Swin stage from the second on. ``seed`` seeds every rotation.
     """
     arch = architecture(model)
+    if arch not in ("vit", "swin"):
+        raise IsvitError(f"rotation supports ViT/DeiT and Swin models, not {type(model).__name__}")
     if any(isinstance(m, Quantizer) for m in model.modules()):
         raise IsvitError("the model is already quantized: rotate it before quantizing it")
     if is_rotated(model):
