@@ -18,13 +18,19 @@ Reports top-1/top-5 of each, how many predictions equal PyTorch's and the max/me
 difference| to PyTorch; writes JSON and prints a markdown table.
 
     python benchmarks/onnx_accuracy.py [--settings repq:8 repq:4:8 ...] [--quantized FILE ...] [--limit N]
-        [--threads 1] [--calib-size 32] [--seed 0] [--out results/onnx_accuracy.json]
+        [--threads 1] [--jobs 1] [--calib-size 32] [--seed 0] [--out results/onnx_accuracy.json]
+
+Each setting runs in a process of its own (OpenVINO beside torch in one long process crashed it);
+--jobs N measures N settings at a time (each decodes the images itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,24 +160,51 @@ def main() -> None:
     parser.add_argument("--quantized", nargs="*", default=[], help="checkpoints saved by isvit quantize --save")
     parser.add_argument("--limit", type=int, help="the first N images only (quick check)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="settings measured at the same time (default 1)")
     parser.add_argument("--calib-size", type=int, default=32, help="calibration images of METHOD:BITS (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of their calibration subset (default 0)")
     parser.add_argument("--out", default=str(ROOT / "results" / "onnx_accuracy.json"))
+    parser.add_argument("--one", metavar="SETTING", help=argparse.SUPPRESS)  # a child process's one setting
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.one:
+        data_config = isvit.resolve_data_config(isvit.create_model(MODEL, ROOT / WEIGHTS))
+        batches = decode(data_config, args.limit)
+        labels = torch.cat([y for _, y in batches])
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_setting(args.one, data_config, batches, labels, args, Path(tmp))
+        Path(args.out).write_text(json.dumps(result))
+        return
 
-    data_config = isvit.resolve_data_config(isvit.create_model(MODEL, ROOT / WEIGHTS))
-    batches = decode(data_config, args.limit)
-    labels = torch.cat([y for _, y in batches])
-    results = []
+    # Each setting in a process of its own: OpenVINO's CPU plugin and torch in one long process
+    # crashed it (segfault, at the second setting, on an AVX-512 Xeon and an AVX2 EPYC alike).
+    settings = [*args.settings, *args.quantized]
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for setting in [*args.settings, *args.quantized]:
-            print(f"{setting} ...", flush=True)
-            results.append(run_setting(setting, data_config, batches, labels, args, Path(tmp)))
+        pending = list(enumerate(settings))
+        running = []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                i, setting = pending.pop(0)
+                out = Path(tmp) / f"{i}.json"
+                command = [sys.executable, __file__, "--one", setting, "--threads", str(args.threads),
+                           "--calib-size", str(args.calib_size), "--seed", str(args.seed), "--out", str(out)]
+                if args.limit:
+                    command += ["--limit", str(args.limit)]
+                print(f"{setting} ...", flush=True)
+                running.append((i, setting, out, subprocess.Popen(command)))
+            time.sleep(1)
+            for entry in [e for e in running if e[3].poll() is not None]:
+                running.remove(entry)
+                i, setting, out, process = entry
+                if process.returncode != 0:
+                    sys.exit(f"{setting}: its process ended with exit code {process.returncode}")
+                results[i] = json.loads(out.read_text())
+    results = [results[i] for i in sorted(results)]
     import openvino
 
     env = {**environment(args.threads), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-           "openvino": openvino.__version__, "perturbation_seed": 0}
+           "openvino": openvino.__version__, "perturbation_seed": 0, "jobs": args.jobs}
     write_json(args.out, {"environment": env, "results": results})
     print_table(results, Path(args.out))
 
