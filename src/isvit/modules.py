@@ -163,6 +163,20 @@ class QuantAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def _window_attention_output(module: nn.Module, attn: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+    """The part Swin's two window attentions share, from the scores (B_, heads, N, N) on: the
+    shifted-window mask, Softmax, the quantized attn @ v and ``proj``."""
+    N = attn.shape[-1]
+    if mask is not None:
+        num_windows = mask.shape[0]
+        attn = attn.view(-1, num_windows, module.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, module.num_heads, N, N)
+    attn = module.attn_drop(attn.softmax(dim=-1))
+    x = module.av(attn, v).transpose(1, 2).reshape(attn.shape[0], N, -1)
+    return module.proj_drop(module.proj(x))
+
+
 class QuantWindowAttention(nn.Module):
     """Swin's window attention (timm ``WindowAttention``) with quantized products.
 
@@ -190,13 +204,7 @@ class QuantWindowAttention(nn.Module):
         B_, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = self.qk(q * self.scale, k.transpose(-2, -1)) + self.relative_position_bias()
-        if mask is not None:
-            num_windows = mask.shape[0]
-            attn = attn.view(-1, num_windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.av(attn, v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+        return _window_attention_output(self, attn, v, mask)
 
 
 def _attention_output_bias(relative_position_bias, shared_bias):
@@ -342,13 +350,7 @@ class QuantCosineWindowAttention(nn.Module):
         attn = self.qk(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
         attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
         attn = attn + self.relative_position_bias()
-        if mask is not None:
-            num_windows = mask.shape[0]
-            attn = attn.view(-1, num_windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.av(attn, v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+        return _window_attention_output(self, attn, v, mask)
 
 
 class RMSNorm(nn.Module):
