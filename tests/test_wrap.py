@@ -290,6 +290,19 @@ def test_unsupported_model_is_refused():
         isvit.quantize(resnet, [], isvit.QuantConfig(method="isvit"), progress=False)
 
 
+def test_a_vit_with_a_swiglu_mlp_is_refused_in_one_sentence_before_any_change():
+    from timm.layers import SwiGLU
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=10, mlp_layer=SwiGLU)
+    with pytest.raises(isvit.IsvitError, match="blocks.0.mlp is a SwiGLU"):
+        wrap_model(model, W4A4)
+    assert not any(isinstance(m, (Quantizer, QuantLinear)) for m in model.modules())
+    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=2)
+    with pytest.raises(isvit.IsvitError, match="SwiGLU"):
+        isvit.quantize(model, images(2, 32), config, progress=False)
+
+
 def test_wrapping_twice_is_refused():
     model = wrap_model(small_vit(), W4A4)
     count = len(isvit.quantizers(model))

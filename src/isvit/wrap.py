@@ -130,7 +130,10 @@ def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
 
 
 def _check_family(model: nn.Module, arch: str) -> None:
-    if arch == "beit":
+    if arch == "vit":
+        for name, block in _vit_blocks(model):
+            check_vit_block(name, block)
+    elif arch == "beit":
         _check_beit(model)
     elif arch == "eva":
         _check_eva(model)
@@ -258,12 +261,16 @@ def _check_layernorm(norm: nn.Module, where: str) -> None:
 
 
 def check_vit_block(name: str, block: nn.Module) -> None:
-    """The block must be timm's standard pre-norm ``Block`` with ``Attention``."""
+    """The block must be timm's standard pre-norm ``Block`` with ``Attention`` and an MLP of two
+    Linears ``fc1`` and ``fc2`` (timm's Mlp or GluMlp; a SwiGLU's ``fc1_g``/``fc1_x`` are not)."""
     if type(block) is not Block or type(block.attn) is not Attention:
         raise IsvitError(
             f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports the "
             "standard pre-norm ViT block (timm Block with Attention)"
         )
+    if not all(isinstance(getattr(block.mlp, fc, None), nn.Linear) for fc in ("fc1", "fc2")):
+        raise IsvitError(f"{name}.mlp is a {type(block.mlp).__name__}; isvit supports an MLP of two Linears "
+                         "fc1 and fc2 (timm's Mlp or GluMlp) in a ViT block")
 
 
 def _wrap_vit(model: VisionTransformer, p: Placement) -> None:
