@@ -131,8 +131,7 @@ def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
 
 def _check_family(model: nn.Module, arch: str) -> None:
     if arch == "vit":
-        for name, block in _vit_blocks(model):
-            check_vit_block(name, block)
+        _check_vit(model)
     elif arch == "beit":
         _check_beit(model)
     elif arch == "eva":
@@ -273,12 +272,16 @@ def check_vit_block(name: str, block: nn.Module) -> None:
                          "fc1 and fc2 (timm's Mlp or GluMlp) in a ViT block")
 
 
-def _wrap_vit(model: VisionTransformer, p: Placement) -> None:
-    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+def _check_vit(model: VisionTransformer) -> None:
     for name, block in _vit_blocks(model):
         check_vit_block(name, block)
         _check_layernorm(block.norm1, f"{name}.norm1")
         _check_layernorm(block.norm2, f"{name}.norm2")
+
+
+def _wrap_vit(model: VisionTransformer, p: Placement) -> None:
+    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+    for _, block in _vit_blocks(model):
         qk, av = p.matmuls()
         block.attn = QuantAttention(
             block.attn, p.linear(block.attn.qkv, "post_ln"), p.linear(block.attn.proj, "tensor"), qk, av
@@ -378,7 +381,18 @@ def _wrap_mlp(block: nn.Module, p: Placement) -> None:
         mlp.fc1, mlp.fc2 = p.linear(mlp.fc1, "post_ln"), fc2
 
 
-def _token_head(model: nn.Module, p: Placement) -> None:
+def _wrap_token_blocks(model: nn.Module, p: Placement, quant_attention: type[nn.Module]) -> None:
+    """BEiT's or EVA's surgery (they differ in the attention module only): the patch embedding,
+    each block's attention as ``quant_attention`` with one ``qkv`` (post-LayerNorm) and a ``proj``
+    that is post-LayerNorm behind EVA's sub-LayerNorm (BEiT has none), the MLP, the head."""
+    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+    for _, block in _vit_blocks(model):
+        qk, av = p.matmuls()
+        attn = block.attn
+        qkv = p.linear(_single_bias_qkv(attn), "post_ln")
+        proj = p.linear(attn.proj, _after_norm(getattr(attn, "norm", None)))
+        block.attn = quant_attention(attn, qkv, proj, qk, av)
+        _wrap_mlp(block, p)
     if isinstance(model.head, nn.Linear):
         model.head = p.linear(model.head, "tensor")
 
@@ -400,15 +414,7 @@ def _check_beit(model: nn.Module) -> None:
 
 
 def _wrap_beit(model: nn.Module, p: Placement) -> None:
-    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
-    for _, block in _vit_blocks(model):
-        qk, av = p.matmuls()
-        attn = block.attn
-        block.attn = QuantBeitAttention(
-            attn, p.linear(_single_bias_qkv(attn), "post_ln"), p.linear(attn.proj, "tensor"), qk, av
-        )
-        _wrap_mlp(block, p)
-    _token_head(model, p)
+    _wrap_token_blocks(model, p, QuantBeitAttention)
 
 
 def _beit_units(model: nn.Module) -> list[Unit]:
@@ -450,16 +456,7 @@ def _check_eva(model: nn.Module) -> None:
 
 
 def _wrap_eva(model: nn.Module, p: Placement) -> None:
-    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
-    for _, block in _vit_blocks(model):
-        qk, av = p.matmuls()
-        attn = block.attn
-        block.attn = QuantEvaAttention(
-            attn, p.linear(_single_bias_qkv(attn), "post_ln"),
-            p.linear(attn.proj, _after_norm(getattr(attn, "norm", None))), qk, av
-        )
-        _wrap_mlp(block, p)
-    _token_head(model, p)
+    _wrap_token_blocks(model, p, QuantEvaAttention)
 
 
 def _eva_rope(model: nn.Module) -> torch.Tensor | None:
