@@ -28,7 +28,6 @@ saved one did.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -41,9 +40,9 @@ from torch import nn
 from .errors import IsvitError
 from .files import atomic_write
 from .modules import QuantConv2d, QuantLinear
-from .pipeline import QuantConfig, placement_for, quantizers
+from .pipeline import QuantConfig, applied_config, placement_for, quantizers
 from .quantizers import check_bits
-from .rotate import is_rotated, rotate_model
+from .rotate import rotate_model
 from .wrap import wrap_model
 
 FORMAT = "isvit-int-v1"
@@ -153,7 +152,7 @@ def save_quantized(
     from safetensors.torch import save_file
 
     _check_ready(model)
-    config = dataclasses.replace(config, rotate=is_rotated(model))  # what was done, not what the preset asked
+    config = applied_config(model, config)
     tensors, layers = integer_tensors(model)
     metadata = {
         "format": FORMAT,

@@ -53,10 +53,9 @@ from .errors import IsvitError
 from .evaluate import evaluate
 from .export import export_onnx
 from .models import create_model
-from .pipeline import METHODS, PRESETS, QuantConfig, quantize
+from .pipeline import METHODS, PRESETS, QuantConfig, applied_config, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 from .reconstruct import LOSSES, ROUNDINGS
-from .rotate import is_rotated
 from .runtime import PRECISIONS, RUNTIMES, load_onnx
 
 
@@ -455,8 +454,7 @@ def run_quantize(args) -> dict:
     qmodel = quantize(model, calib, config, device=device, progress=_progress(args), resume_dir=args.resume,
                       on_estimate=_estimate_printer(config, device) if distributed.is_main() else None)
     calib_seconds = distributed.max_over_ranks(time.perf_counter() - start)
-    # rotate: whether the model was rotated (the fast preset skips it, with a warning, where it cannot be)
-    result.update(**replace(config, rotate=is_rotated(qmodel)).to_dict(), calib_images=int(calib.shape[0]),
+    result.update(**applied_config(qmodel, config).to_dict(), calib_images=int(calib.shape[0]),
                   calib_seconds=calib_seconds)
     timings = f"calibration {calib_seconds:.1f} s"
     if loader is not None:

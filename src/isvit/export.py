@@ -70,7 +70,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,9 +81,8 @@ from torch import nn
 from .checkpoint import atomic_write
 from .errors import IsvitError
 from .modules import ONNX_PLACEHOLDER_DOMAIN, ONNX_PLACEHOLDER_OPS, QuantConv2d, QuantLinear, QuantMatMul
-from .pipeline import QuantConfig
+from .pipeline import QuantConfig, applied_config
 from .quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer, is_weight_quantizer, named_quantizers
-from .rotate import is_rotated
 from .runtime import FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel, load_onnx, require  # noqa: F401 (load_onnx: public here too)
 
 if TYPE_CHECKING:
@@ -548,8 +547,7 @@ def export_onnx(
         "format": FORMAT,
         "model": model_name,
         "model_args": json.dumps(model_args or {}),
-        # rotate: what was done (is_rotated), not what the preset asked, as in checkpoints
-        "config": json.dumps(replace(config, rotate=is_rotated(model)).to_dict() if config is not None else None),
+        "config": json.dumps(applied_config(model, config).to_dict() if config is not None else None),
         "data_config": json.dumps(data_config),
     }
     onnx.helper.set_model_props(proto, metadata)

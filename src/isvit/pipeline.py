@@ -55,7 +55,7 @@ from .reconstruct import (
 )
 from .reparam import reparameterize_layernorm
 from .resume import ResumeState, run_identity
-from .rotate import rotate_model
+from .rotate import is_rotated, rotate_model
 from .wrap import (
     Placement,
     Unit,
@@ -678,6 +678,13 @@ def quantize(
     else:
         _training_free(model, images.to(device), config, progress, run)
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too
+
+
+def applied_config(model: nn.Module, config: QuantConfig) -> QuantConfig:
+    """``config`` as ``quantize`` carried it out on ``model``: ``rotate`` says whether the model was
+    rotated (the presets skip a rotation the model cannot take, with a warning). Saved files and
+    reports record this, not what the preset asked."""
+    return dataclasses.replace(config, rotate=is_rotated(model))
 
 
 def _rotate(model: nn.Module, config: QuantConfig) -> None:
