@@ -86,6 +86,8 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
     assert result["rotate"] is False and result["act_percentile"] == 0.995 and "fp_top1" not in result
     assert result["rounding"] == "ste" and result["round_lr"] is None  # the latent weights, not the preset's offsets
+    assert list(result["reconstruction"]) == ["stage3"]  # each unit's loss before and after, per stage
+    assert set(result["reconstruction"]["stage3"]["blocks.0"]) == {"before", "after", "restored"}
 
     # and the flags did what they say, on the model:
     ((_, qmodel),) = quantized_by_cli

@@ -467,3 +467,19 @@ def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
     # and the comparison sees a change: another seed draws other batches and masks
     other = state_copy(isvit.quantize(small_vit(), x, dataclasses.replace(config, seed=1), progress=False))
     assert not same_state(other, first)
+
+
+def test_quantize_reports_each_stages_losses_when_asked():
+    losses = {}
+    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
+    isvit.quantize(small_vit(), images(16), config, progress=False, losses=losses)
+    assert list(losses) == ["stage1", "stage3"]
+    assert list(losses["stage1"]) == VIT_UNITS[1:] and list(losses["stage3"]) == VIT_UNITS
+    for before, after, restored in [*losses["stage1"].values(), *losses["stage3"].values()]:
+        assert before > 0 and (after <= before or restored)
+    losses = {}
+    isvit.quantize(small_vit(), images(16), dataclasses.replace(config, stage1=False), progress=False, losses=losses)
+    assert list(losses) == ["stage3"]
+    losses = {}
+    isvit.quantize(small_vit(), images(16), QuantConfig(method="repq", calib_size=16), progress=False, losses=losses)
+    assert losses == {}

@@ -451,11 +451,16 @@ def run_quantize(args) -> dict:
     start = time.perf_counter()
     calib = load_calibration_images(args.calib, transform, config.resolved_calib_size, seed=config.seed,
                                     progress=_progress(args))
+    losses = {}
     qmodel = quantize(model, calib, config, device=device, progress=_progress(args), resume_dir=args.resume,
-                      on_estimate=_estimate_printer(config, device) if distributed.is_main() else None)
+                      on_estimate=_estimate_printer(config, device) if distributed.is_main() else None, losses=losses)
     calib_seconds = distributed.max_over_ranks(time.perf_counter() - start)
     result.update(**applied_config(qmodel, config).to_dict(), calib_images=int(calib.shape[0]),
                   calib_seconds=calib_seconds)
+    if losses:  # isvit: each unit's reconstruction loss before and after training, per stage
+        result["reconstruction"] = {stage: {unit: {"before": before, "after": after, "restored": restored}
+                                            for unit, (before, after, restored) in units.items()}
+                                    for stage, units in losses.items()}
     timings = f"calibration {calib_seconds:.1f} s"
     if loader is not None:
         metrics = evaluate(qmodel, loader, device=device, progress=_progress(args), desc=f"W{config.w_bits}/A{config.a_bits}")

@@ -640,6 +640,7 @@ def quantize(
     progress: bool = True,
     on_estimate: Callable[[float], None] | None = None,
     resume_dir: str | Path | None = None,
+    losses: dict | None = None,
 ) -> nn.Module:
     """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
 
@@ -659,6 +660,11 @@ def quantize(
     calls ``quantize`` with the same model, images and config; they share the work
     (``distributed.py``) and all return the same model. Only rank 0 shows progress and writes the
     resume state.
+
+    ``losses`` (``isvit`` only): a dict that is filled with each stage's reconstruction losses,
+    ``{"stage1": {unit: (before, after, restored)}, "stage3": {...}}`` (``reconstruct_blocks``), the
+    losses on the first check images before and after each unit's training: what the benchmarks
+    compare between recipes (e.g. the start of stage 3 with and without stage 1).
     """
     check_supported(model)  # an architecture isvit cannot wrap is refused before any work
     if not inplace:
@@ -674,7 +680,9 @@ def quantize(
     progress = progress and distributed.is_main()
     torch.manual_seed(config.seed + distributed.rank())  # QDrop's masks: a stream of its own on each rank
     if config.method == "isvit":
-        _isvit(model, images, config, device, progress, run, on_estimate)
+        report = _isvit(model, images, config, device, progress, run, on_estimate)
+        if losses is not None:
+            losses.update(report)
     else:
         _training_free(model, images.to(device), config, progress, run)
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too
