@@ -1,30 +1,41 @@
 """I&S-ViT accuracy on the shared ViT-Ti: W8/A8, W4/A8 (the deployable settings of docs/onnx.md),
-W6/A6, W4/A4, W3/A3 and the W4/A4 ablation.
+W6/A6, W4/A4, W3/A3, the paper's ablation at W3/A3 and W4/A4, and one row per low-bit option.
 
-Runs the `isvit` CLI once per setting (a fresh process each, so peak memory is per setting),
-calibrating on imagenet-calib-1000 (the method's default 1024 images, i.e. all 1000; seed 0) and
-evaluating on all of imagenet-val-1300, with --threads torch threads (default 1; the thread count
-changes float rounding and so the trained model: compare rows run with the same count). The output
-file holds this invocation's rows only (each with its command line, date and CPU) and is rewritten
-after every run.
+Runs the `isvit` CLI once per setting and seed (a fresh process each, so peak memory is per run),
+calibrating on imagenet-calib-1000 (the method's default 1024 images, i.e. all 1000) and evaluating
+on all of imagenet-val-1300, with --threads torch threads (default 1; the thread count changes
+float rounding and so the trained model: compare rows run with the same count). The output file
+holds this invocation's rows only (each with its command line, date and CPU) and is rewritten after
+every run.
 
-    python benchmarks/isvit_accuracy.py [--preset fast] [--only w4a4 ...] [--threads 1] [--seed 0] [--calib-size 1024]
-        [--qdrop P] [--outlier-ratio R] [--resume-from FILE] [--out results/isvit_accuracy.json]
+    python benchmarks/isvit_accuracy.py [--preset fast] [--only w3a3 ...] [--seeds 0 1 2] [--threads 1]
+        [--calib-size 1024] [--qdrop P] [--outlier-ratio R] [--save-dir DIR] [--resume-from FILE ...]
+        [--out results/isvit_accuracy.json]
 
-The options for low bits (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag to the
-preset at W3/A3 and W4/A4. The ablation (W4/A4): post-Softmax quantizer SULQ vs log-sqrt2 vs uniform, without stage 1, without
-the reparameterisation (per-tensor post-LayerNorm quantizers from the start), without the outlier
-channels' own grid (one grid per tensor, as the paper has it). --qdrop and --outlier-ratio set
-those for every setting (a setting's own flag comes after and wins), e.g. `--qdrop 0
---outlier-ratio 0` for the preset as it was before either.
+--seeds: each setting is run once per seed (the seed draws the calibration subset when there are
+more images than --calib-size, the rotation, the order of the reconstruction batches and QDrop's
+masks); the output's rows are "preset/setting/seedS" and its "summary" holds each setting's mean and
+sample standard deviation of top-1 over the seeds, as does the table printed at the end.
 
---resume-from FILE takes the rows of an earlier output whose command line is exactly the one this
-run would use instead of running them again; without it every setting asked for is run.
+The ablation (``ABLATION``, at W3/A3 and W4/A4: "w3a3-log2sqrt2", ...): the post-Softmax quantizer
+SULQ vs log-sqrt2 vs uniform; without stage 1, and without it but with its training steps given to
+stage 3 (``--iters`` so that the steps add up to the preset's, ``same_steps_iters``); without the
+reparameterisation (per-tensor post-LayerNorm quantizers from the start); without the outlier
+channels' own grid. The options (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag
+to the preset at W3/A3 and W4/A4. --qdrop and --outlier-ratio set those for every setting (a
+setting's own flag comes after and wins).
+
+--save-dir DIR keeps each quantized model as DIR/SETTING_sSEED.safetensors (for
+benchmarks/softmax_error.py). --resume-from FILE ... takes the rows of earlier outputs whose command
+line is the one this run would use (where a model was saved aside) instead of running them again;
+without it every setting and seed asked for is run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+from functools import cache
 
 from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, run_cli, write_json
 
@@ -34,11 +45,17 @@ SETTINGS = {
     "w6a6": ["--w-bits", "6", "--a-bits", "6"],
     "w4a4": ["--w-bits", "4", "--a-bits", "4"],
     "w3a3": ["--w-bits", "3", "--a-bits", "3"],
-    "w4a4-log2sqrt2": ["--w-bits", "4", "--a-bits", "4", "--softmax-quantizer", "log2sqrt2"],
-    "w4a4-uniform-softmax": ["--w-bits", "4", "--a-bits", "4", "--softmax-quantizer", "uniform"],
-    "w4a4-no-stage1": ["--w-bits", "4", "--a-bits", "4", "--no-stage1"],
-    "w4a4-no-reparam": ["--w-bits", "4", "--a-bits", "4", "--no-reparam"],
-    "w4a4-no-outlier-split": ["--w-bits", "4", "--a-bits", "4", "--outlier-ratio", "0"],
+}
+# The paper's ablation (issue 21): the post-Softmax quantizer, stage 1, the fold; and the outlier
+# grid of this project. "no-stage1-same-steps" gives stage 1's training steps to stage 3 (a callable:
+# the iterations depend on the preset).
+ABLATION = {
+    "log2sqrt2": ["--softmax-quantizer", "log2sqrt2"],
+    "uniform-softmax": ["--softmax-quantizer", "uniform"],
+    "no-stage1": ["--no-stage1"],
+    "no-stage1-same-steps": lambda preset, bits: ["--no-stage1", "--iters", str(same_steps_iters(preset, bits))],
+    "no-reparam": ["--no-reparam"],
+    "no-outlier-split": ["--outlier-ratio", "0"],
 }
 # The options for low bits (issue 10), one at a time on top of the preset, at W3/A3 and W4/A4.
 # "p999", "no-rotate", "token" and "ste" take away what the fast preset does at <= 4 bits (activation
@@ -59,8 +76,47 @@ OPTIONS = {
     "ste": ["--rounding", "ste"],
 }
 for _bits in ("3", "4"):
-    for _name, _flags in OPTIONS.items():
-        SETTINGS[f"w{_bits}a{_bits}-{_name}"] = ["--w-bits", _bits, "--a-bits", _bits, *_flags]
+    for _name, _flags in {**ABLATION, **OPTIONS}.items():
+        SETTINGS[f"w{_bits}a{_bits}-{_name}"] = (_bits, _flags)
+
+
+@cache
+def same_steps_iters(preset: str, bits: int) -> int:
+    """Stage 3's iterations per unit that make a run without stage 1 take as many training steps as
+    ``preset``'s run with it at W``bits``/A``bits`` on this ViT-Ti (stage 1 trains the units with an
+    activation quantizer, stage 3 every unit with a quantizer: 13 and 14 units, so 60 -> 116)."""
+    import timm
+
+    from isvit.pipeline import QuantConfig, placement_for, reconstruction_steps, set_quantizers
+    from isvit.wrap import wrap_model
+
+    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset=preset)
+    model = wrap_model(timm.create_model(MODEL, pretrained=False), placement_for(config))
+    set_quantizers(model, False, "weight")
+    with_stage1 = reconstruction_steps(model, config)
+    per_iter_without = reconstruction_steps(model, QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset=preset,
+                                                               stage1=False, iters=1))
+    return round(with_stage1 / per_iter_without)
+
+
+def setting_flags(name: str, preset: str) -> list[str]:
+    """The CLI flags of setting ``name`` beyond the common ones."""
+    flags = SETTINGS[name]
+    if isinstance(flags, list):
+        return flags
+    bits, extra = flags
+    extra = extra(preset, int(bits)) if callable(extra) else extra
+    return ["--w-bits", bits, "--a-bits", bits, *extra]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and sample standard deviation (0 for one row) of top-1 over one setting's seeds, with
+    each seed's top-1 and the median calibration time."""
+    top1 = [r["top1"] for r in rows]
+    return {"seeds": [int(r["seed"]) for r in rows], "top1": top1, "top1_mean": statistics.fmean(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "calib_seconds_median": statistics.median(r["calib_seconds"] for r in rows),
+            "threads": rows[0]["threads"], "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rows)}
 
 
 def main() -> None:
@@ -70,31 +126,44 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
     parser.add_argument("--limit", type=int, help="evaluate on the first N images only (quick check)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration subset and optimisation seed (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="run every setting once per seed (default: 0); the summary gives mean and std")
     parser.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024: all 1000)")
     parser.add_argument("--qdrop", type=float, help="QDrop probability of every setting (default: the preset's)")
     parser.add_argument("--outlier-ratio", type=float, help="outlier ratio of every setting (default: the method's)")
-    parser.add_argument("--resume-from", metavar="FILE", help="reuse the rows of FILE run with the same command")
+    parser.add_argument("--save-dir", metavar="DIR", help="save each quantized model in DIR")
+    parser.add_argument("--resume-from", metavar="FILE", nargs="+", default=[],
+                        help="reuse the rows of these earlier outputs run with the same command")
     args = parser.parse_args()
-    resume = resumable_rows(args.resume_from)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: each seed once")
+    resume = {}
+    for path in args.resume_from:
+        resume.update(resumable_rows(path))
 
     common = [
         "quantize", "--method", "isvit", "--preset", args.preset, "--no-fp", "--model", MODEL, "--weights", WEIGHTS,
-        "--calib", CALIB, "--calib-size", str(args.calib_size), "--seed", str(args.seed), "--data", VAL, "--batch-size", "64",
+        "--calib", CALIB, "--calib-size", str(args.calib_size), "--data", VAL, "--batch-size", "64",
         "--threads", str(args.threads),
     ] + (["--limit", str(args.limit)] if args.limit else [])
     common += (["--qdrop", str(args.qdrop)] if args.qdrop is not None else [])
     common += (["--outlier-ratio", str(args.outlier_ratio)] if args.outlier_ratio is not None else [])
-    results = {}
+    results, by_setting = {}, {}
     for name in args.only or list(SETTINGS):
-        results[f"{args.preset}/{name}"] = run_cli(common + SETTINGS[name], resume)
-        write_json(args.out, results)
+        for seed in args.seeds:
+            key = f"{args.preset}/{name}" + (f"/seed{seed}" if len(args.seeds) > 1 else "")
+            save = ["--save", f"{args.save_dir}/{name}_s{seed}.safetensors"] if args.save_dir else []
+            row = run_cli(common + ["--seed", str(seed)] + setting_flags(name, args.preset) + save, resume)
+            results[key] = row
+            by_setting.setdefault(f"{args.preset}/{name}", []).append(row)
+            write_json(args.out, {**results, "summary": {k: summarise(v) for k, v in by_setting.items()}})
 
-    print("| setting | preset | top-1 | top-5 | calib s | threads | peak MB |")
-    print("|---|---|---|---|---|---|---|")
-    for key, r in results.items():
-        print(f"| {key.split('/', 1)[1]} | {r['preset']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-              f"{r['calib_seconds']:.0f} | {r['threads']} | {r['peak_rss_mb']:.0f} |")
+    print("| setting | preset | seeds | top-1 | std | calib s (median) | threads | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, rows in by_setting.items():
+        s = summarise(rows)
+        print(f"| {key.split('/', 1)[1]} | {args.preset} | {len(rows)} | {s['top1_mean']:.2f} | {s['top1_std']:.2f} | "
+              f"{s['calib_seconds_median']:.0f} | {s['threads']} | {s['peak_rss_mb_max']:.0f} |")
     print(f"\nJSON in {args.out}")
 
 

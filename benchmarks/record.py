@@ -82,7 +82,19 @@ def resumable_rows(path: str | None) -> dict[tuple[str, ...], dict]:
         return {}
     data = json.loads(Path(path).read_text())
     rows = data.values() if isinstance(data, dict) else data
-    return {tuple(row["command"]): row for row in rows if isinstance(row, dict) and "command" in row}
+    return {resume_key(row["command"]): row for row in rows if isinstance(row, dict) and "command" in row}
+
+
+def resume_key(args: list[str]) -> tuple[str, ...]:
+    """A command line as ``--resume-from`` matches it: without ``--save FILE`` (where the model went
+    does not change the row)."""
+    args = [str(a) for a in args]
+    key = []
+    for i, arg in enumerate(args):
+        if arg == "--save" or (i > 0 and args[i - 1] == "--save"):
+            continue
+        key.append(arg)
+    return tuple(key)
 
 
 def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) -> dict:
@@ -90,9 +102,9 @@ def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) 
     in the repository root; returns its JSON with the command, the date and the CPU added. A row
     of ``resume`` with the same command is returned instead of running it again."""
     args = [str(a) for a in args]
-    if resume and tuple(args) in resume:
+    if resume and resume_key(args) in resume:
         print("resumed: isvit", shlex.join(args), file=sys.stderr, flush=True)
-        return resume[tuple(args)]
+        return resume[resume_key(args)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "isvit.cli", *args, "--json", str(out), "--quiet"]

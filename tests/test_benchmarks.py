@@ -98,3 +98,94 @@ def test_int8_latency_ratios_are_to_the_same_runtimes_fp32_and_to_nncf(int8_late
     assert len(table) == 2 + len(times)
     assert "| openvino | repq_w8a8 | 4 | 2 | 2.0 | 0.0 | 0.50 | 3.00x | 1.50x |" in table
     assert int8_latency.model_name({"method": "isvit", "w_bits": 4, "a_bits": 4}, {"isvit_w4a4"}) == "isvit_w4a4_2"
+
+
+def test_where_a_model_was_saved_does_not_stop_a_row_being_resumed(tmp_path):
+    row = {"command": ["quantize", "--seed", "1", "--save", "/tmp/a/w3a3_s1.safetensors"], "top1": 3.0}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"fast/w3a3": row}))
+    resume = record.resumable_rows(str(path))
+    assert record.run_cli(["quantize", "--seed", "1"], resume) == row
+    assert record.run_cli(["quantize", "--seed", "1", "--save", "elsewhere.safetensors"], resume) == row
+    assert record.resume_key(["quantize", "--seed", "1", "--save", "x"]) != record.resume_key(["quantize", "--seed", "2"])
+
+
+# benchmarks/isvit_accuracy.py: seeds, the ablation's settings and the summary (no model is trained)
+
+@pytest.fixture
+def isvit_accuracy():
+    return importlib.import_module("isvit_accuracy")
+
+
+def test_without_stage1_the_same_steps_go_to_stage3(isvit_accuracy):
+    from isvit.pipeline import PRESETS
+
+    # ViT-Ti: stage 1 trains 13 units (all but the patch embedding), stage 3 all 14
+    iters = PRESETS["fast"]["iters_low_bits"]
+    assert isvit_accuracy.same_steps_iters("fast", 3) == round((13 + 14) * iters / 14) == 116
+    flags = isvit_accuracy.setting_flags("w3a3-no-stage1-same-steps", "fast")
+    assert flags == ["--w-bits", "3", "--a-bits", "3", "--no-stage1", "--iters", "116"]
+    for bits in ("3", "4"):  # the whole ablation at both bit-widths
+        for name in ("log2sqrt2", "uniform-softmax", "no-stage1", "no-reparam", "no-outlier-split"):
+            assert isvit_accuracy.setting_flags(f"w{bits}a{bits}-{name}", "fast")[:4] == ["--w-bits", bits, "--a-bits", bits]
+
+
+def test_seeds_run_each_setting_once_per_seed_and_summarise_mean_and_std(tmp_path, monkeypatch, isvit_accuracy):
+    runs = []
+
+    def fake_run(args, resume=None):
+        seed = int(args[args.index("--seed") + 1])
+        runs.append((args[args.index("--w-bits") + 1], seed, "--save" in args))
+        return {"seed": seed, "top1": 10.0 + 2 * seed, "calib_seconds": 100.0 + seed, "threads": 1,
+                "peak_rss_mb": 1000.0, "command": [str(a) for a in args]}
+
+    monkeypatch.setattr(isvit_accuracy, "run_cli", fake_run)
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["isvit_accuracy.py", "--only", "w3a3", "w4a4-log2sqrt2", "--seeds", "0", "1", "2",
+                                      "--out", str(out), "--save-dir", str(tmp_path)])
+    isvit_accuracy.main()
+    assert runs == [("3", 0, True), ("3", 1, True), ("3", 2, True), ("4", 0, True), ("4", 1, True), ("4", 2, True)]
+    data = json.loads(out.read_text())
+    assert set(data) == {*(f"fast/{s}/seed{i}" for s in ("w3a3", "w4a4-log2sqrt2") for i in range(3)), "summary"}
+    summary = data["summary"]["fast/w3a3"]
+    assert summary["top1"] == [10.0, 12.0, 14.0] and summary["top1_mean"] == 12.0 and summary["top1_std"] == 2.0
+    assert summary["seeds"] == [0, 1, 2] and summary["calib_seconds_median"] == 101.0
+    # one seed: the rows keep their plain names, and the standard deviation is 0
+    monkeypatch.setattr(sys, "argv", ["isvit_accuracy.py", "--only", "w3a3", "--out", str(out)])
+    isvit_accuracy.main()
+    data = json.loads(out.read_text())
+    assert set(data) == {"fast/w3a3", "summary"} and data["summary"]["fast/w3a3"]["top1_std"] == 0.0
+
+
+# benchmarks/softmax_error.py: the post-Softmax quantizers' error on a model's attention maps
+
+def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
+    import copy
+
+    import torch
+
+    from conftest import small_vit
+    from isvit.pipeline import QuantConfig, placement_for, set_quantizers
+    from isvit.wrap import wrap_model
+
+    softmax_error = importlib.import_module("softmax_error")
+    model = wrap_model(copy.deepcopy(small_vit()), placement_for(QuantConfig(method="isvit", w_bits=8, a_bits=8)))
+    set_quantizers(model, False)
+    x = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    result = softmax_error.measure(model.eval(), None, [3, 8], x[:4], x[4:])
+    assert set(result) == {"sulq", "log2sqrt2", "uniform"}
+    for kind, by_bits in result.items():
+        assert all(len(by_bits[bits]["out_rel"]) == 2 for bits in (3, 8))  # the small ViT's two blocks
+        for metric in ("mse", "rel_mse", "out_rel"):
+            pairs = list(zip(by_bits[3][metric], by_bits[8][metric]))
+            assert all(0 < e8 <= e3 for e3, e8 in pairs), (kind, metric)
+            # log-sqrt2's grid below its top value is the same at every bit-width; more bits only reach
+            # further down, which these random maps (all within a factor 2) never need
+            assert kind == "log2sqrt2" or all(e8 < e3 / 10 for e3, e8 in pairs), (kind, metric)
+    # a quantizer that is exact makes no error
+    class Exact:
+        def quantize(self, a):
+            return a
+
+    maps = softmax_error.attention_maps(model, x[:2])
+    assert softmax_error.errors(Exact(), maps[:1]) == {"mse": 0.0, "rel_mse": 0.0, "out_rel": 0.0}
