@@ -28,7 +28,8 @@ setting's own flag comes after and wins).
 --save-dir DIR keeps each quantized model as DIR/SETTING_sSEED.safetensors (for
 benchmarks/softmax_error.py). --resume-from FILE ... takes the rows of earlier outputs whose command
 line is the one this run would use (where a model was saved aside) instead of running them again;
-without it every setting and seed asked for is run.
+without it every setting and seed asked for is run. With --resumed-only nothing is run: the table
+and summary of the rows found (e.g. `--resume-from results/issue21/*.json`), the others left out.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import argparse
 import statistics
 from functools import cache
 
-from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, run_cli, write_json
+from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, resume_key, run_cli, write_json
 
 SETTINGS = {
     "w8a8": ["--w-bits", "8", "--a-bits", "8"],
@@ -111,12 +112,18 @@ def setting_flags(name: str, preset: str) -> list[str]:
 
 def summarise(rows: list[dict]) -> dict:
     """Mean and sample standard deviation (0 for one row) of top-1 over one setting's seeds, with
-    each seed's top-1 and the median calibration time."""
+    each seed's top-1, the median calibration time and, where the rows recorded them, each unit's
+    stage-3 loss before and after its training, averaged over the seeds (``stage3_loss``)."""
     top1 = [r["top1"] for r in rows]
-    return {"seeds": [int(r["seed"]) for r in rows], "top1": top1, "top1_mean": statistics.fmean(top1),
-            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-            "calib_seconds_median": statistics.median(r["calib_seconds"] for r in rows),
-            "threads": rows[0]["threads"], "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rows)}
+    summary = {"seeds": [int(r["seed"]) for r in rows], "top1": top1, "top1_mean": statistics.fmean(top1),
+               "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+               "calib_seconds_median": statistics.median(r["calib_seconds"] for r in rows),
+               "threads": rows[0]["threads"], "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rows)}
+    stage3 = [r["reconstruction"]["stage3"] for r in rows if "stage3" in r.get("reconstruction", {})]
+    if stage3:
+        summary["stage3_loss"] = {unit: {when: statistics.fmean(s[unit][when] for s in stage3) for when in ("before", "after")}
+                                  for unit in stage3[0]}
+    return summary
 
 
 def main() -> None:
@@ -134,6 +141,8 @@ def main() -> None:
     parser.add_argument("--save-dir", metavar="DIR", help="save each quantized model in DIR")
     parser.add_argument("--resume-from", metavar="FILE", nargs="+", default=[],
                         help="reuse the rows of these earlier outputs run with the same command")
+    parser.add_argument("--resumed-only", action="store_true",
+                        help="run nothing: summarise the rows found in --resume-from, leave out the others")
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: each seed once")
@@ -153,7 +162,11 @@ def main() -> None:
         for seed in args.seeds:
             key = f"{args.preset}/{name}" + (f"/seed{seed}" if len(args.seeds) > 1 else "")
             save = ["--save", f"{args.save_dir}/{name}_s{seed}.safetensors"] if args.save_dir else []
-            row = run_cli(common + ["--seed", str(seed)] + setting_flags(name, args.preset) + save, resume)
+            command = common + ["--seed", str(seed)] + setting_flags(name, args.preset) + save
+            if args.resumed_only and resume_key(command) not in resume:
+                print(f"left out (not in --resume-from): {name} seed {seed}")
+                continue
+            row = run_cli(command, resume)
             results[key] = row
             by_setting.setdefault(f"{args.preset}/{name}", []).append(row)
             write_json(args.out, {**results, "summary": {k: summarise(v) for k, v in by_setting.items()}})

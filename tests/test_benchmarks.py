@@ -189,3 +189,26 @@ def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
 
     maps = softmax_error.attention_maps(model, x[:2])
     assert softmax_error.errors(Exact(), maps[:1]) == {"mse": 0.0, "rel_mse": 0.0, "out_rel": 0.0}
+
+
+def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monkeypatch, isvit_accuracy):
+    monkeypatch.setattr(record.subprocess, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    old = tmp_path / "old.json"
+    rows = {}
+    for seed in (0, 2):  # seed 1 was never run
+        command = ["quantize", "--method", "isvit", "--preset", "fast", "--no-fp", "--model", isvit_accuracy.MODEL,
+                   "--weights", isvit_accuracy.WEIGHTS, "--calib", isvit_accuracy.CALIB, "--calib-size", "1024",
+                   "--data", isvit_accuracy.VAL, "--batch-size", "64", "--threads", "1", "--seed", str(seed),
+                   "--w-bits", "3", "--a-bits", "3", "--save", f"/tmp/x/w3a3_s{seed}.safetensors"]
+        losses = {"blocks.0": {"before": 1.0 + seed, "after": 0.5, "restored": False}}
+        rows[f"fast/w3a3/seed{seed}"] = {"command": [str(a) for a in command], "seed": seed, "top1": 30.0 + seed,
+                                         "calib_seconds": 600.0, "threads": 1, "peak_rss_mb": 3000.0,
+                                         "reconstruction": {"stage1": {}, "stage3": losses}}
+    old.write_text(json.dumps(rows))
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["isvit_accuracy.py", "--only", "w3a3", "--seeds", "0", "1", "2", "--resumed-only",
+                                      "--resume-from", str(old), "--out", str(out)])
+    isvit_accuracy.main()
+    summary = json.loads(out.read_text())["summary"]["fast/w3a3"]
+    assert summary["seeds"] == [0, 2] and summary["top1_mean"] == 31.0
+    assert summary["stage3_loss"] == {"blocks.0": {"before": 2.0, "after": 0.5}}
