@@ -115,12 +115,14 @@ def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) 
     return {**result, "command": args, "date": datetime.date.today().isoformat(), "cpu": cpu}
 
 
-def untrained_isvit(model, config, images):
+def untrained_isvit(model, config, images, stage1=None):
     """A wrapped copy of ``model`` quantized as ``isvit`` has it before stage 3, with no training:
     activation grids fitted on ``images``, the fold of the post-LayerNorm grids (unless
     ``config.reparameterize`` is off), weight grids. For the benchmarks that look at one block alone
     (recon_speed.py, unit_probe.py, bit_groups.py --per-block), whose full-precision targets come
-    from ``model`` itself: a config that rotates is refused (its blocks would work in another basis)."""
+    from ``model`` itself: a config that rotates is refused (its blocks would work in another basis).
+    ``stage1(qmodel)``, if given, runs where stage 1 does: after the activation grids, before the
+    fold, with the weight quantizers off."""
     import copy
 
     from isvit.pipeline import (
@@ -137,6 +139,8 @@ def untrained_isvit(model, config, images):
     qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
     set_quantizers(qmodel, False, "weight")
     calibrate_activations(qmodel, images)
+    if stage1 is not None:
+        stage1(qmodel)
     if config.reparameterize:
         fold_post_layernorm(qmodel)
     set_quantizers(qmodel, True, "weight")

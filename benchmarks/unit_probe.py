@@ -12,12 +12,23 @@ loss=token, drop_prob=0.5) trains the block from the same start on the first 384
 "token" loss is reported on the other 128 before and after, with the mean of the last five training
 losses and, for learnt rounding, the share of rounding variables still between 0.05 and 0.95 just
 before they are made hard. One JSON line per setting, also appended to --out.
+
+A setting with ``"stage1_iters": N`` (issue 21) first runs stage 1 on the block: N steps with its
+activations quantized and its weights float (latent weights, the same lr, loss and batch), before
+the fold and the weight grids; ``before`` is then the loss at the start of stage 3 after it. E.g.
+the paper preset with and without stage 1, and without it but with its steps in stage 3:
+
+    python benchmarks/unit_probe.py --block 2 --bits 3 \
+        --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0, "stage1_iters": 1000}' \
+        --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}' \
+        --set '{"iters": 2000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}'
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import time
@@ -82,18 +93,32 @@ def main() -> None:
     undecided_share(record)
     for text in args.settings or ["{}"]:
         extra = json.loads(text)
+        stage1_iters = extra.pop("stage1_iters", 0)
         settings = ReconstructionSettings(**{**BASE, **extra})
         if settings.loss == "fisher" and importance is None:
             importance = output_importance(fp_units, train, "cpu", 32, args.seed)[unit_index]
-        unit.load_state_dict(start_state)
+        weight = importance if settings.loss == "fisher" else None
+        t0 = time.perf_counter()
+        stage1_loss = None
+        if stage1_iters:
+            def stage1(pre_fold):
+                nonlocal stage1_loss
+                stage1_settings = dataclasses.replace(settings, iters=stage1_iters, rounding="ste")
+                trained = reconstruct_unit(forward_units(pre_fold)[unit_index], inputs[:384], targets[:384],
+                                           stage1_settings, "cpu", importance=weight, progress=False)
+                stage1_loss = sum(trained[-5:]) / len(trained[-5:])
+
+            unit = forward_units(untrained_isvit(model, config, calib[:64], stage1=stage1))[unit_index]
+        else:
+            unit = q_units[unit_index]
+            unit.load_state_dict(start_state)
         record.clear()
         before = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
-        t0 = time.perf_counter()
-        losses = reconstruct_unit(unit, inputs[:384], targets[:384], settings, "cpu",
-                                  importance=importance if settings.loss == "fisher" else None, progress=False)
+        losses = reconstruct_unit(unit, inputs[:384], targets[:384], settings, "cpu", importance=weight, progress=False)
         seconds = time.perf_counter() - t0
         after = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
-        row = {"block": args.block, "bits": args.bits, "settings": {**BASE, **extra}, "before": round(before, 3),
+        row = {"block": args.block, "bits": args.bits, "settings": {**BASE, **extra, "stage1_iters": stage1_iters},
+               "stage1_train_last": stage1_loss and round(stage1_loss, 3), "before": round(before, 3),
                "after": round(after, 3), "train_last": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 3),
                "undecided": [round(v, 3) for v in record], "seconds": round(seconds, 1), "threads": args.threads,
                "date": datetime.date.today().isoformat()}
