@@ -14,7 +14,8 @@ For each source and bit-width every quantizer is fitted, as isvit fits it, on th
 images of imagenet-calib-1000 (``calibrate``), and measured on the maps of 128 others: ``mse``
 (mean squared error of the map), ``rel_mse`` (that over the map's mean square) and ``out_rel``, the
 error the quantizer alone causes in the attention output, ||(A^ - A) V||^2 / ||A V||^2 with the
-model's own V; for a trained file also its own quantizer's (``own``), as trained. Means over the 12
+model's own V, and ``row_sum``, the mean sum of a row of A^ (1 in full precision; a grid that rounds
+the many small probabilities to zero loses their mass); for a trained file also its own quantizer's (``own``), as trained. Means over the 12
 blocks in the table; per block in the JSON.
 
 The images: imagenet-calib-1000 in folder order, the first 64 to fit, the next 128 to measure. The
@@ -58,17 +59,22 @@ def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[t
 
 
 def errors(quantizer, maps: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """mse, rel_mse and out_rel of ``quantizer`` over ``maps`` (batches of one block)."""
-    sq_err = sq_map = out_err = out = n = 0.0
+    """mse, rel_mse, out_rel and row_sum (the mean sum of a quantized map's row: 1 in full
+    precision; what a grid rounds to zero is lost from it) of ``quantizer`` over ``maps`` (batches
+    of one block)."""
+    sq_err = sq_map = out_err = out = n = row_sum = rows = 0.0
     with torch.no_grad():
         for a, v in maps:
-            error = quantizer.quantize(a) - a
+            quantized = quantizer.quantize(a)
+            error = quantized - a
+            row_sum += quantized.double().sum().item()
+            rows += a.numel() / a.shape[-1]
             sq_err += error.double().pow(2).sum().item()
             sq_map += a.double().pow(2).sum().item()
             n += a.numel()
             out_err += (error @ v).double().pow(2).sum().item()
             out += (a @ v).double().pow(2).sum().item()
-    return {"mse": sq_err / n, "rel_mse": sq_err / sq_map, "out_rel": out_err / out}
+    return {"mse": sq_err / n, "rel_mse": sq_err / sq_map, "out_rel": out_err / out, "row_sum": row_sum / rows}
 
 
 def measure(model, own_bits: int | None, bits_list: list[int], fit: torch.Tensor, held: torch.Tensor) -> dict:
@@ -104,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    fp = isvit.create_model(MODEL, weights=str(WEIGHTS))
-    dataset = isvit.ImageFolderDataset(CALIB, isvit.build_transform(isvit.resolve_data_config(fp)), require_labels=False)
+    fp = isvit.create_model(MODEL, weights=str(ROOT / WEIGHTS))  # WEIGHTS and CALIB: relative to the repository root
+    dataset = isvit.ImageFolderDataset(ROOT / CALIB, isvit.build_transform(isvit.resolve_data_config(fp)), require_labels=False)
     subset = torch.utils.data.Subset(dataset, range(FIT_IMAGES + MEASURE_IMAGES))
     images = torch.cat([batch for batch, _ in isvit.make_loader(subset, batch_size=BATCH)])
     fit, held = images[:FIT_IMAGES], images[FIT_IMAGES:]
@@ -125,13 +131,13 @@ def main() -> None:
 
     write_json(args.out, {"environment": environment(args.threads), "fit_images": FIT_IMAGES,
                           "measure_images": MEASURE_IMAGES, "sources": sources})
-    print("| maps | quantizer | bits | rel. MSE of the map | rel. error of attn @ v |")
-    print("|---|---|---|---|---|")
+    print("| maps | quantizer | bits | rel. MSE of the map | rel. error of attn @ v | row sum |")
+    print("|---|---|---|---|---|---|")
     for source, by_kind in sources.items():
         for kind, by_bits in by_kind.items():
             for bits, metrics in by_bits.items():
                 print(f"| {source} | {kind} | {bits} | {statistics.fmean(metrics['rel_mse']):.4f} | "
-                      f"{statistics.fmean(metrics['out_rel']):.4f} |")
+                      f"{statistics.fmean(metrics['out_rel']):.4f} | {statistics.fmean(metrics['row_sum']):.3f} |")
     print(f"\nJSON in {args.out}")
 
 

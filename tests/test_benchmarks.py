@@ -176,6 +176,7 @@ def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
     assert set(result) == {"sulq", "log2sqrt2", "uniform"}
     for kind, by_bits in result.items():
         assert all(len(by_bits[bits]["out_rel"]) == 2 for bits in (3, 8))  # the small ViT's two blocks
+        assert all(abs(r - 1) < 0.05 for r in by_bits[8]["row_sum"])  # 8 bits keep each row's mass
         for metric in ("mse", "rel_mse", "out_rel"):
             pairs = list(zip(by_bits[3][metric], by_bits[8][metric]))
             assert all(0 < e8 <= e3 for e3, e8 in pairs), (kind, metric)
@@ -188,7 +189,8 @@ def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
             return a
 
     maps = softmax_error.attention_maps(model, x[:2])
-    assert softmax_error.errors(Exact(), maps[:1]) == {"mse": 0.0, "rel_mse": 0.0, "out_rel": 0.0}
+    exact = softmax_error.errors(Exact(), maps[:1])
+    assert exact["mse"] == exact["rel_mse"] == exact["out_rel"] == 0.0 and abs(exact["row_sum"] - 1) < 1e-6
 
 
 def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monkeypatch, isvit_accuracy):
