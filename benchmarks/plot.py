@@ -8,8 +8,9 @@ Needs matplotlib (``pip install -e ".[plot]"``). Reads the benchmarks' JSON, not
 - ``accuracy.json`` (benchmarks/accuracy.py, a list of CLI results): full precision (the ``fp32``
   entry), drawn as a horizontal line, and ``minmax`` and ``repq`` with their default bias correction;
 - ``isvit_accuracy.json`` (benchmarks/isvit_accuracy.py, ``{"preset/setting": CLI result}``): the
-  plain ``wNaN`` settings of each preset (one line per preset; the ablations are left out); with
-  several files, a later file's point replaces an earlier one's (newer runs of the same setting);
+  plain ``wNaN`` settings of each preset (one line per preset; the ablations are left out), at the
+  mean over seeds for a setting run with ``--seeds``; with several files, a later file's point
+  replaces an earlier one's (newer runs of the same setting);
 - the peers' official code on the same files (``accuracy.OFFICIAL``), drawn as markers.
 
 Entries without ``w_bits``, ``a_bits`` or ``top1``, or with weight and activation bits that differ,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from accuracy import OFFICIAL  # benchmarks/accuracy.py: the peers' official top-1
@@ -56,16 +58,26 @@ def read_accuracy(path: str | Path) -> tuple[float | None, dict[str, dict[int, f
 
 
 def read_isvit(path: str | Path) -> dict[str, dict[int, float]]:
-    """{"isvit (PRESET preset)": {bits: top-1}} from the plain wNaN settings of isvit_accuracy.json."""
+    """{"isvit (PRESET preset)": {bits: top-1}} from the plain wNaN settings of isvit_accuracy.json;
+    a setting run with several seeds (``--seeds``: rows "preset/wNaN/seedS") is drawn at the mean
+    of its ``summary``."""
     series = {}
-    for key, result in json.loads(Path(path).read_text()).items():
+    data = json.loads(Path(path).read_text())
+    for key, summary in data.get("summary", {}).items():
+        preset, _, setting = key.partition("/")
+        match = re.fullmatch(r"w(\d)a\1", setting)
+        if match and len(summary.get("seeds", [])) > 1:
+            series.setdefault(f"isvit ({preset} preset)", {})[int(match.group(1))] = float(summary["top1_mean"])
+    for key, result in data.items():
+        if key.count("/") > 1:  # one seed's row of a setting with several: its summary stands for it
+            continue
         point = _bits_and_top1(result)
         if point is None:
             continue
         preset, _, setting = key.rpartition("/")
         preset = result.get("preset") or preset or "?"
         if setting == f"w{point[0]}a{point[0]}":
-            series.setdefault(f"isvit ({preset} preset)", {})[point[0]] = point[1]
+            series.setdefault(f"isvit ({preset} preset)", {}).setdefault(point[0], point[1])
     return series
 
 

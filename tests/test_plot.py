@@ -70,3 +70,14 @@ def test_a_later_isvit_file_replaces_the_points_it_has(tmp_path, plot, monkeypat
     monkeypatch.setattr(plot, "draw", lambda series, fp_top1, out: drawn.update(series))
     plot.main(["--accuracy", str(accuracy), "--isvit", str(older), str(newer), "--out", str(tmp_path / "p.png")])
     assert drawn == {"isvit (fast preset)": {3: 20.0, 4: 73.1, 6: 81.7}}
+
+
+def test_a_setting_run_with_seeds_is_drawn_at_its_mean(tmp_path, plot):
+    path = tmp_path / "isvit_seeds.json"
+    rows = {f"fast/w3a3/seed{i}": cli_result("isvit", 3, t, preset="fast") for i, t in enumerate((40.0, 36.0, 38.0))}
+    rows["fast/w4a4"] = cli_result("isvit", 4, 74.0, preset="fast")  # one seed: its row
+    rows["summary"] = {"fast/w3a3": {"seeds": [0, 1, 2], "top1_mean": 38.0},
+                       "fast/w3a3-log2sqrt2": {"seeds": [0, 1, 2], "top1_mean": 26.0},  # an ablation
+                       "fast/w4a4": {"seeds": [0], "top1_mean": 74.0}}
+    path.write_text(json.dumps(rows))
+    assert plot.read_isvit(path) == {"isvit (fast preset)": {3: 38.0, 4: 74.0}}
