@@ -157,7 +157,7 @@ def main() -> None:
     ] + (["--limit", str(args.limit)] if args.limit else [])
     common += (["--qdrop", str(args.qdrop)] if args.qdrop is not None else [])
     common += (["--outlier-ratio", str(args.outlier_ratio)] if args.outlier_ratio is not None else [])
-    results, by_setting = {}, {}
+    results, by_setting, summary = {}, {}, {}
     for name in args.only or list(SETTINGS):
         for seed in args.seeds:
             key = f"{args.preset}/{name}" + (f"/seed{seed}" if len(args.seeds) > 1 else "")
@@ -168,14 +168,15 @@ def main() -> None:
                 continue
             row = run_cli(command, resume)
             results[key] = row
-            by_setting.setdefault(f"{args.preset}/{name}", []).append(row)
-            write_json(args.out, {**results, "summary": {k: summarise(v) for k, v in by_setting.items()}})
+            rows = by_setting.setdefault(f"{args.preset}/{name}", [])
+            rows.append(row)
+            summary[f"{args.preset}/{name}"] = summarise(rows)
+            write_json(args.out, {**results, "summary": summary})
 
     print("| setting | preset | seeds | top-1 | std | calib s (median) | threads | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for key, rows in by_setting.items():
-        s = summarise(rows)
-        print(f"| {key.split('/', 1)[1]} | {args.preset} | {len(rows)} | {s['top1_mean']:.2f} | {s['top1_std']:.2f} | "
+    for key, s in summary.items():
+        print(f"| {key.split('/', 1)[1]} | {args.preset} | {len(s['seeds'])} | {s['top1_mean']:.2f} | {s['top1_std']:.2f} | "
               f"{s['calib_seconds_median']:.0f} | {s['threads']} | {s['peak_rss_mb_max']:.0f} |")
     print(f"\nJSON in {args.out}")
 

@@ -77,6 +77,11 @@ def errors(quantizer, maps: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str
     return {"mse": sq_err / n, "rel_mse": sq_err / sq_map, "out_rel": out_err / out, "row_sum": row_sum / rows}
 
 
+def by_metric(per_block: list[dict[str, float]]) -> dict[str, list[float]]:
+    """``errors`` of each block turned into {metric: [per block]}."""
+    return {metric: [block[metric] for block in per_block] for metric in per_block[0]}
+
+
 def measure(model, own_bits: int | None, bits_list: list[int], fit: torch.Tensor, held: torch.Tensor) -> dict:
     """{quantizer: {bits: {metric: [per block]}}} for ``model``'s maps; "own" is the model's own
     post-Softmax quantizer (trained models only, at ``own_bits``)."""
@@ -88,8 +93,7 @@ def measure(model, own_bits: int | None, bits_list: list[int], fit: torch.Tensor
     result = {}
     if own_bits is not None:
         own = [m.av.a_quantizer for m in model.modules() if isinstance(m, QuantAttention)]
-        per_block = [errors(q, maps) for q, maps in zip(own, held_maps)]
-        result["own"] = {own_bits: {k: [b[k] for b in per_block] for k in per_block[0]}}
+        result["own"] = {own_bits: by_metric([errors(q, maps) for q, maps in zip(own, held_maps)])}
     for kind in SOFTMAX_QUANTIZERS:
         for bits in bits_list:
             per_block = []
@@ -97,7 +101,7 @@ def measure(model, own_bits: int | None, bits_list: list[int], fit: torch.Tensor
                 q = make_softmax_quantizer(kind, bits)
                 q.calibrate(a_fit)
                 per_block.append(errors(q, maps))
-            result.setdefault(kind, {})[bits] = {k: [b[k] for b in per_block] for k in per_block[0]}
+            result.setdefault(kind, {})[bits] = by_metric(per_block)
     return result
 
 
