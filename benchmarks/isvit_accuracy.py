@@ -75,6 +75,8 @@ OPTIONS = {
     "fisher": ["--loss", "fisher"],
     "token": ["--loss", "token"],
     "ste": ["--rounding", "ste"],
+    # issue 21, item 4: the held-out screen's 100 iterations per unit at <= 4 bits (preset: 60)
+    "iters100": ["--iters", "100"],
 }
 for _bits in ("3", "4"):
     for _name, _flags in {**ABLATION, **OPTIONS}.items():

@@ -121,7 +121,7 @@ def test_without_stage1_the_same_steps_go_to_stage3(isvit_accuracy):
     from isvit.pipeline import PRESETS
 
     # ViT-Ti: stage 1 trains 13 units (all but the patch embedding), stage 3 all 14
-    iters = PRESETS["fast"]["iters_low_bits"]
+    iters = PRESETS["fast"].low_bits.iters
     assert isvit_accuracy.same_steps_iters("fast", 3) == round((13 + 14) * iters / 14) == 116
     flags = isvit_accuracy.setting_flags("w3a3-no-stage1-same-steps", "fast")
     assert flags == ["--w-bits", "3", "--a-bits", "3", "--no-stage1", "--iters", "116"]

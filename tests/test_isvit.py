@@ -11,6 +11,7 @@ from isvit import pipeline
 from isvit.pipeline import (
     ESTIMATE_STEPS,
     DurationEstimate,
+    PRESETS,
     QuantConfig,
     calibrate_activations,
     calibrate_weights,
@@ -320,6 +321,20 @@ def test_the_thorough_preset_is_the_fast_recipe_with_the_gpu_budget(bits, iters)
         assert dataclasses.replace(thorough, rounding=rounding).reconstruction()["round_lr"] == 1e-2
     assert thorough.activation_percentiles == fast.activation_percentiles
     assert QuantConfig(method="isvit", preset="thorough", iters=5).reconstruction()["iters"] == 5
+
+
+def test_a_presets_recipes_are_frozen_and_the_config_fields_override_them():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["fast"].low_bits.iters = 1
+    config = QuantConfig(method="isvit", preset="fast", w_bits=3, a_bits=3, iters=7, loss="mse", rounding="ste",
+                         act_percentile=0.999, rotate=False)
+    assert config.reconstruction()["iters"] == 7 and config.reconstruction()["loss"] == "mse"
+    assert config.reconstruction()["round_lr"] is None  # "ste" learns no rounding
+    assert config.resolved_act_percentile == 0.999 and config.resolved_rotate is False
+    assert PRESETS["fast"].low_bits.rotate and PRESETS["fast"].low_bits.act_percentile == 0.99  # untouched
+    # the recipe's low-bit entries are I&S-ViT's: the training-free peers neither rotate nor clip lower
+    peer = QuantConfig(method="repq", preset="fast", w_bits=3, a_bits=3)
+    assert peer.resolved_rotate is False and peer.resolved_act_percentile is None
 
 
 def test_presets_set_qdrop_and_an_explicit_value_wins():

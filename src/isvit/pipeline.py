@@ -77,55 +77,79 @@ DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
 # 0.93 -> 0.55; benchmarks/tune_heldout.py, results/tune_heldout.jsonl); off for the training-free
 # peers, so that they stay the published algorithms.
 DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
-# Block-reconstruction settings. "paper": I&S-ViT's (Adam 4e-5 with cosine decay, batch 64,
-# 1000 iterations per block at 3/4 bits, 200 at 6 bits). "fast": for a CPU budget of minutes,
-# chosen on held-out calibration images (benchmarks/tune_heldout.py, results in
-# results/tune_heldout.jsonl): at 16x fewer iterations, a larger learning rate and the
-# token-normalised loss scored best of the settings tried; learnt scales did not help; QDrop
-# (drop_prob 0.5) lowered the held-out KL divergence from 1.07 to 0.93 (top-1 60.56 -> 61.94);
-# activation grids searched down to the 0.99 percentile at <= 4 bits lowered it at W3/A3 from 4.42
-# to 3.40 (top-1 5.56 -> 17.78) and at W4/A4 from 0.57 to 0.47 (top-1 73.33 -> 74.44).
-# "thorough": the fast preset's recipe with the later methods' GPU budget (3000 iterations per unit
-# at <= 4 bits, 1000 above), but training the latent weights (see "rounding_low_bits"); a longer
-# schedule kept lowering a block's held-out loss (ViT-Ti's blocks.2 at W3/A3, benchmarks/unit_probe.py:
-# 31.9 after 60 iterations, 27.0 after 200, 24.4 after 600). Not run end to end here.
-# "loss_low_bits": the reconstruction loss at <= 4 bits (None: "loss"). The fast and thorough presets
-# weight the token loss by each output's Fisher importance there: held-out W3/A3 KL 2.94 -> 2.47
-# (top-1 24.44 -> 27.50), W4/A4 KL 0.397 -> 0.410, level (top-1 71.11 -> 75.83, agreement with full
-# precision 78.89% -> 79.44%, within the noise of 360 images).
-# "round_lr" (per learnt rounding) and "round_reg" apply only with --rounding adaround/offset. The fast
-# preset's were chosen on one block (ViT-Ti's blocks.2 at W3/A3, 60 iterations, its loss on 128
-# calibration images it did not train on; benchmarks/unit_probe.py): AdaRound at lr 0.01 and
-# regulariser 0.1 ended with 89% of its rounding variables undecided and a loss of 44.9, at 0.3 and
-# 1000 with 27% and 33.7 (STE training 32.0, offset at 0.03: 29.9). The longer schedules keep the
-# usual 0.01 and 0.1 (not measured here).
-# "rounding_low_bits": stage 3's rounding at <= 4 bits (None: "rounding"). The fast preset learns a
-# rounding offset per weight there ("offset", round_lr 0.03): held-out W3/A3 KL 2.47 -> 2.25 (top-1
-# 27.50 -> 36.11), W4/A4 KL 0.410 -> 0.410, level (top-1 75.83 -> 72.22, within the noise of 360
-# images); alone with 2 threads its calibration took about as long as "ste" (602 vs 645 s at W3/A3,
-# 607 vs 510 s at W4/A4). The thorough preset keeps "ste": on one block at 600 iterations the latent
-# weights did better than the offsets (14.7 vs 16.5, with learnt scales).
-# "act_percentile_low_bits": the lowest activation clipping percentile searched at <= 4 bits
-# (None: ACTIVATION_PERCENTILES' 0.999); above 4 bits every preset searches from 0.999.
-# "rotate_low_bits": the model is rotated first at <= 4 bits (rotate.py): held-out W3/A3 KL 3.40 ->
-# 2.94 (top-1 17.78 -> 24.44), W4/A4 KL 0.47 -> 0.40 (top-1 74.44 -> 71.11, within the noise of 360
-# images; agreement with full precision 78.61 -> 78.89).
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How I&S-ViT trains at one preset and bit range: each field is the default of the
+    ``QuantConfig`` field of the same name (``adaround_lr``/``offset_lr``: of ``round_lr`` for that
+    rounding). ``act_percentile``: the lowest activation clipping percentile searched (None:
+    ACTIVATION_PERCENTILES' 0.999); ``rotate``: rotate the model first (rotate.py)."""
+
+    iters: int  # per unit and stage
+    batch_size: int
+    lr: float
+    loss: str
+    drop_prob: float  # QDrop
+    rounding: str  # stage 3: "ste" (latent weights, the paper's), "adaround" or "offset"
+    adaround_lr: float
+    offset_lr: float
+    round_reg: float
+    scale_lr: float
+    learn_scales: bool = False
+    act_percentile: float | None = None
+    rotate: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset: one recipe above 4 bits, one at <= 4 bits (either of weights or activations)."""
+
+    above_4_bits: Recipe
+    low_bits: Recipe
+
+    def recipe(self, w_bits: int, a_bits: int) -> Recipe:
+        return self.low_bits if min(w_bits, a_bits) <= 4 else self.above_4_bits
+
+
+# "paper": I&S-ViT's settings (Adam 4e-5 with cosine decay, batch 64, 1000 iterations per unit at
+# 3/4 bits, 200 at 6 bits, plain MSE).
+PAPER = Recipe(iters=200, batch_size=64, lr=4e-5, loss="mse", drop_prob=0.0, rounding="ste", adaround_lr=1e-2,
+               offset_lr=1e-2, round_reg=0.1, scale_lr=5e-3)
+# "fast": for a CPU budget of minutes. Every choice was made on held-out calibration images
+# (benchmarks/tune_heldout.py, 640 calibration / 360 held-out images of imagenet-calib-1000,
+# results/tune_heldout.jsonl); "KL" is the held-out KL divergence from full precision:
+# - a larger learning rate and the token-normalised loss scored best of the settings tried at 16x
+#   fewer iterations than the paper's; learnt scales did not help;
+# - QDrop (drop_prob 0.5): W4/A4 KL 1.07 -> 0.93 (top-1 60.56 -> 61.94);
+# - round_lr and round_reg of the learnt roundings were chosen on one block (ViT-Ti's blocks.2 at
+#   W3/A3, 60 iterations, its loss on 128 calibration images it did not train on;
+#   benchmarks/unit_probe.py): AdaRound at lr 0.01 and regulariser 0.1 ended with 89% of its rounding
+#   variables undecided and a loss of 44.9, at 0.3 and 1000 with 27% and 33.7 (STE 32.0, offset at
+#   0.03: 29.9).
+FAST = Recipe(iters=30, batch_size=32, lr=5e-4, loss="token", drop_prob=0.5, rounding="ste", adaround_lr=0.3,
+              offset_lr=3e-2, round_reg=1000.0, scale_lr=5e-3)
+# The fast preset at <= 4 bits adds, one at a time (held-out W3/A3 and W4/A4 KL, top-1 in brackets;
+# 360 images: +-2.5 points of top-1 is noise):
+# - activation grids searched down to the 0.99 percentile: W3/A3 4.42 -> 3.40 (5.56 -> 17.78), W4/A4
+#   0.57 -> 0.47 (73.33 -> 74.44);
+# - the rotation: W3/A3 3.40 -> 2.94 (17.78 -> 24.44), W4/A4 0.47 -> 0.40 (74.44 -> 71.11);
+# - the token loss weighted by each output's Fisher importance: W3/A3 2.94 -> 2.47 (24.44 -> 27.50),
+#   W4/A4 0.397 -> 0.410, level;
+# - learnt rounding offsets: W3/A3 2.47 -> 2.25 (27.50 -> 36.11), W4/A4 0.410 -> 0.410, level; alone
+#   with 2 threads about as long as "ste" (602 vs 645 s at W3/A3, 607 vs 510 s at W4/A4);
+FAST_LOW_BITS = dataclasses.replace(FAST, iters=60, act_percentile=0.99, rotate=True, loss="fisher", rounding="offset")
+# "thorough": the fast recipe with the later methods' GPU budget (3000 iterations per unit at <= 4
+# bits, 1000 above), training the latent weights (on one block at 600 iterations they did better
+# than the offsets, 14.7 vs 16.5 with learnt scales) with the usual AdaRound settings; a longer
+# schedule kept lowering a block's held-out loss (ViT-Ti's blocks.2 at W3/A3, unit_probe.py: 31.9
+# after 60 iterations, 27.0 after 200, 24.4 after 600). Not run end to end here.
+THOROUGH = dataclasses.replace(FAST, iters=1000, adaround_lr=1e-2, offset_lr=1e-2, round_reg=0.1)
 PRESETS = {
-    "paper": {"iters_low_bits": 1000, "iters": 200, "batch_size": 64, "lr": 4e-5, "learn_scales": False, "loss": "mse",
-              "drop_prob": 0.0, "rounding": "ste", "round_lr": {"adaround": 1e-2, "offset": 1e-2}, "round_reg": 0.1,
-              "scale_lr": 5e-3,
-              "act_percentile_low_bits": None, "rotate_low_bits": False, "loss_low_bits": None,
-              "rounding_low_bits": None},
-    "fast": {"iters_low_bits": 60, "iters": 30, "batch_size": 32, "lr": 5e-4, "learn_scales": False, "loss": "token",
-             "drop_prob": 0.5, "rounding": "ste", "round_lr": {"adaround": 0.3, "offset": 3e-2}, "round_reg": 1000.0,
-             "scale_lr": 5e-3,
-             "act_percentile_low_bits": 0.99, "rotate_low_bits": True, "loss_low_bits": "fisher",
-             "rounding_low_bits": "offset"},
-    "thorough": {"iters_low_bits": 3000, "iters": 1000, "batch_size": 32, "lr": 5e-4, "learn_scales": False,
-                 "loss": "token", "drop_prob": 0.5, "rounding": "ste", "round_lr": {"adaround": 1e-2, "offset": 1e-2},
-                 "round_reg": 0.1,
-                 "scale_lr": 5e-3, "act_percentile_low_bits": 0.99, "rotate_low_bits": True, "loss_low_bits": "fisher",
-                 "rounding_low_bits": None},
+    "paper": Preset(above_4_bits=PAPER, low_bits=dataclasses.replace(PAPER, iters=1000)),
+    "fast": Preset(above_4_bits=FAST, low_bits=FAST_LOW_BITS),
+    "thorough": Preset(above_4_bits=THOROUGH, low_bits=dataclasses.replace(THOROUGH, iters=3000, act_percentile=0.99,
+                                                                           rotate=True, loss="fisher")),
 }
 
 
@@ -227,20 +251,25 @@ class QuantConfig:
     def resolved_outlier_ratio(self) -> float:
         return self.outlier_ratio if self.outlier_ratio is not None else DEFAULT_OUTLIER_RATIO[self.method]
 
-    def _low_bits_default(self, key: str):
-        """The preset's ``key`` for ``isvit`` at <= 4 bits (the presets' "..._low_bits" entries), else None."""
-        return PRESETS[self.preset][key] if self.method == "isvit" and min(self.w_bits, self.a_bits) <= 4 else None
+    @property
+    def recipe(self) -> Recipe:
+        """The preset's recipe for these bit widths."""
+        return PRESETS[self.preset].recipe(self.w_bits, self.a_bits)
 
     @property
     def resolved_act_percentile(self) -> float | None:
-        """The lowest activation clipping percentile searched: the one given, else for ``isvit`` at
-        <= 4 bits its preset's; None (ACTIVATION_PERCENTILES' lowest, 0.999) otherwise."""
-        return self.act_percentile if self.act_percentile is not None else self._low_bits_default("act_percentile_low_bits")
+        """The lowest activation clipping percentile searched: the one given, else for ``isvit`` its
+        recipe's; None (ACTIVATION_PERCENTILES' lowest, 0.999) for the other methods."""
+        if self.act_percentile is not None:
+            return self.act_percentile
+        return self.recipe.act_percentile if self.method == "isvit" else None
 
     @property
     def resolved_rotate(self) -> bool:
-        """Whether the model is rotated first: as given, else for ``isvit`` at <= 4 bits as its preset says."""
-        return self.rotate if self.rotate is not None else bool(self._low_bits_default("rotate_low_bits"))
+        """Whether the model is rotated first: as given, else for ``isvit`` as its recipe says."""
+        if self.rotate is not None:
+            return self.rotate
+        return self.recipe.rotate if self.method == "isvit" else False
 
     @property
     def activation_percentiles(self) -> tuple[float, ...]:
@@ -256,22 +285,21 @@ class QuantConfig:
         return self.bias_correction if self.bias_correction is not None else DEFAULT_BIAS_CORRECTION[self.method]
 
     def reconstruction(self) -> dict:
-        """The block-reconstruction settings after the preset's defaults are applied."""
-        preset = PRESETS[self.preset]
-        low_bits = min(self.w_bits, self.a_bits) <= 4
-        iters = self.iters if self.iters is not None else preset["iters_low_bits" if low_bits else "iters"]
-        rounding = self.rounding or self._low_bits_default("rounding_low_bits") or preset["rounding"]
+        """The block-reconstruction settings: the fields given, the recipe's for the others."""
+        recipe = self.recipe
+        rounding = self.rounding or recipe.rounding
+        round_lr = {"adaround": recipe.adaround_lr, "offset": recipe.offset_lr}.get(rounding)  # None: "ste" learns no rounding
         return {
-            "iters": iters,
-            "batch_size": self.batch_size or preset["batch_size"],
-            "lr": self.lr or preset["lr"],
-            "learn_scales": preset["learn_scales"] if self.learn_scales is None else self.learn_scales,
-            "loss": self.loss or self._low_bits_default("loss_low_bits") or preset["loss"],
-            "drop_prob": preset["drop_prob"] if self.drop_prob is None else self.drop_prob,
+            "iters": self.iters if self.iters is not None else recipe.iters,
+            "batch_size": self.batch_size or recipe.batch_size,
+            "lr": self.lr or recipe.lr,
+            "learn_scales": recipe.learn_scales if self.learn_scales is None else self.learn_scales,
+            "loss": self.loss or recipe.loss,
+            "drop_prob": recipe.drop_prob if self.drop_prob is None else self.drop_prob,
             "rounding": rounding,
-            "round_lr": self.round_lr or preset["round_lr"].get(rounding),  # None: "ste" learns no rounding
-            "round_reg": preset["round_reg"] if self.round_reg is None else self.round_reg,
-            "scale_lr": self.scale_lr or preset["scale_lr"],
+            "round_lr": self.round_lr or round_lr,
+            "round_reg": recipe.round_reg if self.round_reg is None else self.round_reg,
+            "scale_lr": self.scale_lr or recipe.scale_lr,
         }
 
     def to_dict(self) -> dict:
