@@ -75,7 +75,7 @@ OPTIONS = {
     "fisher": ["--loss", "fisher"],
     "token": ["--loss", "token"],
     "ste": ["--rounding", "ste"],
-    # issue 21, item 4: the held-out screen's 100 iterations per unit at <= 4 bits (preset: 60)
+    # issue 21, item 4: 100 iterations per unit at <= 4 bits, measured while the preset trained 60 (now the preset's)
     "iters100": ["--iters", "100"],
 }
 for _bits in ("3", "4"):
@@ -87,7 +87,7 @@ for _bits in ("3", "4"):
 def same_steps_iters(preset: str, bits: int) -> int:
     """Stage 3's iterations per unit that make a run without stage 1 take as many training steps as
     ``preset``'s run with it at W``bits``/A``bits`` on this ViT-Ti (stage 1 trains the units with an
-    activation quantizer, stage 3 every unit with a quantizer: 13 and 14 units, so 60 -> 116)."""
+    activation quantizer, stage 3 every unit with a quantizer: 13 and 14 units, so 100 -> 193)."""
     import timm
 
     from isvit.pipeline import QuantConfig, placement_for, reconstruction_steps, set_quantizers

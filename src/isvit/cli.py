@@ -86,9 +86,9 @@ DATA_HELP = "evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG"
 PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
     "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
-    "measured. fast: for CPUs, 60 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
+    "measured. fast: for CPUs, 100 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
     "rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets; ViT-Ti on 2 CPU cores: "
-    "calibration 602 s at W3/A3, 607 s at W4/A4, 315 s at W6/A6 (measured), on one GPU not measured. thorough: for GPUs, the fast "
+    "calibration 641 s at W3/A3, 315 s at W6/A6 (measured), on one GPU not measured. thorough: for GPUs, the fast "
     "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, training the latent weights (ste); ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
     "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
 )
