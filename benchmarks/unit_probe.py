@@ -22,6 +22,12 @@ the paper preset with and without stage 1, and without it but with its steps in 
         --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0, "stage1_iters": 1000}' \
         --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}' \
         --set '{"iters": 2000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}'
+
+A setting with ``"refit_softmax": true`` (issue 21) fits the block's post-Softmax grids again just
+before the training of stage 3, on the block's first 64 inputs as it computes them then (after stage
+1, if any, the fold and the weight grids), instead of keeping the grids fitted on the untrained
+block with float weights: a trained model's own SULQ grids err more on its maps than grids fitted
+to them (benchmarks/softmax_error.py).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import time
 import torch
 
 import isvit
+from isvit.modules import QuantMatMul
 from isvit.quantizers import UniformQuantizer
 from isvit.reconstruct import ReconstructionSettings, output_importance, reconstruct_unit, reconstruction_loss, run_unit
 from isvit.wrap import forward_units
@@ -59,6 +66,16 @@ def undecided_share(record: list[float]):
 
     UniformQuantizer.finish_learnt_rounding = finish
     return original
+
+
+@torch.no_grad()
+def refit_softmax_grids(unit, inputs: torch.Tensor) -> None:
+    """Fit the post-Softmax quantizers of ``unit`` (each attention's ``av`` left operand) again, in
+    one pass over ``inputs``: to its maps as they are now, not as they were when first fitted."""
+    for module in unit.modules():
+        if isinstance(getattr(module, "av", None), QuantMatMul):
+            module.av.a_quantizer.calibrating = True
+    unit(inputs)
 
 
 def main() -> None:
@@ -94,6 +111,7 @@ def main() -> None:
     for text in args.settings or ["{}"]:
         extra = json.loads(text)
         stage1_iters = extra.pop("stage1_iters", 0)
+        refit = extra.pop("refit_softmax", False)
         settings = ReconstructionSettings(**{**BASE, **extra})
         if settings.loss == "fisher" and importance is None:
             importance = output_importance(fp_units, train, "cpu", 32, args.seed)[unit_index]
@@ -112,12 +130,14 @@ def main() -> None:
         else:
             unit = q_units[unit_index]
             unit.load_state_dict(start_state)
+        if refit:
+            refit_softmax_grids(unit, inputs[:64])
         record.clear()
         before = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
         losses = reconstruct_unit(unit, inputs[:384], targets[:384], settings, "cpu", importance=weight, progress=False)
         seconds = time.perf_counter() - t0
         after = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
-        row = {"block": args.block, "bits": args.bits, "settings": {**BASE, **extra, "stage1_iters": stage1_iters},
+        row = {"block": args.block, "bits": args.bits, "settings": {**BASE, **extra, "stage1_iters": stage1_iters, "refit_softmax": refit},
                "stage1_train_last": stage1_loss and round(stage1_loss, 3), "before": round(before, 3),
                "after": round(after, 3), "train_last": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 3),
                "undecided": [round(v, 3) for v in record], "seconds": round(seconds, 1), "threads": args.threads,

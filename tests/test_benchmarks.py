@@ -214,3 +214,32 @@ def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monke
     summary = json.loads(out.read_text())["summary"]["fast/w3a3"]
     assert summary["seeds"] == [0, 2] and summary["top1_mean"] == 31.0
     assert summary["stage3_loss"] == {"blocks.0": {"before": 2.0, "after": 0.5}}
+
+
+def test_unit_probe_refits_only_the_post_softmax_grids_to_the_maps_the_block_computes_now():
+    import torch
+    from conftest import small_vit
+
+    from isvit.pipeline import QuantConfig
+    from isvit.quantizers import SULQuantizer
+    from isvit.wrap import forward_units
+
+    unit_probe = importlib.import_module("unit_probe")
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 64, 64)
+    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, rotate=False)
+    units = forward_units(record.untrained_isvit(small_vit(), config, images))
+    block, x = units[1], units[0](images)
+    attn = block.body.attn
+    softmax_q = attn.av.a_quantizer
+    assert isinstance(softmax_q, SULQuantizer)
+    softmax_q.ymin.fill_(-30.0)  # a grid far from any map
+    others = {k: v.clone() for k, v in block.state_dict().items() if ".av.a_quantizer." not in k}
+    maps = []
+    attn.av.register_forward_pre_hook(lambda module, args: maps.append(args[0].detach().clone()))
+    unit_probe.refit_softmax_grids(block, x)
+    fresh = SULQuantizer(3)
+    fresh.calibrate(maps[0])
+    assert softmax_q.ymin.item() > -30.0
+    assert all(torch.equal(getattr(softmax_q, n), getattr(fresh, n)) for n in ("eta", "ymin", "ymax"))
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in others.items())  # nothing else refitted
