@@ -57,14 +57,18 @@ def read_accuracy(path: str | Path) -> tuple[float | None, dict[str, dict[int, f
     return fp_top1, series
 
 
-def read_isvit(path: str | Path) -> dict[str, dict[int, float]]:
+def read_isvit(path: str | Path, aliases: dict[str, str] | None = None) -> dict[str, dict[int, float]]:
     """{"isvit (PRESET preset)": {bits: top-1}} from the plain wNaN settings of isvit_accuracy.json;
     a setting run with several seeds (``--seeds``: rows "preset/wNaN/seedS") is drawn at the mean
-    of its ``summary``."""
+    of its ``summary``. ``aliases`` {setting: wNaN}: settings drawn as that plain one, in its place
+    (e.g. "w3a3-iters100", the preset's 100 iterations measured before they became its default)."""
+    aliases = aliases or {}
     series = {}
     data = json.loads(Path(path).read_text())
-    for key, summary in data.get("summary", {}).items():
+    summaries = sorted(data.get("summary", {}).items(), key=lambda item: item[0].partition("/")[2] in aliases)
+    for key, summary in summaries:  # the aliased settings last: they replace the plain ones
         preset, _, setting = key.partition("/")
+        setting = aliases.get(setting, setting)
         match = re.fullmatch(r"w(\d)a\1", setting)
         if match and len(summary.get("seeds", [])) > 1:
             series.setdefault(f"isvit ({preset} preset)", {})[int(match.group(1))] = float(summary["top1_mean"])
@@ -126,10 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accuracy", default=str(ROOT / "results" / "accuracy.json"))
     parser.add_argument("--isvit", nargs="+", default=[str(ROOT / "results" / "isvit_accuracy.json")])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.png"))
+    parser.add_argument("--alias", nargs="+", default=[], metavar="SETTING=wNaN",
+                        help="draw a setting run with seeds as the plain one, e.g. w3a3-iters100=w3a3")
     args = parser.parse_args(argv)
+    aliases = dict(item.split("=", 1) for item in args.alias)
     fp_top1, series = read_accuracy(args.accuracy)
     for path in args.isvit:
-        for label, points in read_isvit(path).items():
+        for label, points in read_isvit(path, aliases).items():
             series.setdefault(label, {}).update(points)
     draw(series, fp_top1, args.out)
     print(f"wrote {args.out}")

@@ -81,3 +81,15 @@ def test_a_setting_run_with_seeds_is_drawn_at_its_mean(tmp_path, plot):
                        "fast/w4a4": {"seeds": [0], "top1_mean": 74.0}}
     path.write_text(json.dumps(rows))
     assert plot.read_isvit(path) == {"isvit (fast preset)": {3: 38.0, 4: 74.0}}
+
+
+def test_an_aliased_setting_is_drawn_in_place_of_the_plain_one(tmp_path, plot):
+    path = tmp_path / "isvit_seeds.json"
+    rows = {"summary": {"fast/w3a3-iters100": {"seeds": [1, 2], "top1_mean": 43.0},  # before the plain one
+                        "fast/w3a3": {"seeds": [0, 1, 2], "top1_mean": 38.0},
+                        "fast/w4a4-iters100": {"seeds": [0, 1, 2], "top1_mean": 75.0}}}
+    rows["fast/w4a4"] = cli_result("isvit", 4, 74.0, preset="fast")  # one seed's row of the plain setting
+    path.write_text(json.dumps(rows))
+    assert plot.read_isvit(path) == {"isvit (fast preset)": {3: 38.0, 4: 74.0}}
+    aliases = {"w3a3-iters100": "w3a3", "w4a4-iters100": "w4a4"}
+    assert plot.read_isvit(path, aliases) == {"isvit (fast preset)": {3: 43.0, 4: 75.0}}
