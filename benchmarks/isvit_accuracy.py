@@ -9,7 +9,7 @@ holds this invocation's rows only (each with its command line, date and CPU) and
 every run.
 
     python benchmarks/isvit_accuracy.py [--preset fast] [--only w3a3 ...] [--seeds 0 1 2] [--threads 1]
-        [--calib-size 1024] [--qdrop P] [--outlier-ratio R] [--save-dir DIR] [--resume-from FILE ...]
+        [--iters N] [--calib-size 1024] [--qdrop P] [--outlier-ratio R] [--save-dir DIR] [--resume-from FILE ...]
         [--out results/isvit_accuracy.json]
 
 --seeds: each setting is run once per seed (the seed draws the calibration subset when there are
@@ -25,9 +25,15 @@ channels' own grid. The options (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) 
 to the preset at W3/A3 and W4/A4. --qdrop and --outlier-ratio set those for every setting (a
 setting's own flag comes after and wins).
 
+--iters N trains every setting N iterations per unit instead of the preset's (a setting's own
+--iters, as in w3a3-iters100, wins; no-stage1-same-steps gives stage 3 the steps of N with stage 1):
+it reruns an ablation of an earlier preset, e.g. --iters 60 the fast preset of 2026-12-04.
+
 --save-dir DIR keeps each quantized model as DIR/SETTING_sSEED.safetensors (for
 benchmarks/softmax_error.py). --resume-from FILE ... takes the rows of earlier outputs whose command
-line is the one this run would use (where a model was saved aside) instead of running them again;
+line is the one this run would use (where a model was saved aside; the iterations per unit compared
+as the row recorded them, so a row run when the preset trained 60 matches --iters 60 and not a plain
+command now) instead of running them again;
 without it every setting and seed asked for is run. With --resumed-only nothing is run: the table
 and summary of the rows found (e.g. `--resume-from results/issue21/*.json`), the others left out.
 """
@@ -35,7 +41,9 @@ and summary of the rows found (e.g. `--resume-from results/issue21/*.json`), the
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 from functools import cache
 
 from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, resume_key, run_cli, write_json
@@ -54,7 +62,7 @@ ABLATION = {
     "log2sqrt2": ["--softmax-quantizer", "log2sqrt2"],
     "uniform-softmax": ["--softmax-quantizer", "uniform"],
     "no-stage1": ["--no-stage1"],
-    "no-stage1-same-steps": lambda preset, bits: ["--no-stage1", "--iters", str(same_steps_iters(preset, bits))],
+    "no-stage1-same-steps": lambda preset, bits, iters: ["--no-stage1", "--iters", str(same_steps_iters(preset, bits, iters))],
     "no-reparam": ["--no-reparam"],
     "no-outlier-split": ["--outlier-ratio", "0"],
 }
@@ -84,16 +92,17 @@ for _bits in ("3", "4"):
 
 
 @cache
-def same_steps_iters(preset: str, bits: int) -> int:
+def same_steps_iters(preset: str, bits: int, iters: int | None = None) -> int:
     """Stage 3's iterations per unit that make a run without stage 1 take as many training steps as
-    ``preset``'s run with it at W``bits``/A``bits`` on this ViT-Ti (stage 1 trains the units with an
-    activation quantizer, stage 3 every unit with a quantizer: 13 and 14 units, so 100 -> 193)."""
+    ``preset``'s run with it at W``bits``/A``bits`` on this ViT-Ti, with ``iters`` per unit (default:
+    the preset's) in both stages (stage 1 trains the units with an activation quantizer, stage 3
+    every unit with a quantizer: 13 and 14 units, so 100 -> 193, 60 -> 116)."""
     import timm
 
     from isvit.pipeline import QuantConfig, placement_for, reconstruction_steps, set_quantizers
     from isvit.wrap import wrap_model
 
-    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset=preset)
+    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset=preset, iters=iters)
     model = wrap_model(timm.create_model(MODEL, pretrained=False), placement_for(config))
     set_quantizers(model, False, "weight")
     with_stage1 = reconstruction_steps(model, config)
@@ -102,14 +111,46 @@ def same_steps_iters(preset: str, bits: int) -> int:
     return round(with_stage1 / per_iter_without)
 
 
-def setting_flags(name: str, preset: str) -> list[str]:
-    """The CLI flags of setting ``name`` beyond the common ones."""
+def setting_flags(name: str, preset: str, iters: int | None = None) -> list[str]:
+    """The CLI flags of setting ``name`` beyond the common ones (``iters``: the run's --iters)."""
     flags = SETTINGS[name]
     if isinstance(flags, list):
         return flags
     bits, extra = flags
-    extra = extra(preset, int(bits)) if callable(extra) else extra
+    extra = extra(preset, int(bits), iters) if callable(extra) else extra
     return ["--w-bits", bits, "--a-bits", bits, *extra]
+
+
+def command_iters(command: list[str]) -> int:
+    """The iterations per unit the ``quantize`` command line trains: its last --iters, else its
+    preset's at its bit-widths."""
+    from isvit.pipeline import PRESETS
+
+    def value(flag: str) -> str:
+        return command[len(command) - 1 - command[::-1].index(flag) + 1]
+
+    if "--iters" in command:
+        return int(value("--iters"))
+    return PRESETS[value("--preset")].recipe(int(value("--w-bits")), int(value("--a-bits"))).iters
+
+
+def iters_key(command: list[str], iters: int) -> tuple[str, ...]:
+    """``command`` as --resume-from matches it here: without --save (``resume_key``) and with its
+    iterations per unit made explicit, so that a row run with the preset's 60 matches --iters 60."""
+    args = list(resume_key(command))
+    while "--iters" in args:
+        del args[args.index("--iters"):args.index("--iters") + 2]
+    return (*args, "--iters", str(iters))
+
+
+def resumable(paths: list[str]) -> dict[tuple[str, ...], dict]:
+    """The rows of earlier outputs by ``iters_key``, with the iterations each row recorded (a row
+    without them is taken to have trained what its command trains with today's presets)."""
+    rows = {}
+    for path in paths:
+        for row in resumable_rows(path).values():
+            rows[iters_key(row["command"], row.get("iters") or command_iters(row["command"]))] = row
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -117,7 +158,7 @@ def summarise(rows: list[dict]) -> dict:
     each seed's top-1, the median calibration time and, where the rows recorded them, each unit's
     stage-3 loss before and after its training, averaged over the seeds (``stage3_loss``)."""
     top1 = [r["top1"] for r in rows]
-    summary = {"seeds": [int(r["seed"]) for r in rows], "top1": top1, "top1_mean": statistics.fmean(top1),
+    summary = {"seeds": [int(r["seed"]) for r in rows], "iters": sorted({r["iters"] for r in rows if "iters" in r}), "top1": top1, "top1_mean": statistics.fmean(top1),
                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                "calib_seconds_median": statistics.median(r["calib_seconds"] for r in rows),
                "threads": rows[0]["threads"], "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rows)}
@@ -137,6 +178,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="run every setting once per seed (default: 0); the summary gives mean and std")
+    parser.add_argument("--iters", type=int, help="iterations per unit of every setting (default: the preset's)")
     parser.add_argument("--calib-size", type=int, default=1024, help="calibration images (default 1024: all 1000)")
     parser.add_argument("--qdrop", type=float, help="QDrop probability of every setting (default: the preset's)")
     parser.add_argument("--outlier-ratio", type=float, help="outlier ratio of every setting (default: the method's)")
@@ -148,15 +190,14 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: each seed once")
-    resume = {}
-    for path in args.resume_from:
-        resume.update(resumable_rows(path))
+    resume = resumable(args.resume_from)
 
     common = [
         "quantize", "--method", "isvit", "--preset", args.preset, "--no-fp", "--model", MODEL, "--weights", WEIGHTS,
         "--calib", CALIB, "--calib-size", str(args.calib_size), "--data", VAL, "--batch-size", "64",
         "--threads", str(args.threads),
     ] + (["--limit", str(args.limit)] if args.limit else [])
+    common += (["--iters", str(args.iters)] if args.iters is not None else [])
     common += (["--qdrop", str(args.qdrop)] if args.qdrop is not None else [])
     common += (["--outlier-ratio", str(args.outlier_ratio)] if args.outlier_ratio is not None else [])
     results, by_setting, summary = {}, {}, {}
@@ -164,11 +205,16 @@ def main() -> None:
         for seed in args.seeds:
             key = f"{args.preset}/{name}" + (f"/seed{seed}" if len(args.seeds) > 1 else "")
             save = ["--save", f"{args.save_dir}/{name}_s{seed}.safetensors"] if args.save_dir else []
-            command = common + ["--seed", str(seed)] + setting_flags(name, args.preset) + save
-            if args.resumed_only and resume_key(command) not in resume:
+            command = [str(a) for a in common + ["--seed", str(seed)] + setting_flags(name, args.preset, args.iters) + save]
+            match = iters_key(command, command_iters(command))
+            if match in resume:
+                print("resumed: isvit", shlex.join(command), file=sys.stderr, flush=True)
+                row = resume[match]
+            elif args.resumed_only:
                 print(f"left out (not in --resume-from): {name} seed {seed}")
                 continue
-            row = run_cli(command, resume)
+            else:
+                row = run_cli(command)
             results[key] = row
             rows = by_setting.setdefault(f"{args.preset}/{name}", [])
             rows.append(row)

@@ -216,6 +216,43 @@ def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monke
     assert summary["stage3_loss"] == {"blocks.0": {"before": 2.0, "after": 0.5}}
 
 
+def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterations_they_trained(
+        tmp_path, monkeypatch, isvit_accuracy):
+    # --iters 60 reruns the fast preset of 2026-12-04; no-stage1-same-steps follows it (13 + 14 units)
+    assert isvit_accuracy.same_steps_iters("fast", 3, 60) == round((13 + 14) * 60 / 14) == 116
+    assert isvit_accuracy.setting_flags("w3a3-no-stage1-same-steps", "fast", 60)[-2:] == ["--iters", "116"]
+    ran = []
+
+    def fake_run(args, resume=None):
+        ran.append([str(a) for a in args])
+        return {"seed": 1, "top1": 50.0, "calib_seconds": 1.0, "threads": 1, "peak_rss_mb": 1.0,
+                "iters": isvit_accuracy.command_iters(args), "command": [str(a) for a in args]}
+
+    monkeypatch.setattr(isvit_accuracy, "run_cli", fake_run)
+    common = ["quantize", "--method", "isvit", "--preset", "fast", "--no-fp", "--model", isvit_accuracy.MODEL,
+              "--weights", isvit_accuracy.WEIGHTS, "--calib", isvit_accuracy.CALIB, "--calib-size", "1024",
+              "--data", isvit_accuracy.VAL, "--batch-size", "64", "--threads", "1", "--seed", "0",
+              "--w-bits", "3", "--a-bits", "3"]
+    common = [str(a) for a in common]
+    old = tmp_path / "old.json"  # seed 0 run when the preset trained 60 (no --iters in its command)
+    old.write_text(json.dumps({"fast/w3a3-no-reparam": {"command": common + ["--no-reparam"], "seed": 0, "iters": 60,
+                                                        "top1": 30.0, "calib_seconds": 9.0, "threads": 1,
+                                                        "peak_rss_mb": 1.0}}))
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["isvit_accuracy.py", "--only", "w3a3-no-reparam", "--iters", "60", "--seeds", "0", "1",
+                                      "--resume-from", str(old), "--out", str(out)])
+    isvit_accuracy.main()
+    assert len(ran) == 1 and ran[0][ran[0].index("--seed") + 1] == "1" and ran[0][ran[0].index("--iters") + 1] == "60"
+    summary = json.loads(out.read_text())["summary"]["fast/w3a3-no-reparam"]
+    assert summary["seeds"] == [0, 1] and summary["iters"] == [60] and summary["top1_mean"] == 40.0
+    # today's preset trains more: the same plain command without --iters 60 does not take the old row
+    ran.clear()
+    monkeypatch.setattr(sys, "argv", ["isvit_accuracy.py", "--only", "w3a3-no-reparam", "--resume-from", str(old),
+                                      "--out", str(out)])
+    isvit_accuracy.main()
+    assert len(ran) == 1 and "--iters" not in ran[0]
+
+
 def test_unit_probe_refits_only_the_post_softmax_grids_to_the_maps_the_block_computes_now():
     import torch
     from conftest import small_vit
