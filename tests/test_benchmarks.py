@@ -253,6 +253,39 @@ def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterat
     assert len(ran) == 1 and "--iters" not in ran[0]
 
 
+def test_postln_error_measures_each_post_layernorm_quantizer_alone_in_an_unchanged_model():
+    import torch
+    from conftest import small_vit
+
+    from isvit.pipeline import set_quantizers
+
+    postln_error = importlib.import_module("postln_error")
+    fp = small_vit()
+    x = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = fp(x[4:])
+    errors = {}
+    for bits in (3, 8):
+        for rotate in (False, True):
+            for fold in (True, False):
+                qmodel = postln_error.build(fp, bits, rotate, fold, x[:4])
+                result = postln_error.output_errors(qmodel, x[4:])
+                # with every quantizer off the model is the full-precision one (rotation and fold are exact)
+                set_quantizers(qmodel, False)
+                with torch.no_grad():
+                    assert torch.allclose(qmodel(x[4:]), reference, atol=1e-4)
+                assert set(result) == {"qkv", "fc1"} and all(len(v) == 2 for v in result.values())  # 2 blocks
+                assert all(e > 0 for v in result.values() for e in v)
+                errors[bits, rotate, fold] = result
+    # more bits, less error; a per-tensor grid (no percentile per channel fitted on 4 random images'
+    # 68 tokens, which clips) nearly none at 8 bits
+    for rotate in (False, True):
+        for fold in (True, False):
+            for layer in ("qkv", "fc1"):
+                pairs = list(zip(errors[3, rotate, fold][layer], errors[8, rotate, fold][layer]))
+                assert all(e8 < e3 / (10 if not fold else 2) for e3, e8 in pairs)
+
+
 def test_unit_probe_refits_only_the_post_softmax_grids_to_the_maps_the_block_computes_now():
     import torch
     from conftest import small_vit
