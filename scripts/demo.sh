@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: quantize the shared ViT-Ti at W4/A4 with I&S-ViT (fast preset, about 12 minutes on
+# The main job: quantize the shared ViT-Ti at W4/A4 with I&S-ViT (fast preset, about 10 minutes on
 # 2 CPU cores) and print full precision vs quantized top-1 on all of imagenet-val-1300. Extra
 # arguments go to `isvit quantize` and win over these (e.g. --method repq for a 2-minute run).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
