@@ -41,9 +41,7 @@ and summary of the rows found (e.g. `--resume-from results/issue21/*.json`), the
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 from functools import cache
 
 from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, resumable_rows, resume_key, run_cli, write_json
@@ -126,8 +124,8 @@ def command_iters(command: list[str]) -> int:
     preset's at its bit-widths."""
     from isvit.pipeline import PRESETS
 
-    def value(flag: str) -> str:
-        return command[len(command) - 1 - command[::-1].index(flag) + 1]
+    def value(flag: str) -> str:  # the value after the flag's last occurrence
+        return command[len(command) - command[::-1].index(flag)]
 
     if "--iters" in command:
         return int(value("--iters"))
@@ -158,7 +156,8 @@ def summarise(rows: list[dict]) -> dict:
     each seed's top-1, the median calibration time and, where the rows recorded them, each unit's
     stage-3 loss before and after its training, averaged over the seeds (``stage3_loss``)."""
     top1 = [r["top1"] for r in rows]
-    summary = {"seeds": [int(r["seed"]) for r in rows], "iters": sorted({r["iters"] for r in rows if "iters" in r}), "top1": top1, "top1_mean": statistics.fmean(top1),
+    summary = {"seeds": [int(r["seed"]) for r in rows], "iters": sorted({r["iters"] for r in rows if "iters" in r}),
+               "top1": top1, "top1_mean": statistics.fmean(top1),
                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                "calib_seconds_median": statistics.median(r["calib_seconds"] for r in rows),
                "threads": rows[0]["threads"], "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rows)}
@@ -205,16 +204,12 @@ def main() -> None:
         for seed in args.seeds:
             key = f"{args.preset}/{name}" + (f"/seed{seed}" if len(args.seeds) > 1 else "")
             save = ["--save", f"{args.save_dir}/{name}_s{seed}.safetensors"] if args.save_dir else []
-            command = [str(a) for a in common + ["--seed", str(seed)] + setting_flags(name, args.preset, args.iters) + save]
+            command = common + ["--seed", str(seed)] + setting_flags(name, args.preset, args.iters) + save
             match = iters_key(command, command_iters(command))
-            if match in resume:
-                print("resumed: isvit", shlex.join(command), file=sys.stderr, flush=True)
-                row = resume[match]
-            elif args.resumed_only:
+            if args.resumed_only and match not in resume:
                 print(f"left out (not in --resume-from): {name} seed {seed}")
                 continue
-            else:
-                row = run_cli(command)
+            row = run_cli(command, resume, key=match)
             results[key] = row
             rows = by_setting.setdefault(f"{args.preset}/{name}", [])
             rows.append(row)

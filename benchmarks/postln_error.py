@@ -24,27 +24,23 @@ import statistics
 import torch
 
 import isvit
-from isvit.pipeline import QuantConfig, calibrate_activations, fold_post_layernorm, placement_for, set_quantizers
+from isvit.pipeline import QuantConfig, set_quantizers
 from isvit.rotate import rotate_model
-from isvit.wrap import post_layernorm_pairs, wrap_model
+from isvit.wrap import post_layernorm_pairs
 
-from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json  # benchmarks/record.py
+from record import MODEL, ROOT, WEIGHTS, environment, first_calib_images, untrained_isvit, write_json  # benchmarks/record.py
 
 FIT_IMAGES, MEASURE_IMAGES, BATCH = 64, 128, 32
 
 
 def build(fp: torch.nn.Module, bits: int, rotate: bool, fold: bool, fit: torch.Tensor) -> torch.nn.Module:
-    """``fp`` as isvit has it before training at W``bits``/A``bits`` (fast preset), weights unquantized."""
-    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset="fast", rotate=rotate, reparameterize=fold)
+    """``fp`` as isvit has it before training at W``bits``/A``bits`` (fast preset; its weight grids
+    are fitted too, but ``output_errors`` measures with the float weights)."""
     model = copy.deepcopy(fp)
-    if rotate:
-        rotate_model(model, seed=0)
-    qmodel = wrap_model(model, placement_for(config))
-    set_quantizers(qmodel, False, "weight")
-    calibrate_activations(qmodel, fit)
-    if fold:
-        fold_post_layernorm(qmodel)
-    return qmodel.eval()
+    if rotate:  # rotated here: untrained_isvit refuses a config that rotates, as its block targets
+        rotate_model(model, seed=0)  # would be the unrotated model's; this script compares outputs only
+    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset="fast", rotate=False, reparameterize=fold)
+    return untrained_isvit(model, config, fit).eval()
 
 
 @torch.no_grad()
@@ -86,9 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     fp = isvit.create_model(MODEL, weights=str(ROOT / WEIGHTS))
-    dataset = isvit.ImageFolderDataset(ROOT / CALIB, isvit.build_transform(isvit.resolve_data_config(fp)), require_labels=False)
-    subset = torch.utils.data.Subset(dataset, range(FIT_IMAGES + MEASURE_IMAGES))
-    images = torch.cat([batch for batch, _ in isvit.make_loader(subset, batch_size=BATCH)])
+    images = first_calib_images(fp, FIT_IMAGES + MEASURE_IMAGES, BATCH)
     fit, held = images[:FIT_IMAGES], images[FIT_IMAGES:]
 
     rows = []

@@ -97,14 +97,17 @@ def resume_key(args: list[str]) -> tuple[str, ...]:
     return tuple(key)
 
 
-def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) -> dict:
+def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None,
+            key: tuple[str, ...] | None = None) -> dict:
     """``isvit ARGS --json OUT --quiet`` in a fresh process (so that peak memory is this run's),
     in the repository root; returns its JSON with the command, the date and the CPU added. A row
-    of ``resume`` with the same command is returned instead of running it again."""
+    of ``resume`` with the same command is returned instead of running it again: the same
+    ``resume_key``, or ``key`` where the caller indexed ``resume`` its own way."""
     args = [str(a) for a in args]
-    if resume and resume_key(args) in resume:
+    key = resume_key(args) if key is None else key
+    if resume and key in resume:
         print("resumed: isvit", shlex.join(args), file=sys.stderr, flush=True)
-        return resume[resume_key(args)]
+        return resume[key]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "isvit.cli", *args, "--json", str(out), "--quiet"]
@@ -113,6 +116,19 @@ def run_cli(args: list[str], resume: dict[tuple[str, ...], dict] | None = None) 
         result = json.loads(out.read_text())
     cpu = {k: v for k, v in cpu_info().items() if k != "load_average"}
     return {**result, "command": args, "date": datetime.date.today().isoformat(), "cpu": cpu}
+
+
+def first_calib_images(model, count: int, batch_size: int = 32):
+    """The first ``count`` images of imagenet-calib-1000 in folder order, preprocessed as ``model``
+    expects, as one (count, 3, H, W) tensor (labels ignored)."""
+    import torch
+
+    import isvit
+
+    transform = isvit.build_transform(isvit.resolve_data_config(model))
+    dataset = isvit.ImageFolderDataset(ROOT / CALIB, transform, require_labels=False)
+    subset = torch.utils.data.Subset(dataset, range(count))
+    return torch.cat([batch for batch, _ in isvit.make_loader(subset, batch_size=batch_size)])
 
 
 def untrained_isvit(model, config, images, stage1=None):

@@ -38,7 +38,7 @@ from isvit.pipeline import QuantConfig, placement_for, set_quantizers
 from isvit.quantizers import SOFTMAX_QUANTIZERS, make_softmax_quantizer
 from isvit.wrap import wrap_model
 
-from record import CALIB, MODEL, ROOT, WEIGHTS, environment, write_json
+from record import MODEL, ROOT, WEIGHTS, environment, first_calib_images, write_json
 from record import untrained_isvit  # benchmarks/record.py
 
 FIT_IMAGES, MEASURE_IMAGES, BATCH = 64, 128, 32
@@ -115,9 +115,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     fp = isvit.create_model(MODEL, weights=str(ROOT / WEIGHTS))  # WEIGHTS and CALIB: relative to the repository root
-    dataset = isvit.ImageFolderDataset(ROOT / CALIB, isvit.build_transform(isvit.resolve_data_config(fp)), require_labels=False)
-    subset = torch.utils.data.Subset(dataset, range(FIT_IMAGES + MEASURE_IMAGES))
-    images = torch.cat([batch for batch, _ in isvit.make_loader(subset, batch_size=BATCH)])
+    images = first_calib_images(fp, FIT_IMAGES + MEASURE_IMAGES, BATCH)
     fit, held = images[:FIT_IMAGES], images[FIT_IMAGES:]
 
     sources = {}

@@ -133,7 +133,7 @@ def test_without_stage1_the_same_steps_go_to_stage3(isvit_accuracy):
 def test_seeds_run_each_setting_once_per_seed_and_summarise_mean_and_std(tmp_path, monkeypatch, isvit_accuracy):
     runs = []
 
-    def fake_run(args, resume=None):
+    def fake_run(args, resume=None, key=None):
         seed = int(args[args.index("--seed") + 1])
         runs.append((args[args.index("--w-bits") + 1], seed, "--save" in args))
         return {"seed": seed, "top1": 10.0 + 2 * seed, "calib_seconds": 100.0 + seed, "threads": 1,
@@ -223,12 +223,15 @@ def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterat
     assert isvit_accuracy.setting_flags("w3a3-no-stage1-same-steps", "fast", 60)[-2:] == ["--iters", "116"]
     ran = []
 
-    def fake_run(args, resume=None):
-        ran.append([str(a) for a in args])
-        return {"seed": 1, "top1": 50.0, "calib_seconds": 1.0, "threads": 1, "peak_rss_mb": 1.0,
-                "iters": isvit_accuracy.command_iters(args), "command": [str(a) for a in args]}
+    def fake_quantize(cmd, **kwargs):  # `python -m isvit.cli ARGS --json OUT --quiet`, writing OUT
+        args = cmd[3:cmd.index("--json")]
+        ran.append(args)
+        result = {"seed": 1, "top1": 50.0, "calib_seconds": 1.0, "threads": 1, "peak_rss_mb": 1.0,
+                  "iters": isvit_accuracy.command_iters(args)}
+        Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(result))
 
-    monkeypatch.setattr(isvit_accuracy, "run_cli", fake_run)
+    monkeypatch.setattr(record.subprocess, "run", fake_quantize)
+    monkeypatch.setattr(record, "cpu_info", dict)  # platform's own subprocesses would meet the fake
     common = ["quantize", "--method", "isvit", "--preset", "fast", "--no-fp", "--model", isvit_accuracy.MODEL,
               "--weights", isvit_accuracy.WEIGHTS, "--calib", isvit_accuracy.CALIB, "--calib-size", "1024",
               "--data", isvit_accuracy.VAL, "--batch-size", "64", "--threads", "1", "--seed", "0",
