@@ -36,8 +36,9 @@ from isvit.cli import main
 from isvit.errors import IsvitError
 from isvit.export import (
     FORMAT,
-    MAX_SIGNED_WEIGHT,
+    INT8_MAX,
     _Builder,
+    _signed_role,
     activation_operand,
     export_onnx,
     folded_tables,
@@ -45,6 +46,10 @@ from isvit.export import (
     log2sqrt2_operand,
     lower_linear,
     pack_bits,
+    post_softmax_operand,
+    signed_activation_operand,
+    signed_codes,
+    signed_weight,
     sulq_operand,
     table_step,
     tensor_grid,
@@ -120,14 +125,13 @@ def run_activation(q, x: torch.Tensor, optimize: bool = False) -> tuple[torch.Te
     return run_graph(b, result, {"x": x}, optimize), [n.op_type for n in b.nodes]
 
 
-def run_weight(q: UniformQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, _Builder, bool]:
+def run_weight(q: UniformQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, _Builder]:
     """A weight's ONNX operand, as stored (out, in) with the per-channel axis 0: (the dequantized
-    weight, its builder, whether it is an integer operand)."""
+    weight, its builder)."""
     b = _Builder("w")
     codes = q.codes(weight).numpy()
-    result, integer = weight_operand(b, codes, q.scale.numpy(), q.zero_point.numpy(), q.bits,
-                                     0 if q.is_per_channel else None)
-    return run_graph(b, result, {}), b, integer
+    result = weight_operand(b, codes, q.scale.numpy(), q.zero_point.numpy(), q.bits, 0 if q.is_per_channel else None)
+    return run_graph(b, result, {}), b
 
 
 def uniform(bits: int, scale, zero_point) -> UniformQuantizer:
@@ -210,33 +214,96 @@ def weight_with_rows(bits: int) -> tuple[UniformQuantizer, torch.Tensor]:
     return q, weight
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
-def test_every_weight_form_dequantizes_to_the_pytorch_weight(bits):
-    q, weight = weight_with_rows(bits)
-    got, b, integer = run_weight(q, weight)
-    with torch.no_grad():
-        assert torch.equal(got, q(weight))
-    signed = (q.codes(weight) - q.zero_point.reshape(-1, 1)).abs().max().item()
+def weight_file_form(b: _Builder) -> tuple[onnx.NodeProto, dict]:
     (dequantize,) = [n for n in b.nodes if n.op_type == "DequantizeLinear"]
-    stored = {t.name: t for t in b.initializers}
-    if signed <= MAX_SIGNED_WEIGHT:  # int8 q - z, no zero point: what both runtimes' int8 kernels take
-        assert integer and len(dequantize.input) == 2
-    elif q.zero_point.min() >= 0:
-        assert integer and len(dequantize.input) == 3
-    else:  # a row of one sign at 7-8 bits: int32 q - z, a float product
-        assert not integer and stored[dequantize.input[0]].data_type == TensorProto.INT32
-    if integer and bits < 8:  # packed: the file holds bits / 8 bytes a weight
+    return dequantize, {t.name: t for t in b.initializers}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_every_weight_is_int8_without_zero_point_and_exact_where_its_codes_fit(bits):
+    """q - z fits int8 for every grid of 7 bits or fewer whose zero point lies on it: stored as it
+    is (packed below 8 bits), the PyTorch weight bit for bit. An 8-bit row not centred on 128 (and
+    row 1, all positive, whose zero point lies below its grid) is rounded again onto the symmetric
+    grid of step max|w^| / 127: within half that step of the PyTorch weight."""
+    q, weight = weight_with_rows(bits)
+    got, b = run_weight(q, weight)
+    dequantize, stored = weight_file_form(b)
+    assert len(dequantize.input) == 2  # no zero point: symmetric int8, what both runtimes' int8 kernels take
+    with torch.no_grad():
+        expected = q(weight)
+    codes, scale, exact = signed_weight(q.codes(weight).numpy(), q.scale.numpy(), q.zero_point.numpy(), 0)
+    signed = q.codes(weight) - q.zero_point.reshape(-1, 1)
+    fits = ((signed.amin(1) >= -128) & (signed.amax(1) <= 127)).numpy()
+    assert exact == fits.all() and codes.dtype == np.int8
+    assert torch.equal(got[fits], expected[fits])
+    step = torch.from_numpy(scale).reshape(-1, 1)
+    assert torch.all((got - expected).abs() <= step / 2 * (1 + 1e-6))
+    assert torch.all(got.abs().amax(1) <= INT8_MAX * step.reshape(-1) * (1 + 1e-6))
+    if exact and bits < 8:  # packed: the file holds bits / 8 bytes a weight
         (planes,) = [t for t in b.initializers if "planes" in t.name]
         assert planes.data_type == TensorProto.UINT8 and len(planes.raw_data) == bits * math.ceil(weight.numel() / 8)
+    else:
+        assert stored[dequantize.input[0]].data_type == TensorProto.INT8
 
 
-def test_weights_of_6_bits_or_fewer_are_always_int8_without_zero_point():
-    for bits in range(2, 7):
+def test_weights_of_7_bits_or_fewer_are_exact_with_any_zero_point_on_their_grid():
+    for bits in range(2, 8):
         q, weight = weight_with_rows(bits)
         q.set_params(q.scale, q.zero_point.clamp(0, 2 ** bits - 1))  # any zero point on the grid
-        _, b, integer = run_weight(q, weight)
-        (dequantize,) = [n for n in b.nodes if n.op_type == "DequantizeLinear"]
-        assert integer and len(dequantize.input) == 2, bits
+        got, _ = run_weight(q, weight)
+        with torch.no_grad():
+            assert torch.equal(got, q(weight)), bits
+
+
+def test_an_8_bit_weight_centred_on_128_is_exact():
+    q, weight = weight_with_rows(8)
+    q.set_params(q.scale, torch.full_like(q.zero_point, 128.0))
+    got, _ = run_weight(q, weight)
+    with torch.no_grad():
+        assert torch.equal(got, q(weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# Operands of products of two activations: int8 without zero point (OpenVINO's integer attention)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits, zero_point, form", [
+    (3, 3.0, "exact"), (4, 0.0, "exact"), (4, 15.0, "exact"), (4, -40.0, "exact"), (7, 70.0, "exact"),
+    (8, 128.0, "exact"), (8, 122.0, "recentred"), (8, 136.0, "recentred"), (8, 110.0, None), (8, 0.0, None),
+    (4, -250.0, None)])
+def test_signed_operands_are_exact_below_8_bits_and_recentred_near_128(bits, zero_point, form):
+    q = uniform(bits, 0.05, zero_point)
+    grid = tensor_grid(q)
+    assert signed_codes(grid) == form
+    if form is None:
+        return
+    x = torch.linspace(-20, 20, 8001)
+    b = _Builder("q")
+    got = run_graph(b, signed_activation_operand(b, grid, "x"), {"x": x})
+    (quantize,) = [n for n in b.nodes if n.op_type == "QuantizeLinear"]
+    zero = {t.name: t for t in b.initializers}[quantize.input[2]]
+    assert zero.data_type == TensorProto.INT8 and numpy_helper.to_array(zero) == 0  # no zero point
+    if form == "exact":
+        assert torch.equal(got, q(x))
+    else:  # the same step, re-centred on zero: codes beyond -128..127 saturate
+        assert torch.equal(got, torch.round(x / 0.05).clamp(-128, 127) * np.float32(0.05))
+        inside = (x >= -min(zero_point, 128) * 0.05) & (x <= min(255 - zero_point, 127) * 0.05)  # on both grids
+        assert torch.allclose(got[inside], q(x)[inside]) and not torch.allclose(got, q(x))
+
+
+@pytest.mark.parametrize("kind", [SULQuantizer, LogSqrt2Quantizer])
+def test_an_8_bit_post_softmax_map_is_one_uint8_qdq_pair_on_the_table_grid(kind):
+    x = attention_maps()
+    q = calibrated(kind(8), x)
+    b = _Builder("q")
+    got = run_graph(b, post_softmax_operand(b, q, "x", "uniform"), {"x": x})
+    assert [n.op_type for n in b.nodes] == ["QuantizeLinear", "DequantizeLinear"]  # no Log, no Exp
+    step = table_step(q)
+    assert torch.equal(got, torch.round(x / step).clamp(0, 255) * np.float32(step))
+    b = _Builder("q")  # the method's own form, on request
+    got = run_graph(b, post_softmax_operand(b, q, "x", "method"), {"x": x})
+    assert "Log" in [n.op_type for n in b.nodes]
+    check_post_softmax(q, x, got)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +376,7 @@ def run_linear(layer: QuantLinear, x: torch.Tensor, tmp_path: Path, optimize: bo
 def test_outlier_channels_are_a_second_integer_product(bits, tmp_path):
     layer, x = linear_with_input(bits, outlier_ratio=8.0)
     assert layer.input_quantizer.scale.unique().numel() == 2
-    with torch.no_grad():
+    with torch.no_grad(), folded_tables(layer):  # an 8-bit weight not centred on 128 is rounded again
         expected = layer(x)
     got, forms, _ = run_linear(layer, x, tmp_path, optimize=False)
     assert forms == ["integer", "integer"]
@@ -323,7 +390,7 @@ def test_a_linear_on_2d_input_is_an_integer_product(tmp_path):
     """The head reads (N, C): a 2-d MatMul + Add would become onnxruntime's float Gemm."""
     layer, x = linear_with_input(8, outlier_ratio=0.0)
     x = x[:, 0]
-    with torch.no_grad():
+    with torch.no_grad(), folded_tables(layer):
         expected = layer(x)
     got, forms, ops = run_linear(layer, x, tmp_path, optimize=True)
     assert forms == ["integer"] and ops.count("MatMulIntegerToFloat") == 1 and "Gemm" not in ops
@@ -363,9 +430,14 @@ def test_each_quantizer_of_a_small_model_computes_the_same_in_onnx(arch, bits, s
             check_post_softmax(q, x, got)
 
     for name, layer in quantized_layers(model):
-        got, _, _ = run_weight(layer.weight_quantizer, layer.weight.detach())
+        got, _ = run_weight(layer.weight_quantizer, layer.weight.detach())
         with torch.no_grad():
-            assert torch.equal(got, layer.weight_quantizer(layer.weight)), name
+            expected = layer.weight_quantizer(layer.weight)
+        codes, scale, exact = signed_weight(layer.weight_quantizer.codes(layer.weight.detach()).numpy(),
+                                            layer.weight_quantizer.scale.numpy(),
+                                            layer.weight_quantizer.zero_point.numpy(), 0)
+        assert torch.equal(got, expected) if exact else \
+            torch.all((got - expected).abs() <= torch.from_numpy(scale).reshape(-1, *[1] * (got.dim() - 1)) / 2 * 1.001), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +531,8 @@ def test_exported_file_has_packed_integer_weights_and_metadata(exported, setting
         assert not planes
     assert counts["integer"] + counts["float"] == products(model)
     assert "Gather" not in [n.op_type for n in proto.graph.node if "attn" in n.name]  # no table lookup
+    if bits == 8:  # the post-Softmax map on the uint8 grid: no log-domain arithmetic on it
+        assert not {"Log", "Exp"} & {n.op_type for n in proto.graph.node}
 
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["format"] == FORMAT and metadata["model"] == ARCHITECTURES[arch][0]
@@ -821,17 +895,35 @@ def test_real_vit_w4_file_is_small_and_every_product_but_the_image_s_is_integer(
     assert sum(ops[k] for k in FLOAT_KERNELS) == ops["Conv"] == 1  # the patch embedding on the float image
 
 
+def signed_attention_blocks(model) -> int:
+    """How many blocks of ``model`` have every operand of both attention products in a form
+    OpenVINO's integer attention takes (``signed_codes``): the post-Softmax map on uint8 without
+    zero point, q, k and v signed without one."""
+    count = 0
+    for block in model.blocks:
+        qk, av = block.attn.qk, block.attn.av
+        roles = ((qk.a_quantizer, "left"), (qk.b_quantizer, "right"), (av.b_quantizer, "right"))
+        count += all(_signed_role(tensor_grid(q), role) for q, role in roles)
+    return count
+
+
 @pytest.mark.real
 @pytest.mark.openvino
-def test_real_vit_w4_file_runs_every_linear_on_openvino_s_int8_kernels(real_exported):
-    """OpenVINO runs every Linear of the W4/A8 ViT-Ti file on its int8 kernels (int8 weights, no
-    zero point), at its default precision."""
-    _, _, path = real_exported(4, 8)
-    import openvino
-
-    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": 1})
-    compiled.create_infer_request().infer({0: np.zeros((1, 3, 224, 224), np.float32)})
-    kernels = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["primitiveType"].astype(str))
-               for op in compiled.get_runtime_model().get_ordered_ops()]
-    fully_connected = [kernel for layer, kernel in kernels if layer.startswith("FullyConnected")]
+@pytest.mark.parametrize("bits", [(4, 8), (8, 8)], ids=["w4a8", "w8a8"])
+def test_real_vit_file_runs_every_product_on_openvino_s_int8_kernels(real_exported, bits):
+    """OpenVINO runs every Linear of the W4/A8 and W8/A8 ViT-Ti files on its int8 kernels (int8
+    weights, no zero point), and the attention products of every block whose operands the export
+    writes signed in int8 too (its fused attention, a Subgraph, or two MatMuls), with the precision
+    isvit's load_onnx chooses; no Log or Exp is left on the attention maps at 8 bits."""
+    model, _, path = real_exported(*bits)
+    ov_model, _ = load_onnx(path, threads=1, runtime="openvino")
+    assert ov_model.precision == "f32"
+    ov_model(torch.zeros(1, 3, 224, 224))
+    kernels = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str),
+                op.get_rt_info()["primitiveType"].astype(str)) for op in ov_model.compiled.get_runtime_model().get_ordered_ops()]
+    fully_connected = [kernel for layer, _, kernel in kernels if layer.startswith("FullyConnected")]
     assert len(fully_connected) >= 12 * 4 + 1 and all("i8" in k.lower() for k in fully_connected), fully_connected
+    integer_attention = sum(layer == "Subgraph" and precision == "i8" for layer, precision, _ in kernels) \
+        + sum(layer == "MatMul" and "i8" in kernel.lower() for layer, _, kernel in kernels) / 2
+    assert integer_attention >= signed_attention_blocks(model) >= 6, kernels
+    assert not {"Log", "Exp"} & {n.op_type for n in onnx.load(str(path)).graph.node}

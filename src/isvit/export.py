@@ -90,12 +90,18 @@ if TYPE_CHECKING:
 
 EXPORTABLE_QUANTIZERS = (UniformQuantizer, SULQuantizer, LogSqrt2Quantizer)
 QUANTIZED_LAYERS = (QuantLinear, QuantConv2d, QuantMatMul)
-# Weights whose codes q - z all lie within +-64 are stored as symmetric int8: 2 * 255 * 64 < 2^15,
-# so no pair of uint8 x int8 products can saturate the AVX2 instruction (vpmaddubsw) onnxruntime
-# multiplies them with.
-MAX_SIGNED_WEIGHT = 64
+# The signed 8-bit codes that weights and the second operand of an activation product are stored as:
+# both runtimes' int8 kernels take that operand symmetric (no zero point).
+INT8_MIN, INT8_MAX = -128, 127
+# An 8-bit activation grid that must be signed (the right operand of an attention product) is
+# re-centred on zero when its zero point lies within this many codes of 128 (see signed_codes).
+MAX_RECENTRE = 8
 # The uint8 grid that a post-Softmax table is folded onto: its largest value is code 255.
 TABLE_CODES = 255
+# How an 8-bit post-Softmax grid is exported: "uniform", the map itself on the uint8 grid (one QDQ
+# pair: the runtimes' int8 attention kernels), or "method", the method's own code and value (log-domain
+# arithmetic on the map), folded onto the same grid. Below 8 bits it is always the method's.
+SOFTMAX8_FORMS = ("uniform", "method")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,37 +261,59 @@ def unpack_bits(b: _Builder, planes: np.ndarray, shape: tuple[int, ...]) -> str:
     return b.op("Reshape", [x, b.constant("shape", np.array(shape, np.int64))])
 
 
-def weight_operand(b: _Builder, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int,
-                   axis: int | None) -> tuple[str, bool]:
-    """(The dequantized weight, whether an integer kernel can take it) from its integer codes (any
-    layout; ``axis``: the dimension of the per-channel ``scale`` and ``zero_point``, None for one of
-    each), in the form the module docstring describes: int8 ``q - z`` without zero point, uint8 ``q``
-    with it, or int32 ``q - z``; packed to ``bits`` bits below 8."""
+def signed_weight(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                  axis: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(int8 codes, scale, exact) of a weight as the file stores it: symmetric int8 without zero
+    point, what both runtimes' int8 kernels take. Where its codes ``q - z`` fit int8 (every weight
+    of 7 bits or fewer whose zero point lies on its grid) they are stored as they are: exact.
+    A channel whose ``q - z`` do not fit (an 8-bit grid not centred on 128) is rounded again onto the
+    symmetric grid of step ``max |w^| / 127``: within half that step of the PyTorch weight, its
+    effect measured in docs/onnx.md; ``exact`` is then False. ``codes`` in any layout, ``axis`` the
+    dimension of the per-channel ``scale`` and ``zero_point`` (None for one of each)."""
     shape = [1] * codes.ndim
     if axis is not None:
         shape[axis] = -1
-    zero_point = zero_point.astype(np.int64).reshape(shape if axis is not None else ())
-    signed = codes.astype(np.int64) - zero_point
+    scale = scale.astype(np.float32).reshape(shape if axis is not None else ())
+    signed = codes.astype(np.int64) - zero_point.astype(np.int64).reshape(shape if axis is not None else ())
+    reduce = tuple(d for d in range(codes.ndim) if d != axis)
+    fits = (signed.min(axis=reduce, keepdims=True) >= INT8_MIN) & (signed.max(axis=reduce, keepdims=True) <= INT8_MAX)
+    if fits.all():
+        return signed.astype(np.int8), scale, True
+    values = signed.astype(np.float32) * scale
+    new_scale = np.maximum(np.abs(values).max(axis=reduce, keepdims=True) / np.float32(INT8_MAX), np.float32(1e-8))
+    new_scale = np.where(fits, scale, new_scale).astype(np.float32)
+    again = np.clip(np.round(values / new_scale), -INT8_MAX, INT8_MAX)
+    return np.where(fits, signed, again).astype(np.int8), new_scale.reshape(scale.shape), False
+
+
+def weight_operand(b: _Builder, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int,
+                   axis: int | None, rows: np.ndarray | None = None, zero_rows: np.ndarray | None = None) -> str:
+    """The weight as the product reads it, from its integer codes q: int8 without zero point
+    (``signed_weight``) dequantized with its scale alone, packed to ``bits`` bits below 8 (bit
+    planes of the unsigned codes q, unpacked and shifted by z by integer arithmetic that both
+    runtimes fold when they load the file); a weight rounded again is stored as 8-bit codes.
+    ``rows`` (indices along the first dimension) keeps only those rows, ``zero_rows`` sets those to
+    0: the two parts of a product split by outlier channels, from one ``signed_weight`` of the whole."""
+    stored, stored_scale, exact = signed_weight(codes, scale, zero_point, axis)
+    shape = [1] * codes.ndim
+    if axis is not None:
+        shape[axis] = -1
+    z = zero_point.astype(np.int32).reshape(shape if axis is not None else ())
+    unsigned = codes.astype(np.int32)
+    if zero_rows is not None:
+        stored, unsigned = stored.copy(), unsigned.copy()
+        stored[zero_rows] = 0
+        unsigned[zero_rows] = np.broadcast_to(z, unsigned.shape)[zero_rows]  # q = z: weight 0
+    if rows is not None:
+        stored, unsigned = stored[rows], unsigned[rows]
     per_channel = {"axis": axis} if axis is not None else {}
-    scale_c = b.constant("scale", scale.astype(np.float32).reshape(-1 if axis is not None else ()))
-    if np.abs(signed).max(initial=0) <= MAX_SIGNED_WEIGHT:
-        form, kept_zero_point = np.int8, None
-    elif zero_point.min() >= 0 and zero_point.max() <= 255:
-        form, kept_zero_point = np.uint8, zero_point.astype(np.uint8)
-    else:  # int32 carries any zero point: store q - z, dequantized without one
-        return b.op("DequantizeLinear", [b.constant("codes_minus_zero_point", signed.astype(np.int32)), scale_c],
-                    **per_channel), False
-    if bits < 8:
-        stored = unpack_bits(b, pack_bits(codes, bits), codes.shape)
-        if form is np.int8:
-            stored = b.op("Sub", [stored, b.constant("zero_point", zero_point.astype(np.int32))])
-        stored = b.op("Cast", [stored], to=3 if form is np.int8 else 2)  # INT8 / UINT8
+    scale_c = b.constant("scale", stored_scale.reshape(-1 if axis is not None else ()))
+    if bits < 8 and exact:
+        unpacked = unpack_bits(b, pack_bits(unsigned, bits), unsigned.shape)
+        weight = b.op("Cast", [b.op("Sub", [unpacked, b.constant("zero_point", z)])], to=3)  # INT8
     else:
-        stored = b.constant("codes", (signed if form is np.int8 else codes).astype(form))
-    inputs = [stored, scale_c]
-    if kept_zero_point is not None:
-        inputs.append(b.constant("zero_point", kept_zero_point.reshape(-1 if axis is not None else ())))
-    return b.op("DequantizeLinear", inputs, **per_channel), True
+        weight = b.constant("codes", stored)
+    return b.op("DequantizeLinear", [weight, scale_c], **per_channel)
 
 
 def weight_grid(layer: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
@@ -310,6 +338,35 @@ def activation_operand(b: _Builder, grid: Grid, x: str) -> str:
         low = (np.float32(0) - np.float32(grid.zero_point)) * grid.scale
         high = (np.float32(grid.levels - 1) - np.float32(grid.zero_point)) * grid.scale
         x = b.op("Clip", [x, b.constant("low", np.float32(low)), b.constant("high", np.float32(high))])
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale_c, zp_c]), scale_c, zp_c])
+
+
+def signed_codes(grid: Grid) -> str | None:
+    """How ``grid`` can be the signed int8 operand without zero point that OpenVINO's integer
+    product of two activations takes: ``"exact"`` where its codes ``q - z`` fit int8 (every grid of
+    7 bits or fewer whose zero point lies near it), ``"recentred"`` for an 8-bit grid whose zero
+    point lies within ``MAX_RECENTRE`` codes of 128 (the same step, re-centred on zero: the codes
+    beyond -128..127 saturate, at most that many at one end; measured in docs/onnx.md), else None."""
+    z, levels = grid.zero_point, grid.levels
+    if levels - 1 - z <= INT8_MAX and -z >= INT8_MIN:
+        return "exact"
+    if levels == 256 and abs(z + INT8_MIN) <= MAX_RECENTRE:
+        return "recentred"
+    return None
+
+
+def signed_activation_operand(b: _Builder, grid: Grid, x: str) -> str:
+    """``x`` on ``grid`` as int8 codes without zero point (``signed_codes`` says when it can):
+    ``(Clip ->) QuantizeLinear -> DequantizeLinear`` with zero point 0, the codes ``q - z``, or for a
+    re-centred 8-bit grid ``clamp(round(x / s), -128, 127)``. Clipped first where QuantizeLinear's
+    saturation at -128..127 is not the grid's range."""
+    z, levels = grid.zero_point, grid.levels
+    scale = np.float32(grid.scale)
+    if signed_codes(grid) == "exact" and (-z, levels - 1 - z) != (INT8_MIN, INT8_MAX):
+        low, high = np.float32(-z) * scale, np.float32(levels - 1 - z) * scale
+        x = b.op("Clip", [x, b.constant("low", low), b.constant("high", high)])
+    scale_c = b.constant("scale", scale)
+    zp_c = b.constant("zero_point", np.int8(0))
     return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale_c, zp_c]), scale_c, zp_c])
 
 
@@ -375,6 +432,17 @@ def log2sqrt2_operand(b: _Builder, q: LogSqrt2Quantizer, x: str) -> str:
     return activation_operand(b, Grid(np.float32(table_step(q)), 0, 256), value)
 
 
+def post_softmax_operand(b: _Builder, q: SULQuantizer | LogSqrt2Quantizer, x: str, softmax8: str) -> str:
+    """A post-Softmax map as the product reads it: at 8 bits with ``softmax8="uniform"`` the map
+    itself on the uint8 grid of step ``table_step`` (one QDQ pair, the form the runtimes' int8
+    attention kernels take), otherwise the method's own code and value folded onto that grid."""
+    if softmax8 == "uniform" and q.bits == 8:
+        return activation_operand(b, Grid(np.float32(table_step(q)), 0, 256), x)
+    if isinstance(q, SULQuantizer):
+        return sulq_operand(b, q, x)
+    return log2sqrt2_operand(b, q, x)
+
+
 def table_step(q: SULQuantizer | LogSqrt2Quantizer) -> float:
     """The step of the uint8 grid a post-Softmax quantizer's table is folded onto: the table's
     largest value is code 255 (zero point 0), as a float32."""
@@ -383,15 +451,41 @@ def table_step(q: SULQuantizer | LogSqrt2Quantizer) -> float:
 
 
 @contextmanager
-def folded_tables(model: nn.Module):
-    """While inside, ``model``'s post-Softmax quantizers (SULQ, log-sqrt2) give their values folded
-    onto the uint8 grid of the export, ``round(x^ / step) * step``: the PyTorch model then computes
-    what its ONNX file computes, which is how the fold's own effect is measured."""
+def folded_tables(model: nn.Module, softmax8: str = "uniform"):
+    """While inside, ``model`` computes what its ONNX file computes, which is how the export's
+    re-expressions are measured on their own: its post-Softmax quantizers (SULQ, log-sqrt2) give
+    their values folded onto the uint8 grid, ``round(x^ / step) * step``, or at 8 bits with
+    ``softmax8="uniform"`` the map itself on that grid, ``clamp(round(x / step), 0, 255) * step``
+    (``post_softmax_operand``); an 8-bit operand of a product of two activations that the export
+    re-centres (``signed_codes``) gives ``clamp(round(x / s), -128, 127) * s``."""
+    check_softmax8(softmax8)
+
     def fold(step: float):
         return lambda module, inputs, out: torch.round(out / step) * step
 
-    hooks = [q.register_forward_hook(fold(table_step(q)))
-             for _, q in named_quantizers(model) if isinstance(q, (SULQuantizer, LogSqrt2Quantizer))]
+    def on_grid(step: float, low: int, high: int):
+        return lambda module, inputs, out: torch.round(inputs[0] / step).clamp(low, high) * step
+
+    hooks = []
+    for _, q in named_quantizers(model):
+        if isinstance(q, (SULQuantizer, LogSqrt2Quantizer)):
+            uniform = softmax8 == "uniform" and q.bits == 8
+            step = table_step(q)
+            hooks.append(q.register_forward_hook(on_grid(step, 0, TABLE_CODES) if uniform else fold(step)))
+    for _, layer in model.named_modules():
+        if isinstance(layer, (QuantLinear, QuantConv2d)):
+            codes, scale, zero_point, axis = weight_grid(layer)
+            stored, stored_scale, exact = signed_weight(codes, scale, zero_point, axis)
+            if not exact:
+                weight = torch.from_numpy(stored.astype(np.float32) * stored_scale).to(layer.weight.device)
+                hooks.append(layer.weight_quantizer.register_forward_hook(lambda m, i, o, w=weight: w.to(o.dtype)))
+        if not isinstance(layer, QuantMatMul):
+            continue
+        for q, role in ((layer.a_quantizer, "left"), (layer.b_quantizer, "right")):
+            if isinstance(q, UniformQuantizer) and not q.is_per_channel:
+                grid = tensor_grid(q)
+                if _signed_role(grid, role) and signed_codes(grid) == "recentred":
+                    hooks.append(q.register_forward_hook(on_grid(float(grid.scale), INT8_MIN, INT8_MAX)))
     try:
         yield model
     finally:
@@ -399,19 +493,40 @@ def folded_tables(model: nn.Module):
             hook.remove()
 
 
-def operand(b: _Builder, q: nn.Module, x: str) -> tuple[str, bool]:
-    """(``x`` as the product reads it, whether that is an integer operand) for an activation
-    quantizer of any kind."""
-    if isinstance(q, SULQuantizer):
-        return sulq_operand(b, q, x), True
-    if isinstance(q, LogSqrt2Quantizer):
-        return log2sqrt2_operand(b, q, x), True
+def check_softmax8(softmax8: str) -> None:
+    if softmax8 not in SOFTMAX8_FORMS:
+        raise IsvitError(f"unknown 8-bit post-Softmax form {softmax8!r}: choose {' or '.join(SOFTMAX8_FORMS)}")
+
+
+def operand(b: _Builder, q: nn.Module, x: str, role: str, softmax8: str = "uniform") -> tuple[str, bool]:
+    """(``x`` as the product reads it, whether an integer kernel can take it) for an activation
+    quantizer of any kind. ``role``: ``"input"`` of a Linear (uint8 with any zero point: both
+    runtimes' Linear kernels take it), or the ``"left"`` or ``"right"`` operand of a product of two
+    activations, which OpenVINO runs in integers only when the left one has no zero point and the
+    right one is signed without one (``signed_activation_operand``; the left one stays uint8 where
+    its zero point is 0, and a grid int8 cannot carry stays uint8 with its zero point: an integer
+    product on onnxruntime, a float one on OpenVINO)."""
+    if isinstance(q, (SULQuantizer, LogSqrt2Quantizer)):
+        return post_softmax_operand(b, q, x, softmax8), True
     if isinstance(q, UniformQuantizer) and not q.is_per_channel:
         grid = tensor_grid(q)
+        if _signed_role(grid, role):
+            return signed_activation_operand(b, grid, x), True
         return activation_operand(b, grid, x), grid.uint8_zero_point is not None
     if isinstance(q, UniformQuantizer):
         return float_activation(b, _f32(q.scale.clamp_min(1e-8)), _f32(q.zero_point), q.levels, x), False
     return x, False  # no quantizer: a float input
+
+
+def _signed_role(grid: Grid, role: str) -> bool:
+    """Whether an operand in ``role`` on ``grid`` is written as signed int8 codes."""
+    if role == "input" or (role == "left" and grid.uint8_zero_point == 0):
+        return False
+    return signed_codes(grid) is not None
+
+
+def _axis(b: _Builder, axis: int) -> str:
+    return b.constant("axis", np.array([axis], np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,31 +538,26 @@ def lower_linear(b: _Builder, layer: QuantLinear, x: str, output: str, rank: int
     codes, scale, zero_point, axis = weight_grid(layer)
     codes_t, axis_t = codes.T, (None if axis is None else 1)  # MatMul reads the weight as (in, out)
     if rank == 2:  # onnxruntime would fuse a 2-d MatMul + Add into a float Gemm first
-        x = b.op("Unsqueeze", [x, b.constant("axis", np.array([1], np.int64))])
+        x = b.op("Unsqueeze", [x, _axis(b, 1)])
     split = split_groups(layer.input_quantizer) if isinstance(layer.input_quantizer, UniformQuantizer) else None
     bits = layer.weight_quantizer.bits
     if split is None:
-        x_op, x_integer = operand(b, layer.input_quantizer, x)
-        w, w_integer = weight_operand(b, codes_t, scale, zero_point, bits, axis_t)
-        y = b.op("MatMul", [x_op, w])
-        forms = [_form(x_integer and w_integer)]
+        parts = [(*operand(b, layer.input_quantizer, x, "input"), {})]
     else:  # outlier channels: their columns of the weight leave the main product for a second one
         main, outliers, index = split
-        main_codes = codes_t.copy()
-        main_codes[index, :] = np.round(zero_point).astype(codes_t.dtype).reshape(1, -1)  # q = z: weight 0
-        w_main, main_integer = weight_operand(b, main_codes, scale, zero_point, bits, axis_t)
-        y_main = b.op("MatMul", [activation_operand(b, main, x), w_main])
         x_out = b.op("Gather", [x, b.constant("outlier_channels", index.astype(np.int64))], axis=-1)
-        w_out, out_integer = weight_operand(b, codes_t[index, :], scale, zero_point, bits, axis_t)
-        y_out = b.op("MatMul", [activation_operand(b, outliers, x_out), w_out])
-        y = b.op("Add", [y_main, y_out])
-        forms = [_form(main_integer and main.uint8_zero_point is not None),
-                 _form(out_integer and outliers.uint8_zero_point is not None)]
+        parts = [(activation_operand(b, main, x), main.uint8_zero_point is not None, {"zero_rows": index}),
+                 (activation_operand(b, outliers, x_out), outliers.uint8_zero_point is not None, {"rows": index})]
+    products, forms = [], []
+    for x_op, integer, rows in parts:
+        products.append(b.op("MatMul", [x_op, weight_operand(b, codes_t, scale, zero_point, bits, axis_t, **rows)]))
+        forms.append(_form(integer))
+    y = b.op("Add", [products[0], b.constant("bias", _f32(layer.bias))])  # fused into the product
+    if len(products) == 2:
+        y = b.op("Add", [y, products[1]])
     if rank == 2:
-        y = b.op("Squeeze", [b.op("Add", [y, b.constant("bias", _f32(layer.bias))]),
-                             b.constant("axis", np.array([1], np.int64))], output)
-    else:
-        b.op("Add", [y, b.constant("bias", _f32(layer.bias))], output)
+        y = b.op("Squeeze", [y, _axis(b, 1)])
+    b.op("Identity", [y], output)
     return forms
 
 
@@ -455,10 +565,10 @@ def _form(integer: bool) -> str:
     return "integer" if integer else "float"
 
 
-def lower_matmul(b: _Builder, layer: QuantMatMul, a: str, other: str, output: str) -> list[str]:
-    """``a^ @ b^``: both operands quantized (uint8 QDQ; the post-Softmax tables folded onto uint8)."""
-    a_op, a_integer = operand(b, layer.a_quantizer, a)
-    b_op, b_integer = operand(b, layer.b_quantizer, other)
+def lower_matmul(b: _Builder, layer: QuantMatMul, a: str, other: str, output: str, softmax8: str = "uniform") -> list[str]:
+    """``a^ @ b^``, each operand quantized as ``operand`` says for its side."""
+    a_op, a_integer = operand(b, layer.a_quantizer, a, "left", softmax8)
+    b_op, b_integer = operand(b, layer.b_quantizer, other, "right", softmax8)
     b.op("MatMul", [a_op, b_op], output)
     return [_form(a_integer and b_integer)]
 
@@ -466,14 +576,14 @@ def lower_matmul(b: _Builder, layer: QuantMatMul, a: str, other: str, output: st
 def lower_conv(b: _Builder, layer: QuantConv2d, x: str, output: str) -> list[str]:
     """The convolution on the float image with the dequantized weight codes."""
     codes, scale, zero_point, axis = weight_grid(layer)
-    w, _ = weight_operand(b, codes, scale, zero_point, layer.weight_quantizer.bits, axis)
+    w = weight_operand(b, codes, scale, zero_point, layer.weight_quantizer.bits, axis)
     inputs = [x, w] + ([b.constant("bias", _f32(layer.bias))] if layer.bias is not None else [])
     b.op("Conv", inputs, output, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
          pads=[*layer.padding, *layer.padding], dilations=list(layer.dilation), group=layer.groups)
     return ["float"]
 
 
-def lower_layers(proto, model: nn.Module) -> dict[str, int]:
+def lower_layers(proto, model: nn.Module, softmax8: str = "uniform") -> dict[str, int]:
     """Replace every placeholder of ``proto`` (in place) by its layer's form; returns how many matrix
     products (and convolutions) of each form the graph now holds: 'integer' or 'float'."""
     from onnx import helper
@@ -492,7 +602,7 @@ def lower_layers(proto, model: nn.Module) -> dict[str, int]:
         if isinstance(layer, QuantLinear):
             forms = lower_linear(b, layer, node.input[0], node.output[0], int(attributes["rank"]))
         elif isinstance(layer, QuantMatMul):
-            forms = lower_matmul(b, layer, node.input[0], node.input[1], node.output[0])
+            forms = lower_matmul(b, layer, node.input[0], node.input[1], node.output[0], softmax8)
         else:
             forms = lower_conv(b, layer, node.input[0], node.output[0])
         nodes.extend(b.nodes)
@@ -530,11 +640,14 @@ def export_onnx(
     config: QuantConfig | None,
     data_config: dict,
     model_args: dict | None = None,
+    softmax8: str = "uniform",
 ) -> dict[str, int]:
     """Write ``model`` (quantized by ``isvit.quantize``, or full precision with ``config=None``) as
-    an ONNX model in QDQ form, atomically. Returns how many matrix products (and convolutions) of
-    the file are integer and how many float (``lower_layers``); both 0 for a full-precision model."""
+    an ONNX model in QDQ form, atomically. ``softmax8``: how an 8-bit post-Softmax grid is written
+    (``SOFTMAX8_FORMS``). Returns how many matrix products (and convolutions) of the file are
+    integer and how many float (``lower_layers``); both 0 for a full-precision model."""
     onnx = require("onnx")
+    check_softmax8(softmax8)
     check_exportable(model)
     if config is None and named_quantizers(model):
         raise IsvitError("the model is quantized: give its QuantConfig to export it")
@@ -542,13 +655,14 @@ def export_onnx(
         raise IsvitError("the model has no quantizers: quantize it before exporting it with a QuantConfig")
     model = model.eval()
     proto = trace(model, data_config["input_size"])
-    counts = lower_layers(proto, model)
+    counts = lower_layers(proto, model, softmax8)
     metadata = {
         "format": FORMAT,
         "model": model_name,
         "model_args": json.dumps(model_args or {}),
         "config": json.dumps(applied_config(model, config).to_dict() if config is not None else None),
         "data_config": json.dumps(data_config),
+        "export": json.dumps({"softmax8": softmax8}),
     }
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)

@@ -99,9 +99,10 @@ def load_onnx(
     ``threads``: the runtime's threads (default: its own choice). ``optimize`` (onnxruntime only):
     all of onnxruntime's graph optimizations (its default; at W8/A8 this runs integer kernels), or
     none (each node as written: the float arithmetic of the PyTorch model). ``precision`` (OpenVINO
-    only): its ``INFERENCE_PRECISION_HINT``, ``"f32"`` or ``"bf16"``; None leaves OpenVINO's default
-    (bf16 on CPUs with AVX-512 BF16 or AMX, f32 elsewhere). A CPU without bf16 runs f32 even when
-    bf16 is asked for: ``precision`` on the returned model says what was compiled."""
+    only): its ``INFERENCE_PRECISION_HINT``, ``"f32"`` or ``"bf16"``; None gives a quantized file f32
+    and a full-precision one OpenVINO's default (bf16 on CPUs with AVX-512 BF16 or AMX, f32
+    elsewhere): ``quantized_precision`` says why. A CPU without bf16 runs f32 even when bf16 is asked
+    for: ``precision`` on the returned model says what was compiled."""
     _check_options(runtime, optimize, precision)
     path = Path(path)
     if not path.is_file():
@@ -198,6 +199,17 @@ def exact_openvino_config(core) -> dict:
     return {}
 
 
+def quantized_precision(quantized: bool) -> str | None:
+    """The inference precision isvit gives OpenVINO when none is asked for: f32 for a quantized
+    file, OpenVINO's own default (None: bf16 on CPUs with AVX-512 BF16 or AMX, f32 elsewhere) for a
+    full-precision one. A quantized file's products run in int8 whatever the precision; what the
+    precision decides is the float work between them (LayerNorm, Softmax, GELU, the conversions
+    around each FakeQuantize), and in bf16 that work costs more in conversions than it saves
+    (measured in docs/onnx.md#openvino). The same in one line of OpenVINO:
+    ``core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})``."""
+    return "f32" if quantized else None
+
+
 def _load_openvino(path: Path, threads: int | None, precision: str | None) -> tuple[OpenVinoModel, dict]:
     ov = require("openvino", extra="openvino")
     info = _metadata(_metadata_props(path), path)
@@ -211,6 +223,7 @@ def _load_openvino(path: Path, threads: int | None, precision: str | None) -> tu
     config = {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    precision = precision or quantized_precision(info["config"] is not None)
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
     config.update(exact_openvino_config(core))
