@@ -63,6 +63,7 @@ def test_int8_latency_defaults_and_choices(tmp_path, int8_latency):
     args = int8_latency.parse_args([])
     assert (args.threads, args.batch_sizes, args.repeats, args.nncf_images) == ([1, 2], [1, 32], [50, 10], 300)
     assert args.quantized == [] and args.make == [("repq", 8, 8)] and args.ov_precision is None and args.cache is None
+    assert args.model == "vit_tiny_patch16_224" == record.MODEL
     assert Path(args.out) == record.ROOT / "results" / "int8_latency.json"
     checkpoint = tmp_path / "isvit_w4a4.safetensors"
     checkpoint.write_bytes(b"")
@@ -71,33 +72,94 @@ def test_int8_latency_defaults_and_choices(tmp_path, int8_latency):
     assert args.quantized == [str(checkpoint)] and args.make == [("repq", 4, 8), ("minmax", 8, 8)]
     assert args.threads == [2] and args.ov_precision == "bf16"
     assert int8_latency.parse_args(["--quantized", str(checkpoint)]).make == []  # a file given: nothing made
-    for wrong in (["--repeats", "5"], ["--make", "isvit:4:4"], ["--make", "repq:4"], ["--threads", "0"],
-                  ["--quantized", str(tmp_path / "missing.safetensors")], ["--ov-precision", "f16"]):
+    # the ViT-B, its isvit models made here
+    args = int8_latency.parse_args(["--model", "vit_base_patch16_224", "--make", "isvit:8:8", "isvit:4:8", "isvit:4:4",
+                                    "--batch-sizes", "1", "8"])
+    assert args.model == "vit_base_patch16_224" and args.make == [("isvit", 8, 8), ("isvit", 4, 8), ("isvit", 4, 4)]
+    for wrong in (["--repeats", "5"], ["--make", "gptq:4:4"], ["--make", "repq:4"], ["--make", "isvit:4:x"],
+                  ["--threads", "0"], ["--quantized", str(tmp_path / "missing.safetensors")], ["--ov-precision", "f16"],
+                  ["--model", "vit_small_patch16_224"]):
         with pytest.raises(SystemExit):
             int8_latency.parse_args(wrong)
 
 
-def test_int8_latency_ratios_are_to_the_same_runtimes_fp32_and_to_nncf(int8_latency):
+def test_int8_latency_isvit_made_here_is_the_fast_preset_at_one_iteration(int8_latency):
+    config, source = int8_latency.made_config(("isvit", 4, 8), calib_size=16, seed=3)
+    assert (config.method, config.preset, config.iters, config.w_bits, config.a_bits) == ("isvit", "fast", 1, 4, 8)
+    assert (config.calib_size, config.seed) == (16, 3)
+    assert "fast preset, 1 iteration, 16 images" in source and "not its accuracy" in source
+    config, source = int8_latency.made_config(("repq", 8, 8), calib_size=16, seed=3)
+    assert (config.method, config.preset, config.iters, config.calib_size) == ("repq", "paper", None, 16)
+    assert int8_latency.SHARED_WEIGHTS == {record.MODEL: record.WEIGHTS}  # the ViT-B has none: random weights
+
+
+def test_int8_latency_isvit_models_get_a_second_openvino_row_at_isvits_precision(int8_latency):
+    paths = {"fp32": Path("fp32.onnx"), "nncf_int8": Path("nncf.xml"), "isvit_w4a8": Path("q.onnx")}
+    assert int8_latency.ISVIT_PRECISION == "f32"
+    assert int8_latency.openvino_models(paths, ["isvit_w4a8"], None) == {
+        "fp32": (Path("fp32.onnx"), None), "nncf_int8": (Path("nncf.xml"), None),
+        "isvit_w4a8": (Path("q.onnx"), None), "isvit_w4a8@f32": (Path("q.onnx"), "f32")}
+    # --ov-precision: every model at that precision, one row each
+    assert int8_latency.openvino_models(paths, ["isvit_w4a8"], "bf16") == {
+        name: (path, "bf16") for name, path in paths.items()}
+
+
+def test_int8_latency_ratios_are_to_the_same_runtimes_fp32_and_int8_baselines(int8_latency):
     times = {("pytorch", "fp32"): [12.0, 10.0, 11.0, 9.0, 10.0],
              ("onnxruntime", "fp32"): [8.0] * 5,
+             ("onnxruntime", "ort_int8"): [5.0] * 5,
              ("onnxruntime", "repq_w8a8"): [4.0, 5.0, 3.0, 4.0, 4.0],
              ("openvino", "fp32"): [6.0] * 5,
              ("openvino", "nncf_int8"): [3.0] * 5,
-             ("openvino", "repq_w8a8"): [2.0] * 5}
-    rows = {(r["runtime"], r["model"]): r for r in int8_latency.summarize(times, batch=4, threads=2)}
+             ("openvino", "repq_w8a8"): [2.0] * 5,
+             ("openvino", "repq_w8a8@f32"): [1.5] * 5}
+    ov_precisions = {"fp32": "bf16", "nncf_int8": "bf16", "repq_w8a8": "bf16", "repq_w8a8@f32": "f32"}
+    rows = {(r["runtime"], r["model"]): r for r in int8_latency.summarize(times, batch=4, threads=2,
+                                                                        ov_precisions=ov_precisions)}
     torch_fp32 = rows[("pytorch", "fp32")]
     assert (torch_fp32["median_ms"], torch_fp32["q1_ms"], torch_fp32["q3_ms"], torch_fp32["iqr_ms"]) == (10.0, 10.0,
                                                                                                          11.0, 1.0)
     assert torch_fp32["ms_per_image"] == 2.5 and torch_fp32["calls"] == 5 and torch_fp32["threads"] == 2
-    assert torch_fp32["vs_fp32"] == 1.0 and torch_fp32["vs_nncf_int8"] is None
+    assert torch_fp32["vs_fp32"] == 1.0 and torch_fp32["vs_nncf_int8"] is None and torch_fp32["vs_ort_int8"] is None
+    assert torch_fp32["ov_precision"] is None  # the precision is OpenVINO's only
     assert rows[("onnxruntime", "repq_w8a8")]["vs_fp32"] == 2.0  # onnxruntime's fp32, not PyTorch's
     assert rows[("onnxruntime", "repq_w8a8")]["vs_nncf_int8"] is None
+    assert rows[("onnxruntime", "repq_w8a8")]["vs_ort_int8"] == 1.25  # onnxruntime's own INT8 model
+    ort_int8 = rows[("onnxruntime", "ort_int8")]
+    assert ort_int8["vs_ort_int8"] == 1.0 and ort_int8["vs_fp32"] == 1.6
+    assert rows[("onnxruntime", "fp32")]["ov_precision"] is None
     assert rows[("openvino", "repq_w8a8")]["vs_fp32"] == 3.0 and rows[("openvino", "repq_w8a8")]["vs_nncf_int8"] == 1.5
+    assert rows[("openvino", "repq_w8a8")]["vs_ort_int8"] is None  # onnxruntime's model runs on onnxruntime only
     assert rows[("openvino", "nncf_int8")]["vs_nncf_int8"] == 1.0
+    assert rows[("openvino", "repq_w8a8")]["ov_precision"] == "bf16"
+    assert rows[("openvino", "repq_w8a8@f32")]["ov_precision"] == "f32"
+    at_f32 = rows[("openvino", "repq_w8a8@f32")]
+    assert at_f32["vs_fp32"] == 4.0 and at_f32["vs_nncf_int8"] == 2.0
     table = int8_latency.markdown_table(list(rows.values())).splitlines()
     assert len(table) == 2 + len(times)
-    assert "| openvino | repq_w8a8 | 4 | 2 | 2.0 | 0.0 | 0.50 | 3.00x | 1.50x |" in table
+    assert "vs onnxruntime int8" in table[0] and "OpenVINO precision" in table[0]
+    assert "| openvino | repq_w8a8 | bf16 | 4 | 2 | 2.0 | 0.0 | 0.50 | 3.00x | 1.50x |  |" in table
+    assert "| openvino | repq_w8a8@f32 | f32 | 4 | 2 | 1.5 | 0.0 | 0.38 | 4.00x | 2.00x |  |" in table
+    assert "| onnxruntime | repq_w8a8 |  | 4 | 2 | 4.0 | 0.0 | 1.00 | 2.00x |  | 1.25x |" in table
     assert int8_latency.model_name({"method": "isvit", "w_bits": 4, "a_bits": 4}, {"isvit_w4a4"}) == "isvit_w4a4_2"
+
+
+def test_int8_latency_reuses_a_cached_int8_model_only_when_made_the_same_way(tmp_path, int8_latency):
+    model = tmp_path / "vit_base_patch16_224_ort_int8_8img_seed0.onnx"
+    wanted = {"fp32_onnx_sha256": "abc", "images": 8, "seed": 0, "onnxruntime": "1.32.0"}
+    assert int8_latency.cached(model, wanted) is None  # nothing there
+    model.write_bytes(b"model")
+    record.write_json(model.with_suffix(".json"), {**wanted, "calibration_s": 2.0})
+    assert int8_latency.cached(model, wanted) == {**wanted, "calibration_s": 2.0}
+    assert int8_latency.cached(model, {**wanted, "seed": 1}) is None
+    assert int8_latency.cached(model, {**wanted, "onnxruntime": "1.33.0"}) is None
+
+
+def test_int8_latency_report_names_the_cpu_and_its_kernel_flags(int8_latency):
+    cpu = record.cpu_info()
+    line = int8_latency.cpu_line(cpu)
+    assert line.startswith(f"CPU: {cpu['model']}, {cpu['cores']} cores;")
+    assert all(f"{flag} {'yes' if cpu[flag] else 'no'}" in line for flag in ("avx2", "avx512f", "vnni", "amx_int8"))
 
 
 def test_where_a_model_was_saved_does_not_stop_a_row_being_resumed(tmp_path):
