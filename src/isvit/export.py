@@ -13,55 +13,62 @@ Export is three named stages:
 3. the preprocessing, the architecture and the quantization config go into the model's
    ``metadata_props``, and the file is written atomically.
 
-The forms (format ``isvit-onnx-v1``), for grids of ``L = 2^b`` levels. Every product is
-``DequantizeLinear(uint8 activation codes) x DequantizeLinear(int8 or uint8 weight codes)``, the
-QDQ pattern that onnxruntime fuses into ``MatMulIntegerToFloat`` / ``QLinearMatMul`` and OpenVINO
-into its int8 FullyConnected and MatMul:
+The forms (format ``isvit-onnx-v1``), for grids of ``L = 2^b`` levels, are the graphs the runtimes'
+int8 fast paths take: every product is ``DequantizeLinear(activation codes) x DequantizeLinear(int8
+codes without zero point)``, which onnxruntime fuses into ``MatMulIntegerToFloat`` / ``QLinearMatMul``
+and OpenVINO into its int8 FullyConnected and its int8 attention (both of its operands without zero
+point, the right one signed):
 
-- weights (uniform, per output channel, scale s and zero point z): the codes ``q - z`` as int8
-  without a zero point where ``|q - z| <= 64`` (every weight of 6 bits or fewer): symmetric int8 is
-  what OpenVINO's int8 kernels take (a zero point makes it dequantize the weights to float) and, for
-  the product with any uint8 activation, cannot saturate the 16-bit pair sums of the AVX2 u8 x s8
-  instruction onnxruntime uses; otherwise the codes q as uint8 with the per-channel zero point
-  (onnxruntime's u8 x u8 kernels), and a zero point outside 0..255 (a row of one sign) stores
-  ``q - z`` as int32 (a float product). Below 8 bits the codes are stored packed to b bits (bit
-  planes of the unsigned codes in uint8 initializers, ``pack_bits``) and unpacked by integer
-  arithmetic on constants (``Div``, ``Mod``, ``Mul``, ``ReduceSum``, ``Sub z``, ``Cast``), which both
-  runtimes fold into plain int8 weights when they load the file: a W4 file holds 4 bits a weight,
-  a W3 file 3. (Bit shifts would be the natural unpacking; OpenVINO 2026.4 does not fold them and
-  then computes the product wrongly.) A Linear's weight is stored as its MatMul reads it,
-  transposed (in, out);
-- activations (uniform, per tensor): ``QuantizeLinear -> DequantizeLinear`` (uint8) with the scale
-  and the zero point ``max(z, 0)``, after a ``Clip`` to the grid's range ``[(0 - z) s, (L - 1 - z) s]``
-  below 8 bits, so that the codes are exactly the b-bit ones (``QuantizeLinear`` alone saturates at
-  0..255). A zero point below 0 (a range that starts above 0, such as a post-Softmax map on few
-  tokens) is shifted to 0: the same values, codes ``q - z``. Only a range uint8 cannot hold even
-  shifted (z > 255, or z < L - 256) is written as the PyTorch arithmetic (``Div s, Round, Add z,
-  Clip 0..L-1, Sub z, Mul s``) and its product runs in float;
+- weights (uniform, per output channel, scale s and zero point z): int8 without zero point
+  (``signed_weight``): the codes ``q - z`` wherever they fit int8 (every grid of 7 bits or fewer
+  whose zero point lies on it), exact; an 8-bit channel not centred on 128 is rounded again onto
+  the symmetric grid of step ``max |w^| / 127`` (within half that step). Below 8 bits the codes are
+  stored packed to b bits (bit planes of the unsigned codes in uint8 initializers, ``pack_bits``)
+  and unpacked by integer arithmetic on constants (``Div``, ``Mod``, ``Mul``, ``ReduceSum``, ``Sub
+  z``, ``Cast``), which both runtimes fold into plain int8 weights when they load the file: a W4
+  file holds 4 bits a weight, a W3 file 3. (Bit shifts would be the natural unpacking; OpenVINO
+  2026.4 does not fold them and then computes the product wrongly.) A Linear's weight is stored
+  as its MatMul reads it, transposed (in, out);
+- a Linear's input (uniform, per tensor): ``QuantizeLinear -> DequantizeLinear`` (uint8) with the
+  scale and the zero point ``max(z, 0)``, after a ``Clip`` to the grid's range ``[(0 - z) s,
+  (L - 1 - z) s]`` below 8 bits, so that the codes are exactly the b-bit ones (``QuantizeLinear``
+  alone saturates at 0..255). A zero point below 0 is shifted to 0: the same values, codes
+  ``q - z``. Only a range uint8 cannot hold even shifted (z > 255, or z < L - 256) is written as
+  the PyTorch arithmetic (``Div s, Round, Add z, Clip 0..L-1, Sub z, Mul s``) and its product runs
+  in float;
+- the operands of a product of two activations (q @ k^T, attn @ v): int8 codes without zero point
+  (``signed_activation_operand``), exact below 8 bits; an 8-bit grid is re-centred on zero when its
+  zero point lies within ``MAX_RECENTRE`` codes of 128 (the same step, the codes beyond -128..127
+  saturate), otherwise it stays uint8 with its zero point (integer on onnxruntime, float on OpenVINO);
 - outlier channels on a grid of their own (two (scale, zero point) pairs, ``search_split_range``):
   two integer products summed, ``x W^T = Q_main(x) W_main^T + Q_out(x[:, idx]) W[:, idx]^T``, the
   outlier columns of ``W_main`` zero (a ``Gather`` takes the few outlier channels). Any other
   per-channel activation grid (Swin keeps one before qkv where it pads its windows) cannot go into
   an integer product along its reduced dimension: its PyTorch arithmetic and a float product;
-- post-Softmax SULQ and log-sqrt2: the code from the PyTorch arithmetic in elementwise ops (``Add
-  eta, Log, Mul, Add, Round, Clip``; log-sqrt2: ``Max 1e-20, Log, Mul, Add, Round, Clip 0..L``), its
-  value ``Exp(code * a + c)`` (``- eta``; log-sqrt2: 0 past the last code, a mask at 4 bits or
-  fewer), then ``QuantizeLinear -> DequantizeLinear`` on the uint8 grid of step ``t_max / 255``
-  (``t_max`` the largest value of the table): the table of the L values folded onto uint8, so
-  that attn @ v is an integer product. That fold moves each attention value by at most half a
-  step (``t_max / 510``): the one re-expression of the export, measured in docs/onnx.md;
+- post-Softmax SULQ and log-sqrt2 at 8 bits (``softmax8="uniform"``, the default): the map itself
+  on the uint8 grid of step ``t_max / 255`` (``t_max`` the largest value of the method's table), one
+  QDQ pair. Below 8 bits (or with ``softmax8="method"``): the method's code from its arithmetic in
+  elementwise ops (``Add eta, Log, Mul, Add, Round, Clip``; log-sqrt2: ``Max 1e-20, Log, Mul, Add,
+  Round, Clip 0..L``), its value ``Exp(code * a + c)`` (``- eta``; log-sqrt2: 0 past the last code,
+  a mask at 4 bits or fewer), then ``QuantizeLinear -> DequantizeLinear`` on that uint8 grid: the
+  table of the L values folded onto uint8, each value moved by at most half a step (``t_max / 510``);
 - a Linear on a 2-d input (the head): unsqueezed to 3-d around its MatMul, because onnxruntime
   fuses a 2-d MatMul + Add into a float ``Gemm`` before it looks for integer products;
-- the patch-embedding Conv: its weight's codes and ``DequantizeLinear``; the image is not quantized,
-  so the convolution runs in float.
+- the patch-embedding Conv: its weight's int8 codes and ``DequantizeLinear``; the image is not
+  quantized, so the convolution runs in float.
+
+The re-expressions (8-bit weights rounded again, 8-bit attention operands re-centred, the 8-bit
+post-Softmax map on the uint8 grid or the table folded onto it) are what ``folded_tables`` gives the
+PyTorch model, so that their effect is measured on their own (docs/onnx.md).
 
 ONNX has no log2, so the two log-domain quantizers compute ``ln(x) / ln 2`` (folded into one ``Mul``):
 where that lands within a rounding error of a code boundary, the code can differ by one from
 PyTorch's ``log2``.
 
 ``metadata_props``: ``format`` (``isvit-onnx-v1``), ``model`` (timm architecture), ``model_args``,
-``config`` (``QuantConfig.to_dict()``, ``null`` for a full-precision export) and ``data_config`` (the
-preprocessing), all JSON strings except the first two. The input is ``images`` (N, 3, H, W) float32
+``config`` (``QuantConfig.to_dict()``, ``null`` for a full-precision export), ``data_config`` (the
+preprocessing) and ``export`` (the export's own options: ``softmax8``), all JSON strings except the
+first two. The input is ``images`` (N, 3, H, W) float32
 with a dynamic batch, the output ``logits``.
 """
 
@@ -93,9 +100,10 @@ QUANTIZED_LAYERS = (QuantLinear, QuantConv2d, QuantMatMul)
 # The signed 8-bit codes that weights and the second operand of an activation product are stored as:
 # both runtimes' int8 kernels take that operand symmetric (no zero point).
 INT8_MIN, INT8_MAX = -128, 127
-# An 8-bit activation grid that must be signed (the right operand of an attention product) is
-# re-centred on zero when its zero point lies within this many codes of 128 (see signed_codes).
-MAX_RECENTRE = 8
+# An 8-bit activation grid that must be signed (an operand of an attention product) is re-centred
+# on zero when its zero point lies within this many codes of 128 (see signed_codes): at most an
+# eighth of its codes saturate, at one end, where the calibration put its rarest values.
+MAX_RECENTRE = 32
 # The uint8 grid that a post-Softmax table is folded onto: its largest value is code 255.
 TABLE_CODES = 255
 # How an 8-bit post-Softmax grid is exported: "uniform", the map itself on the uint8 grid (one QDQ
