@@ -560,12 +560,12 @@ def lower_linear(b: _Builder, layer: QuantLinear, x: str, output: str, rank: int
     for x_op, integer, rows in parts:
         products.append(b.op("MatMul", [x_op, weight_operand(b, codes_t, scale, zero_point, bits, axis_t, **rows)]))
         forms.append(_form(integer))
-    y = b.op("Add", [products[0], b.constant("bias", _f32(layer.bias))])  # fused into the product
+    last = len(products) == 1 and rank != 2
+    y = b.op("Add", [products[0], b.constant("bias", _f32(layer.bias))], output if last else None)  # fused into the product
     if len(products) == 2:
-        y = b.op("Add", [y, products[1]])
+        y = b.op("Add", [y, products[1]], output if rank != 2 else None)
     if rank == 2:
-        y = b.op("Squeeze", [y, _axis(b, 1)])
-    b.op("Identity", [y], output)
+        b.op("Squeeze", [y, _axis(b, 1)], output)
     return forms
 
 
