@@ -23,12 +23,14 @@ VIT_TINY_WEIGHTS = SHARED / "models" / "vit_tiny_patch16_224.safetensors"
 VAL_DIR = SHARED / "data" / "imagenet-val-1300"
 CALIB_DIR = SHARED / "data" / "imagenet-calib-1000"
 
-# The tests that load OpenVINO (test_openvino.py, and those marked ``openvino``) can run in a
-# process of their own: ``--openvino only`` runs just them, ``--openvino without`` everything else
-# (test_openvino.py is then not even imported). scripts/test.sh runs the two parts one after the
-# other: with OpenVINO's CPU plugin (its own TBB threads and oneDNN) loaded beside torch's, later,
-# unrelated tests crashed the process (segfault, AMD EPYC with AVX2; not seen on an AVX-512 Xeon).
+# The tests that load OpenVINO (test_openvino.py, test_openvino_ir.py, and those marked ``openvino``)
+# can run in a process of their own: ``--openvino only`` runs just them, ``--openvino without``
+# everything else (the two files are then not even imported). scripts/test.sh runs the two parts
+# one after the other: with OpenVINO's CPU plugin (its own TBB threads and oneDNN) loaded beside
+# torch's, later, unrelated tests crashed the process (segfault, AMD EPYC with AVX2; not seen on an
+# AVX-512 Xeon).
 OPENVINO_PARTS = ("with", "without", "only")
+OPENVINO_FILES = ("test_openvino.py", "test_openvino_ir.py")
 
 
 def pytest_addoption(parser):
@@ -37,7 +39,7 @@ def pytest_addoption(parser):
 
 
 def pytest_ignore_collect(collection_path, config):
-    if config.getoption("--openvino") == "without" and collection_path.name == "test_openvino.py":
+    if config.getoption("--openvino") == "without" and collection_path.name in OPENVINO_FILES:
         return True
     return None
 
@@ -53,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def is_openvino_test(item) -> bool:
-    return item.path.name == "test_openvino.py" or item.get_closest_marker("openvino") is not None
+    return item.path.name in OPENVINO_FILES or item.get_closest_marker("openvino") is not None
 
 
 VAL_IMAGES = 200

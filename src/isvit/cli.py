@@ -7,12 +7,13 @@
     isvit quantize --model NAME [--weights PATH] --calib DIR [--data DIR] --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
                    [--save OUT] [--json OUT] [--preset {paper,fast,thorough}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
-    isvit export --quantized FILE --onnx OUT      (or --model NAME [--weights PATH]: full precision)
+    isvit export --quantized FILE [--onnx OUT] [--openvino DIR]   (or --model NAME [--weights PATH]: full precision)
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
 the quantized model as an integer checkpoint (``checkpoint.py``) that ``eval --quantized`` rebuilds
 alone; ``export`` writes it as an ONNX model in QDQ form (``export.py``) that ``eval --onnx`` runs
-with onnxruntime or OpenVINO (``runtime.py``). ``quantize`` without ``--data`` quantizes and saves without evaluating.
+with onnxruntime or OpenVINO (``runtime.py``), and/or as that model's OpenVINO IR (``openvino_ir.py``).
+``quantize`` without ``--data`` quantizes and saves without evaluating.
 ``quantize --resume DIR`` saves the state after each finished step in DIR and, started again,
 carries on from there (``resume.py``). Bad input ends the program with one sentence on stderr and
 exit status 2.
@@ -30,6 +31,7 @@ import json
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -53,6 +55,7 @@ from .errors import IsvitError
 from .evaluate import evaluate
 from .export import export_onnx
 from .models import create_model
+from .openvino_ir import check_destination, write_openvino
 from .pipeline import METHODS, PRESETS, QuantConfig, applied_config, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 from .reconstruct import LOSSES, ROUNDINGS
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save' "
                                                           "(architecture, weights and preprocessing come from it)")
     which.add_argument("--onnx", metavar="FILE", help="an ONNX model written by 'isvit export', run on the CPU by "
-                                                      "onnxruntime or OpenVINO (preprocessing from the file)")
+                                                      "onnxruntime or OpenVINO (preprocessing from the file), or its "
+                                                      "OpenVINO IR (DIR or DIR/model.xml, with --runtime openvino)")
     _add_common(ev)
     ev.add_argument("--runtime", choices=RUNTIMES, help="with --onnx: what runs the file (default onnxruntime; "
                                                         "openvino needs pip install 'isvit[openvino]')")
@@ -192,12 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--resume", metavar="DIR", help="save the calibration's state in DIR after each finished step; "
                                                    "started again with the same command, carry on from there")
 
-    ex = sub.add_parser("export", help="write a quantized model (or a full-precision one) as an ONNX model in QDQ form")
+    ex = sub.add_parser("export", help="write a quantized model (or a full-precision one) as an ONNX model in QDQ form "
+                                       "and/or as its OpenVINO IR")
     source = ex.add_mutually_exclusive_group(required=True)
     source.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save'")
     source.add_argument("--model", help=MODEL_HELP + " of a supported family (exported in full precision)")
     ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict (timm or transformers, as for quantize); default: timm's pretrained download")
-    ex.add_argument("--onnx", metavar="OUT", required=True, help="the ONNX file to write")
+    ex.add_argument("--onnx", metavar="OUT", help="the ONNX file to write")
+    ex.add_argument("--openvino", metavar="DIR", help="the folder (new or empty) to write the OpenVINO IR into, "
+                                                      "DIR/model.xml and DIR/model.bin "
+                                                      "(needs pip install 'isvit[openvino]')")
     ex.add_argument("--threads", type=_positive_int, help="CPU threads for torch while tracing (default: torch's choice)")
     return parser
 
@@ -379,7 +387,12 @@ def run_eval_onnx(args) -> dict:
 
 
 def run_export(args) -> dict:
-    """Write a quantized model (from its integer checkpoint) or a full-precision one as ONNX."""
+    """Write a quantized model (from its integer checkpoint) or a full-precision one as ONNX, as an
+    OpenVINO IR (built from the same ONNX graph), or both."""
+    if not args.onnx and not args.openvino:
+        raise IsvitError("nothing would be written: give --onnx FILE, --openvino DIR or both")
+    if args.openvino:
+        check_destination(args.openvino)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quantized:
@@ -390,14 +403,22 @@ def run_export(args) -> dict:
     else:
         model = create_model(args.model, args.weights, quantizable=True)
         name, config, data_config, model_args = args.model, None, resolve_data_config(model), {}
-    counts = export_onnx(model, args.onnx, model_name=name, config=config, data_config=data_config, model_args=model_args)
-    size = Path(args.onnx).stat().st_size
-    if config is None:
-        products = "full precision"
-    else:
-        products = f"{counts['integer']} integer products, {counts['float']} in float (see docs/onnx.md)"
-    print(f"exported {args.onnx}: {_megabytes(size)} ({products})")
-    return {"onnx": args.onnx, "bytes": size, "products": counts}
+    result = {"onnx": args.onnx, "openvino": args.openvino}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = args.onnx or str(Path(tmp) / "model.onnx")  # the IR alone: its ONNX graph in a temporary file
+        counts = export_onnx(model, onnx_path, model_name=name, config=config, data_config=data_config,
+                             model_args=model_args)
+        if config is None:
+            products = "full precision"
+        else:
+            products = f"{counts['integer']} integer products, {counts['float']} in float (see docs/onnx.md)"
+        if args.onnx:
+            result["bytes"] = Path(args.onnx).stat().st_size
+            print(f"exported {args.onnx}: {_megabytes(result['bytes'])} ({products})")
+        if args.openvino:
+            result["openvino_bytes"] = write_openvino(onnx_path, args.openvino)
+            print(f"exported {args.openvino} (OpenVINO IR): {_megabytes(result['openvino_bytes'])} ({products})")
+    return {**result, "products": counts}
 
 
 def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:

@@ -5,6 +5,8 @@ configuration.
 The file's format (``isvit-onnx-v1``): input ``images`` (N, 3, H, W) float32 with a dynamic batch,
 output ``logits``, and ``metadata_props`` written by ``export.export_onnx``. Both runtimes read the
 same file, and its metadata and names are checked by the same functions, in the same words.
+OpenVINO also reads the IR of ``openvino_ir.export_openvino`` (``DIR/model.xml``, or DIR), whose
+``rt_info`` carries the same metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ OUTPUT_NAME = "logits"
 RUNTIMES = ("onnxruntime", "openvino")
 # OpenVINO's INFERENCE_PRECISION_HINT on the CPU: f32, or bf16 where the CPU has it (AVX-512 BF16, AMX)
 PRECISIONS = ("f32", "bf16")
+# The OpenVINO IR's graph in its folder (the weights in model.bin beside it)
+IR_FILE = "model.xml"
 
 
 def require(module: str, extra: str = "onnx"):
@@ -102,14 +106,34 @@ def load_onnx(
     only): its ``INFERENCE_PRECISION_HINT``, ``"f32"`` or ``"bf16"``; None gives a quantized file f32
     and a full-precision one OpenVINO's default (bf16 on CPUs with AVX-512 BF16 or AMX, f32
     elsewhere): ``quantized_precision`` says why. A CPU without bf16 runs f32 even when bf16 is asked
-    for: ``precision`` on the returned model says what was compiled."""
+    for: ``precision`` on the returned model says what was compiled.
+
+    OpenVINO also loads the model's OpenVINO IR (``isvit export --openvino DIR``): ``path`` the
+    folder or its ``model.xml``."""
     _check_options(runtime, optimize, precision)
     path = Path(path)
+    ir = _openvino_ir(path)
+    if ir is not None and runtime == "openvino":
+        if not ir.is_file():
+            raise IsvitError(f"OpenVINO IR file {ir} does not exist")
+        return _load_openvino(ir, threads, precision, ir=True)
+    if ir is not None and ir.is_file():
+        raise IsvitError(f"{path} is an OpenVINO IR, which {runtime} cannot run: load it with runtime='openvino' "
+                         "(isvit eval: --runtime openvino)")
     if not path.is_file():
         raise IsvitError(f"ONNX model file {path} does not exist")
     if runtime == "openvino":
         return _load_openvino(path, threads, precision)
     return _load_onnxruntime(path, threads, optimize)
+
+
+def _openvino_ir(path: Path) -> Path | None:
+    """The IR's graph file where ``path`` names an OpenVINO IR (a folder, or a ``.xml`` file), else None."""
+    if path.is_dir():
+        return path / IR_FILE
+    if path.suffix.lower() == ".xml":
+        return path
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,15 +234,34 @@ def quantized_precision(quantized: bool) -> str | None:
     return "f32" if quantized else None
 
 
-def _load_openvino(path: Path, threads: int | None, precision: str | None) -> tuple[OpenVinoModel, dict]:
-    ov = require("openvino", extra="openvino")
-    info = _metadata(_metadata_props(path), path)
-    core = ov.Core()
+def _ir_metadata(model) -> dict[str, str]:
+    """The metadata an IR written by isvit carries in its rt_info, under ``isvit``: the ONNX file's
+    metadata_props."""
+    section = model.get_rt_info()["isvit"] if model.has_rt_info(["isvit"]) else {}
+    if not isinstance(section, dict):
+        return {}
+    return {key: value.astype(str) for key, value in section.items()}
+
+
+def _read_openvino(core, path: Path):
     try:
-        model = core.read_model(str(path))
-    except Exception as exc:  # a valid ONNX file (onnx read it) that OpenVINO cannot convert
+        return core.read_model(str(path))
+    except Exception as exc:  # a valid ONNX file (onnx read it) that OpenVINO cannot convert, a damaged IR
         # OpenVINO's RuntimeError: its first lines name its own source files, the last one the reason
         raise IsvitError(f"OpenVINO cannot read {path} ({_error_line(exc, -1)})") from exc
+
+
+def _load_openvino(path: Path, threads: int | None, precision: str | None,
+                   ir: bool = False) -> tuple[OpenVinoModel, dict]:
+    """``path`` compiled by OpenVINO for the CPU: an ONNX file, or with ``ir`` an IR's model.xml."""
+    ov = require("openvino", extra="openvino")
+    core = ov.Core()
+    if ir:  # the metadata is in the model OpenVINO reads
+        model = _read_openvino(core, path)
+        info = _metadata(_ir_metadata(model), path)
+    else:  # onnx reads and checks the metadata first: OpenVINO does not keep it
+        info = _metadata(_metadata_props(path), path)
+        model = _read_openvino(core, path)
     _check_names([i.get_any_name() for i in model.inputs], [o.get_any_name() for o in model.outputs], path)
     config = {}
     if threads:
