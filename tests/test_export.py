@@ -478,7 +478,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("setting", EXPORTED, ids=[f"{a}-{m}-w{b}" for a, m, b in EXPORTED])
 @pytest.mark.parametrize("optimize", [True, False], ids=["ort-optimized", "ort-plain"])
 def test_exported_model_computes_what_pytorch_computes(exported, setting, optimize):
-    """What the file computes is the PyTorch model with its post-Softmax tables folded onto uint8."""
+    """What the file computes is the PyTorch model with the export's re-expressions (``folded_tables``)."""
     model, _, path, _ = exported[setting]
     arch = setting[0]
     onnx_model, _ = load_onnx(path, threads=1, optimize=optimize)
