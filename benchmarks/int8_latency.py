@@ -211,8 +211,18 @@ def cached(file: Path, wanted: dict) -> dict | None:
     return None
 
 
-def int8_calibration_images(calib_folder: Path, transform, images: int, seed: int) -> list[np.ndarray]:
+def reuse(label: str, file: Path, wanted: dict) -> tuple[Path, dict] | None:
+    """(the cached model ``file``, what made it) where it was made with ``wanted`` (``cached``), else None."""
+    made = cached(file, wanted)
+    if not made:
+        return None
+    say(f"{label}: reusing {file} (calibrated in {made['calibration_s']:.0f} s)")
+    return file, {**made, "cached": True, "file": str(file)}
+
+
+def int8_calibration_images(label: str, calib_folder: Path, transform, images: int, seed: int) -> list[np.ndarray]:
     """The images NNCF and onnxruntime calibrate their INT8 models on, each a batch of one."""
+    say(f"{label}: loading {images} calibration images (seed {seed})")
     calib = isvit.load_calibration_images(calib_folder, transform, images, seed=seed, progress=False)
     return [image[None].numpy() for image in calib]
 
@@ -228,12 +238,10 @@ def nncf_int8(fp32_path: Path, model: str, folder: Path, calib_folder: Path, tra
     xml = folder / f"{model}_nncf_int8_{images}img_seed{seed}.xml"
     wanted = {"fp32_onnx_sha256": sha256(fp32_path), "images": images, "subset_size": images, "seed": seed,
               "model_type": "TRANSFORMER", "nncf": nncf.__version__, "openvino": openvino.__version__}
-    made = cached(xml, wanted)
-    if made:
-        say(f"NNCF INT8 model: reusing {xml} (calibrated in {made['calibration_s']:.0f} s)")
-        return xml, {**made, "cached": True, "file": str(xml)}
-    say(f"NNCF INT8 model: loading {images} calibration images (seed {seed})")
-    calib = int8_calibration_images(calib_folder, transform, images, seed)
+    reused = reuse("NNCF INT8 model", xml, wanted)
+    if reused:
+        return reused
+    calib = int8_calibration_images("NNCF INT8 model", calib_folder, transform, images, seed)
     say(f"NNCF INT8 model: nncf.quantize on {images} images (1-2 minutes at 300 for the ViT-Ti)")
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
@@ -270,12 +278,10 @@ def ort_int8(fp32_path: Path, model: str, folder: Path, calib_folder: Path, tran
                 "reduce_range": False, "calibrate_method": "MinMax"}
     wanted = {"fp32_onnx_sha256": sha256(fp32_path), "images": images, "seed": seed, **settings,
               "onnxruntime": onnxruntime.__version__}
-    made = cached(path, wanted)
-    if made:
-        say(f"onnxruntime INT8 model: reusing {path} (calibrated in {made['calibration_s']:.0f} s)")
-        return path, {**made, "cached": True, "file": str(path)}
-    say(f"onnxruntime INT8 model: loading {images} calibration images (seed {seed})")
-    calib = int8_calibration_images(calib_folder, transform, images, seed)
+    reused = reuse("onnxruntime INT8 model", path, wanted)
+    if reused:
+        return reused
+    calib = int8_calibration_images("onnxruntime INT8 model", calib_folder, transform, images, seed)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         source, pre_process_error = Path(tmp) / "pre_processed.onnx", None
