@@ -269,6 +269,14 @@ def unpack_bits(b: _Builder, planes: np.ndarray, shape: tuple[int, ...]) -> str:
     return b.op("Reshape", [x, b.constant("shape", np.array(shape, np.int64))])
 
 
+def channel_shape(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """The shape that broadcasts a per-channel ``scale`` or ``zero_point`` along ``axis`` of an
+    ``ndim``-dimensional weight (``()`` for one value in all)."""
+    if axis is None:
+        return ()
+    return tuple(-1 if d == axis else 1 for d in range(ndim))
+
+
 def signed_weight(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                   axis: int | None) -> tuple[np.ndarray, np.ndarray, bool]:
     """(int8 codes, scale, exact) of a weight as the file stores it: symmetric int8 without zero
@@ -278,11 +286,9 @@ def signed_weight(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
     symmetric grid of step ``max |w^| / 127``: within half that step of the PyTorch weight, its
     effect measured in docs/onnx.md; ``exact`` is then False. ``codes`` in any layout, ``axis`` the
     dimension of the per-channel ``scale`` and ``zero_point`` (None for one of each)."""
-    shape = [1] * codes.ndim
-    if axis is not None:
-        shape[axis] = -1
-    scale = scale.astype(np.float32).reshape(shape if axis is not None else ())
-    signed = codes.astype(np.int64) - zero_point.astype(np.int64).reshape(shape if axis is not None else ())
+    shape = channel_shape(codes.ndim, axis)
+    scale = scale.astype(np.float32).reshape(shape)
+    signed = codes.astype(np.int64) - zero_point.astype(np.int64).reshape(shape)
     reduce = tuple(d for d in range(codes.ndim) if d != axis)
     fits = (signed.min(axis=reduce, keepdims=True) >= INT8_MIN) & (signed.max(axis=reduce, keepdims=True) <= INT8_MAX)
     if fits.all():
@@ -303,10 +309,7 @@ def weight_operand(b: _Builder, codes: np.ndarray, scale: np.ndarray, zero_point
     ``rows`` (indices along the first dimension) keeps only those rows, ``zero_rows`` sets those to
     0: the two parts of a product split by outlier channels, from one ``signed_weight`` of the whole."""
     stored, stored_scale, exact = signed_weight(codes, scale, zero_point, axis)
-    shape = [1] * codes.ndim
-    if axis is not None:
-        shape[axis] = -1
-    z = zero_point.astype(np.int32).reshape(shape if axis is not None else ())
+    z = zero_point.astype(np.int32).reshape(channel_shape(codes.ndim, axis))
     unsigned = codes.astype(np.int32)
     if zero_rows is not None:
         stored, unsigned = stored.copy(), unsigned.copy()

@@ -41,7 +41,7 @@ from torch import nn
 from .errors import IsvitError
 from .export import export_onnx
 from .pipeline import QuantConfig
-from .runtime import IR_FILE, require
+from .runtime import IR_FILE, metadata_props, require
 
 # ov::pass::DisableConstantFolding's key in a node's rt_info (its type name and version): OpenVINO's
 # Python API has no call that sets it. fold_constants checks that it still works.
@@ -171,11 +171,6 @@ def store_narrow(model) -> None:
 # Export: an ONNX file as an IR, written atomically
 # ---------------------------------------------------------------------------------------------
 
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    onnx = require("onnx", extra="openvino")
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def _save_folder(model, folder: Path) -> int:
     """Save ``model`` as ``folder/model.xml`` and ``model.bin``: written into a temporary folder beside
     ``folder``, renamed to it once complete (never a half-written folder). Returns the IR's size in bytes."""
@@ -206,7 +201,7 @@ def write_openvino(onnx_path: str | Path, folder: str | Path) -> int:
     model = ov.Core().read_model(str(onnx_path))
     fold_constants(model)
     store_narrow(model)
-    for key, value in _onnx_metadata(Path(onnx_path)).items():
+    for key, value in metadata_props(Path(onnx_path)).items():
         model.set_rt_info(value, ["isvit", key])
     return _save_folder(model, folder)
 

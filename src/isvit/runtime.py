@@ -199,8 +199,9 @@ class OpenVinoModel(nn.Module):
         return torch.from_numpy(self.compiled({INPUT_NAME: array}, share_outputs=False)[OUTPUT_NAME])
 
 
-def _metadata_props(path: Path) -> dict[str, str]:
-    """The file's metadata_props, read with onnx: OpenVINO does not keep them. onnx's strict parse
+def metadata_props(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata_props, read with onnx: OpenVINO does not keep them (the OpenVINO IR
+    export copies them into the IR from here). onnx's strict parse
     also refuses a damaged file before OpenVINO would try each of its frontends on it (TensorFlow's
     logs to stderr)."""
     onnx = require("onnx", extra="openvino")
@@ -260,7 +261,7 @@ def _load_openvino(path: Path, threads: int | None, precision: str | None,
         model = _read_openvino(core, path)
         info = _metadata(_ir_metadata(model), path)
     else:  # onnx reads and checks the metadata first: OpenVINO does not keep it
-        info = _metadata(_metadata_props(path), path)
+        info = _metadata(metadata_props(path), path)
         model = _read_openvino(core, path)
     _check_names([i.get_any_name() for i in model.inputs], [o.get_any_name() for o in model.outputs], path)
     config = {}
