@@ -37,6 +37,8 @@ from isvit.errors import IsvitError
 from isvit.export import (
     FORMAT,
     INT8_MAX,
+    LAYOUT_OPS,
+    Grid,
     _Builder,
     _signed_role,
     activation_operand,
@@ -47,6 +49,7 @@ from isvit.export import (
     lower_linear,
     pack_bits,
     post_softmax_operand,
+    quantize_before_layout_ops,
     signed_activation_operand,
     signed_codes,
     signed_weight,
@@ -291,6 +294,66 @@ def test_signed_operands_are_exact_below_8_bits_and_recentred_near_128(bits, zer
         assert torch.allclose(got[inside], q(x)[inside]) and not torch.allclose(got, q(x))
 
 
+def layout_graph(grids: dict[str, Grid], shared: bool = False) -> onnx.ModelProto:
+    """``x`` (2, 3, 4, 5) transposed and reshaped, then each of ``grids`` quantizes it (uint8 QDQ,
+    clipped below 8 bits) and multiplies it with ``w``, the products summed: the shape of an
+    attention output before ``proj``. ``shared``: the transposed tensor is also read elsewhere."""
+    b = _Builder("t")
+    t = b.op("Transpose", ["x"], perm=[0, 2, 1, 3])
+    r = b.op("Reshape", [t, b.constant("shape", np.array([2, 4, 15], np.int64))])
+    outputs = [b.op("MatMul", [activation_operand(b, grid, r), "w"]) for grid in grids.values()]
+    if shared:
+        outputs.append(b.op("ReduceSum", [r], keepdims=1))
+    y = outputs[0]
+    for other in outputs[1:]:
+        y = b.op("Add", [y, other])
+    b.op("Identity", [y], "y")
+    graph = helper.make_graph(
+        b.nodes, "layout",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [15, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return onnx.shape_inference.infer_shapes(model)  # value_info the pass must drop where it moves
+
+
+def run_model(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+
+
+@pytest.mark.parametrize("levels", [8, 256])
+def test_quantization_moves_above_transposes_and_reshapes_exactly(levels):
+    """A per-tensor chain reading a Transpose -> Reshape run moves above it (the form OpenVINO fuses
+    into its int8 attention), computing the same values; a tensor another node also reads, or a
+    grid per channel, stays where it is."""
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((2, 3, 4, 5)).astype(np.float32), "w": rng.standard_normal((15, 6)).astype(np.float32)}
+    grid = Grid(np.float32(0.07), 3, levels)
+    for shared, expected in ((False, 1), (True, 0)):
+        model = layout_graph({"a": grid}, shared=shared)
+        before = run_model(model, inputs)
+        assert quantize_before_layout_ops(model.graph) == expected
+        onnx.checker.check_model(model, full_check=True)  # topologically sorted, shapes consistent
+        assert np.array_equal(run_model(model, inputs), before)
+        types = [n.op_type for n in model.graph.node]
+        quantized_first = types.index("DequantizeLinear") < types.index("Transpose")
+        assert quantized_first == (expected == 1)
+    # two chains on one tensor: neither moves (the reshaped tensor has two readers)
+    assert quantize_before_layout_ops(layout_graph({"a": grid, "b": Grid(np.float32(0.1), 0, levels)}).graph) == 0
+
+
+def test_a_grid_per_channel_does_not_move_above_a_transpose():
+    b = _Builder("t")
+    t = b.op("Transpose", ["x"], perm=[1, 0])
+    scale, zero = b.constant("scale", np.full(3, 0.1, np.float32)), b.constant("zero", np.zeros(3, np.uint8))
+    b.op("DequantizeLinear", [b.op("QuantizeLinear", [t, scale, zero], axis=1), scale, zero], "y", axis=1)
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], b.initializers)
+    assert quantize_before_layout_ops(graph) == 0
+
+
 @pytest.mark.parametrize("kind", [SULQuantizer, LogSqrt2Quantizer])
 def test_an_8_bit_post_softmax_map_is_one_uint8_qdq_pair_on_the_table_grid(kind):
     x = attention_maps()
@@ -533,6 +596,12 @@ def test_exported_file_has_packed_integer_weights_and_metadata(exported, setting
     assert "Gather" not in [n.op_type for n in proto.graph.node if "attn" in n.name]  # no table lookup
     if bits == 8:  # the post-Softmax map on the uint8 grid: no log-domain arithmetic on it
         assert not {"Log", "Exp"} & {n.op_type for n in proto.graph.node}
+    # k of every q @ k^T is quantized before it is transposed, and nothing is left to move
+    producer = {out: n for n in proto.graph.node for out in n.output}
+    transposed_codes = sum(n.op_type in LAYOUT_OPS and getattr(producer.get(n.input[0]), "op_type", "") == "DequantizeLinear"
+                           for n in proto.graph.node)
+    assert transposed_codes >= sum(name.endswith(".qk") for name, _ in model.named_modules()) > 0
+    assert quantize_before_layout_ops(proto.graph) == 0
 
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["format"] == FORMAT and metadata["model"] == ARCHITECTURES[arch][0]
@@ -913,17 +982,28 @@ def signed_attention_blocks(model) -> int:
 def test_real_vit_file_runs_every_product_on_openvino_s_int8_kernels(real_exported, bits):
     """OpenVINO runs every Linear of the W4/A8 and W8/A8 ViT-Ti files on its int8 kernels (int8
     weights, no zero point), and the attention products of every block whose operands the export
-    writes signed in int8 too (its fused attention, a Subgraph, or two MatMuls), with the precision
-    isvit's load_onnx chooses; no Log or Exp is left on the attention maps at 8 bits."""
+    writes signed in int8 too (its fused attention, a Subgraph, or two MatMuls), at the precision
+    isvit's load_onnx chooses (f32) and at bf16 (OpenVINO's default where the CPU has it); no Log or
+    Exp is left on the attention maps at 8 bits. Where the attention is one fused kernel (a Subgraph), k enters it without a
+    transpose of its own and its output is already the proj input's uint8 codes (the export
+    quantizes before transposes and reshapes: quantize_before_layout_ops)."""
     model, _, path = real_exported(*bits)
-    ov_model, _ = load_onnx(path, threads=1, runtime="openvino")
-    assert ov_model.precision == "f32"
-    ov_model(torch.zeros(1, 3, 224, 224))
-    kernels = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str),
-                op.get_rt_info()["primitiveType"].astype(str)) for op in ov_model.compiled.get_runtime_model().get_ordered_ops()]
-    fully_connected = [kernel for layer, _, kernel in kernels if layer.startswith("FullyConnected")]
-    assert len(fully_connected) >= 12 * 4 + 1 and all("i8" in k.lower() for k in fully_connected), fully_connected
-    integer_attention = sum(layer == "Subgraph" and precision == "i8" for layer, precision, _ in kernels) \
-        + sum(layer == "MatMul" and "i8" in kernel.lower() for layer, _, kernel in kernels) / 2
-    assert integer_attention >= signed_attention_blocks(model) >= 6, kernels
+    for hint in (None, "bf16"):
+        ov_model, _ = load_onnx(path, threads=1, runtime="openvino", precision=hint)
+        assert hint is not None or ov_model.precision == "f32"
+        ov_model(torch.zeros(1, 3, 224, 224))
+        ops = ov_model.compiled.get_runtime_model().get_ordered_ops()
+        kernels = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str),
+                    op.get_rt_info()["primitiveType"].astype(str)) for op in ops]
+        fully_connected = [kernel for layer, _, kernel in kernels if layer.startswith("FullyConnected")]
+        assert len(fully_connected) >= 12 * 4 + 1 and all("i8" in k.lower() for k in fully_connected), fully_connected
+        integer_attention = sum(layer == "Subgraph" and precision == "i8" for layer, precision, _ in kernels) \
+            + sum(layer == "MatMul" and "i8" in kernel.lower() for layer, _, kernel in kernels) / 2
+        assert integer_attention >= signed_attention_blocks(model) >= 6, kernels
+        fused = [op for op in ops if op.get_rt_info()["layerType"].astype(str) == "Subgraph"]
+        assert all(op.get_output_element_type(0).get_type_name() == "u8" for op in fused), kernels
+        split_read = [op for op in ops if op.get_rt_info()["layerType"].astype(str) == "FakeQuantize"
+                      and op.input_value(0).get_node().get_rt_info()["layerType"].astype(str) == "Split"]
+        assert not split_read  # k's quantizer pushed up onto the qkv split: what a transposed k gave
     assert not {"Log", "Exp"} & {n.op_type for n in onnx.load(str(path)).graph.node}
+

@@ -624,11 +624,76 @@ def lower_layers(proto, model: nn.Module, softmax8: str = "uniform") -> dict[str
         del node.metadata_props[:]
     del graph.node[:]
     graph.node.extend(nodes)
+    quantize_before_layout_ops(graph)
     _drop_unused_initializers(graph)
     kept = [o for o in proto.opset_import if o.domain != ONNX_PLACEHOLDER_DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(kept)
     return counts
+
+
+ELEMENTWISE_QUANTIZATION = ("Clip", "QuantizeLinear", "DequantizeLinear")
+LAYOUT_OPS = ("Transpose", "Reshape")
+
+
+def quantize_before_layout_ops(graph) -> int:
+    """Quantize before a tensor is transposed or reshaped rather than after: each per-tensor
+    ``(Clip ->) QuantizeLinear -> DequantizeLinear`` chain that reads a run of ``Transpose`` /
+    ``Reshape`` nodes moves above them (``x -> layout -> chain -> y`` becomes ``x -> chain ->
+    layout -> y``). Exact: every step of the chain is elementwise with scalar parameters. It is what
+    OpenVINO's fusions need: quantized after its transpose, ``k^T`` of ``q @ k^T`` runs as a
+    standalone FakeQuantize pushed up onto the 5-d qkv split, in a blocked layout with its reorders,
+    instead of inside the int8 attention; the ``proj`` input, quantized before the attention
+    output's transpose and reshape, becomes that attention's uint8 output (docs/onnx.md#latency).
+    Returns how many chains were moved."""
+    scalars = {t.name for t in graph.initializer if not t.dims}
+    outputs = {o.name for o in graph.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+
+    def above(node, op_types):  # the node that alone feeds ``node``'s first input, if of op_types
+        name = node.input[0]
+        found = producer.get(name)
+        single = consumers.get(name) == 1 and name not in outputs
+        return found if single and found is not None and found.op_type in op_types else None
+
+    moved, stale = [], set()
+    for last in graph.node:
+        quantize = above(last, ("QuantizeLinear",)) if last.op_type == "DequantizeLinear" else None
+        if quantize is None:
+            continue
+        clip = above(quantize, ("Clip",))
+        chain = ([clip] if clip is not None else []) + [quantize, last]
+        if not all(set(node.input[1:]) <= scalars for node in chain):
+            continue  # per channel: the layout ops would move its axis
+        layout = []
+        while (node := above((layout or chain)[0], LAYOUT_OPS)) is not None:
+            layout.insert(0, node)
+        if not layout or (clip is not None and getattr(producer.get(layout[0].input[0]), "op_type", None) == "MatMul"):
+            continue  # onnxruntime runs a product whose output is clipped in float (an A3 attn @ v, measured)
+        # the chain's and the layout ops' tensors change shape: their recorded shapes are dropped
+        stale |= {n.output[0] for n in layout + chain}
+        top, y = layout[0].input[0], last.output[0]
+        chain[0].input[0] = top
+        last.output[0] = y + "/before_layout"
+        layout[0].input[0] = last.output[0]
+        layout[-1].output[0] = y
+        moved.append((layout, last))
+    order = list(graph.node)
+    for layout, last in moved:  # the layout ops now read the chain's output: placed after it
+        for node in layout:
+            order.remove(node)
+        at = order.index(last) + 1
+        order[at:at] = layout
+    del graph.node[:]
+    graph.node.extend(order)
+    kept = [v for v in graph.value_info if v.name not in stale]  # the tracer's shapes, now wrong
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return len(moved)
 
 
 def _drop_unused_initializers(graph) -> None:
