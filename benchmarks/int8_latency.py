@@ -48,8 +48,10 @@ optimizations, idle threads not spinning (they would take the cores from the run
 is); OpenVINO INFERENCE_NUM_THREADS, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY, without dynamic
 quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE 0, as isvit.load_onnx: isvit.runtime says why). Each
 isvit model has two OpenVINO rows: NAME at OpenVINO's own inference precision (on a CPU with native
-bf16, AVX-512 BF16 or AMX, it picks bf16), and NAME@f32 at the precision isvit.load_onnx gives a
-quantized file (isvit.runtime.quantized_precision); fp32 and NNCF run at OpenVINO's own. --ov-precision
+bf16, AVX-512 BF16 or AMX, it picks bf16), and NAME@f32 at f32; the one isvit.load_onnx picks
+(isvit.runtime.quantized_precision: f32 where the post-Softmax codes are float arithmetic, below
+8-bit activations) is the model's isvit_openvino_precision in the JSON (null: OpenVINO's default); fp32
+and NNCF run at OpenVINO's own. --ov-precision
 compiles every model at that precision instead, one row each. The precision each compiled model
 actually ran (read back from it; on a CPU without bf16, bf16 gives f32) is a column of the table.
 All inputs have a dynamic batch. For each thread count and batch size every model is called
@@ -108,9 +110,9 @@ SHARED_WEIGHTS = {MODEL: WEIGHTS}
 # Quick enough to quantize here: repq and minmax as they are, isvit at 1 iteration of the fast
 # preset (the graph of a trained isvit model, not its accuracy; a trained one comes as a file).
 MADE_METHODS = ("repq", "minmax", "isvit")
-# The OpenVINO rows of each isvit model compiled at the precision isvit's load_onnx gives a quantized
-# file (the other row: OpenVINO's default) are named after it, e.g. isvit_w4a8@f32.
-ISVIT_PRECISION = quantized_precision(True)
+# Each isvit model's second OpenVINO row, compiled at f32 (the first: OpenVINO's default), is named
+# after it, e.g. isvit_w4a8@f32; which of the two isvit's load_onnx picks is in each model's JSON.
+SECOND_PRECISION = "f32"
 # The layer types of OpenVINO's runtime model that hold the products ("Subgraph": fused float
 # element-wise chains or attention, whose MatMuls then no longer appear as MatMul layers).
 OV_PRODUCTS = ("FullyConnected", "MatMul", "Convolution", "Subgraph")
@@ -435,7 +437,7 @@ def openvino_models(paths: dict[str, Path], isvit_models: list[str],
     rows = {name: (path, forced) for name, path in paths.items()}
     if forced is None:
         for name in isvit_models:
-            rows[f"{name}@{ISVIT_PRECISION}"] = (paths[name], ISVIT_PRECISION)
+            rows[f"{name}@{SECOND_PRECISION}"] = (paths[name], SECOND_PRECISION)
     return rows
 
 
@@ -617,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"environment": env,
                "settings": {"model": args.model, "threads": args.threads, "batch_sizes": args.batch_sizes,
                             "repeats": args.repeats, "warmup": args.warmup, "ov_precision": args.ov_precision,
-                            "isvit_ov_precision": ISVIT_PRECISION, "seed": args.seed},
+                            "seed": args.seed},
                "nncf": None, "ort_int8": None, "models": {}, "runs": []}
     core = openvino.Core()
     fp, weights = fp32_model(args.model, args.seed)
@@ -664,9 +666,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, (path, precision) in ov_models.items():
             if name not in models:  # the second OpenVINO row of an isvit model: its file, another precision
                 base = name.split("@")[0]
-                models[name] = {"source": f"{base} compiled at isvit's precision for a quantized file",
-                                "file_mb": models[base]["file_mb"]}
+                models[name] = {"source": f"{base} compiled at {precision}", "file_mb": models[base]["file_mb"]}
             models[name]["openvino_precision_asked"] = precision
+        for name in quantized:  # what isvit's load_onnx compiles it at (None: OpenVINO's default row)
+            models[name]["isvit_openvino_precision"] = quantized_precision(core.read_model(str(onnx_paths[name])))
 
         for threads in args.threads:
             torch.set_num_threads(threads)

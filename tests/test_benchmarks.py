@@ -93,9 +93,8 @@ def test_int8_latency_isvit_made_here_is_the_fast_preset_at_one_iteration(int8_l
     assert int8_latency.SHARED_WEIGHTS == {record.MODEL: record.WEIGHTS}  # the ViT-B has none: random weights
 
 
-def test_int8_latency_isvit_models_get_a_second_openvino_row_at_isvits_precision(int8_latency):
+def test_int8_latency_isvit_models_get_a_second_openvino_row_at_f32(int8_latency):
     paths = {"fp32": Path("fp32.onnx"), "nncf_int8": Path("nncf.xml"), "isvit_w4a8": Path("q.onnx")}
-    assert int8_latency.ISVIT_PRECISION == "f32"
     assert int8_latency.openvino_models(paths, ["isvit_w4a8"], None) == {
         "fp32": (Path("fp32.onnx"), None), "nncf_int8": (Path("nncf.xml"), None),
         "isvit_w4a8": (Path("q.onnx"), None), "isvit_w4a8@f32": (Path("q.onnx"), "f32")}

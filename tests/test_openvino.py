@@ -97,17 +97,22 @@ def test_openvino_computes_what_pytorch_computes(exported, setting):
     assert info == load_onnx(path, threads=1)[1]
 
 
-def test_a_quantized_file_compiles_f32_and_a_full_precision_one_openvino_s_default(vit_w4a4, tmp_path):
-    """With no precision asked for, a quantized file gets f32 (its products are int8 either way, and
-    bf16 float work between them costs more than it saves: docs/onnx.md#openvino), a full-precision
-    file OpenVINO's own default (bf16 where the CPU has it)."""
-    _, path = vit_w4a4
-    ov_model, _ = load_onnx(path, threads=1, runtime="openvino")
-    assert ov_model.precision == "f32" == ov_model.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+def test_default_precision_is_f32_where_post_softmax_codes_are_float_arithmetic(exported, tmp_path):
+    """With no precision asked for, a file whose post-Softmax codes are float arithmetic (SULQ below
+    8 bits: Log and Exp on every attention map, which OpenVINO runs at half the speed in bf16) gets
+    f32; a file whose products are all it quantizes (W8/A8) and a full-precision file get OpenVINO's
+    own default, bf16 where the CPU has it (docs/onnx.md#openvino)."""
+    default = "bf16" if CPU_HAS_BF16 else "f32"
+    for setting, expected in ((("vit", "isvit", 4), "f32"), (("vit", "minmax", 8), default)):
+        path = exported[setting][2]
+        has_log = any(n.op_type == "Log" for n in onnx.load(str(path)).graph.node)
+        assert has_log == (setting[2] < 8)
+        ov_model, _ = load_onnx(path, threads=1, runtime="openvino")
+        assert ov_model.precision == expected == ov_model.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     fp32_path = tmp_path / "fp32.onnx"
     export_tiny_fp32(fp32_path)
     fp32_model, _ = load_onnx(fp32_path, threads=1, runtime="openvino")
-    assert fp32_model.precision == ("bf16" if CPU_HAS_BF16 else "f32")
+    assert fp32_model.precision == default
 
 
 def test_the_precision_reported_is_the_one_compiled(vit_w4a4):

@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--runtime", choices=RUNTIMES, help="with --onnx: what runs the file (default onnxruntime; "
                                                         "openvino needs pip install 'isvit[openvino]')")
     ev.add_argument("--inference-precision", choices=PRECISIONS,
-                    help="with --runtime openvino: its inference precision (default: f32 for a quantized file, "
-                         "OpenVINO's own for a full-precision one; a CPU without bf16 runs f32)")
+                    help="with --runtime openvino: its inference precision (default: f32 for a file with post-Softmax "
+                         "code arithmetic, activations below 8 bits; OpenVINO's own for any other; a CPU without bf16 runs f32)")
 
     qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
     qu.add_argument("--model", required=True, help=MODEL_HELP + " of a supported family (ViT, DeiT, Swin)")

@@ -103,9 +103,9 @@ def load_onnx(
     ``threads``: the runtime's threads (default: its own choice). ``optimize`` (onnxruntime only):
     all of onnxruntime's graph optimizations (its default; at W8/A8 this runs integer kernels), or
     none (each node as written: the float arithmetic of the PyTorch model). ``precision`` (OpenVINO
-    only): its ``INFERENCE_PRECISION_HINT``, ``"f32"`` or ``"bf16"``; None gives a quantized file f32
-    and a full-precision one OpenVINO's default (bf16 on CPUs with AVX-512 BF16 or AMX, f32
-    elsewhere): ``quantized_precision`` says why. A CPU without bf16 runs f32 even when bf16 is asked
+    only): its ``INFERENCE_PRECISION_HINT``, ``"f32"`` or ``"bf16"``; None gives a file whose
+    post-Softmax codes are float arithmetic (activations below 8 bits) f32 and any other OpenVINO's
+    default (bf16 on CPUs with AVX-512 BF16 or AMX, f32 elsewhere): ``quantized_precision`` says why. A CPU without bf16 runs f32 even when bf16 is asked
     for: ``precision`` on the returned model says what was compiled.
 
     OpenVINO also loads the model's OpenVINO IR (``isvit export --openvino DIR``): ``path`` the
@@ -224,15 +224,16 @@ def exact_openvino_config(core) -> dict:
     return {}
 
 
-def quantized_precision(quantized: bool) -> str | None:
-    """The inference precision isvit gives OpenVINO when none is asked for: f32 for a quantized
-    file, OpenVINO's own default (None: bf16 on CPUs with AVX-512 BF16 or AMX, f32 elsewhere) for a
-    full-precision one. A quantized file's products run in int8 whatever the precision; what the
-    precision decides is the float work between them (LayerNorm, Softmax, GELU, the conversions
-    around each FakeQuantize), and in bf16 that work costs more in conversions than it saves
-    (measured in docs/onnx.md#openvino). The same in one line of OpenVINO:
-    ``core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})``."""
-    return "f32" if quantized else None
+def quantized_precision(model) -> str | None:
+    """The inference precision isvit gives OpenVINO for ``model`` (as OpenVINO read it) when none is
+    asked for: f32 where the file computes post-Softmax codes in float arithmetic (its ``Log``:
+    activations below 8 bits with SULQ or log-sqrt2, or ``softmax8="method"``), which OpenVINO runs
+    in bf16 at about half the speed; otherwise OpenVINO's own default (None: bf16 on CPUs with
+    AVX-512 BF16 or AMX, f32 elsewhere). The products run in int8 whatever the precision: it decides
+    the float work between them, and for a file with int8 products only, bf16 runs as fast as f32 at
+    batch 1 and faster at large batches (measured in docs/onnx.md#openvino). The same in one line of
+    OpenVINO: ``core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})``."""
+    return "f32" if any(op.get_type_name() == "Log" for op in model.get_ops()) else None
 
 
 def _ir_metadata(model) -> dict[str, str]:
@@ -267,7 +268,7 @@ def _load_openvino(path: Path, threads: int | None, precision: str | None,
     config = {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    precision = precision or quantized_precision(info["config"] is not None)
+    precision = precision or quantized_precision(model)
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
     config.update(exact_openvino_config(core))
