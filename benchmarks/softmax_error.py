@@ -33,7 +33,7 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
-from isvit.modules import QuantAttention
+from isvit.families.vit import QuantAttention
 from isvit.pipeline import QuantConfig, placement_for, set_quantizers
 from isvit.quantizers import SOFTMAX_QUANTIZERS, make_softmax_quantizer
 from isvit.wrap import wrap_model

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import isvit
-from isvit.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from isvit.families.swin import QuantWindowAttention
+from isvit.families.vit import QuantAttention
+from isvit.modules import QuantConv2d, QuantLinear, QuantMatMul
 from isvit.pipeline import calibrate_activations, calibrate_weights
 from isvit.quantizers import LogSqrt2Quantizer, Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model

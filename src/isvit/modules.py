@@ -5,10 +5,12 @@ Each quantized module holds its quantizers as named children (``input_quantizer`
 by name, and their state is part of the model's ``state_dict()``. Weights and biases stay the
 original ``nn.Parameter`` objects.
 
-The attention modules reimplement the attention arithmetic explicitly (timm's fused
-``scaled_dot_product_attention`` hides the two matrix products that must be quantized); they are
-swapped in for timm's modules rather than patching timm's forward functions, and accept the
-arguments of every timm 1.0.x release (``attn_mask``, ``is_causal``, Swin's ``mask``).
+Each family's attention module (in its file under ``isvit/families/``) reimplements the
+attention arithmetic explicitly with two ``QuantMatMul`` (timm's fused
+``scaled_dot_product_attention`` hides the two matrix products that must be quantized); it is
+swapped in for timm's module rather than patching timm's forward functions, and accepts the
+arguments of every timm 1.0.x release (``attn_mask``, ``is_causal``, Swin's ``mask``). The pieces
+several families share are here: ``additive_mask``, ``window_attention_output``, ``QuantSwiGLU``.
 
 While ``isvit.export`` traces a model for ONNX, each quantized layer (``QuantLinear``,
 ``QuantConv2d``, ``QuantMatMul``) has ``onnx_name`` set to its name and returns a placeholder node
@@ -17,8 +19,6 @@ the exporter replaces each by the layer's integer form, built from its quantizer
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ class QuantMatMul(nn.Module):
         return self.a_quantizer(a) @ self.b_quantizer(b)
 
 
-def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n: int, like: torch.Tensor):
+def additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n: int, like: torch.Tensor):
     """timm's attention-mask conventions turned into an additive bias (or None)."""
     if is_causal:
         return like.new_full((n, n), float("-inf")).triu_(1)
@@ -126,45 +126,8 @@ def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n: int, like
     return attn_mask
 
 
-class QuantAttention(nn.Module):
-    """Multi-head self-attention of timm's ``Attention`` (ViT, DeiT) with quantized products.
-
-    ``qk`` quantizes both operands of ``q @ k^T`` per tensor; ``av`` quantizes the post-Softmax map
-    (SULQ, log-sqrt2 or uniform) and ``v``. ``qkv`` and ``proj`` are ``QuantLinear``.
-    """
-
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
-        super().__init__()
-        if getattr(attn, "gate", None) is not None:
-            raise NotImplementedError("gated attention is not supported by isvit yet")
-        self.num_heads = attn.num_heads
-        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
-        self.attn_dim = self.num_heads * self.head_dim
-        self.scale = attn.scale
-        self.qkv, self.proj = qkv, proj
-        self.q_norm = getattr(attn, "q_norm", nn.Identity())
-        self.k_norm = getattr(attn, "k_norm", nn.Identity())
-        self.norm = getattr(attn, "norm", nn.Identity())
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.qk, self.av = qk, av
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.qk(q * self.scale, k.transpose(-2, -1))
-        bias = _additive_mask(attn_mask, is_causal, N, attn)
-        if bias is not None:
-            attn = attn + bias
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.av(attn, v)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj_drop(self.proj(x))
-
-
-def _window_attention_output(module: nn.Module, attn: torch.Tensor, v: torch.Tensor,
-                             mask: torch.Tensor | None) -> torch.Tensor:
+def window_attention_output(module: nn.Module, attn: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
     """The part Swin's two window attentions share, from the scores (B_, heads, N, N) on: the
     shifted-window mask, Softmax, the quantized attn @ v and ``proj``."""
     N = attn.shape[-1]
@@ -175,130 +138,6 @@ def _window_attention_output(module: nn.Module, attn: torch.Tensor, v: torch.Ten
     attn = module.attn_drop(attn.softmax(dim=-1))
     x = module.av(attn, v).transpose(1, 2).reshape(attn.shape[0], N, -1)
     return module.proj_drop(module.proj(x))
-
-
-class QuantWindowAttention(nn.Module):
-    """Swin's window attention (timm ``WindowAttention``) with quantized products.
-
-    The relative position bias and the shifted-window mask are added in floating point before the
-    Softmax.
-    """
-
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.scale = attn.scale
-        self.window_area = attn.relative_position_index.shape[0]
-        self.relative_position_bias_table = attn.relative_position_bias_table
-        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        self.qkv, self.proj = qkv, proj
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.qk, self.av = qk, av
-
-    def relative_position_bias(self) -> torch.Tensor:
-        n = self.window_area
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.qk(q * self.scale, k.transpose(-2, -1)) + self.relative_position_bias()
-        return _window_attention_output(self, attn, v, mask)
-
-
-def _attention_output_bias(relative_position_bias, shared_bias):
-    """The float biases added to ``q @ k^T`` before the Softmax (either may be None)."""
-    if relative_position_bias is None:
-        return shared_bias
-    return relative_position_bias if shared_bias is None else relative_position_bias + shared_bias
-
-
-class QuantBeitAttention(nn.Module):
-    """BEiT's attention (timm ``beit.Attention``) with quantized products.
-
-    ``qkv`` carries BEiT's separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` as its one bias (wrap.py);
-    the relative position bias (the block's own table, and a model-wide one if given) is added in
-    floating point before the Softmax.
-    """
-
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.scale = attn.scale
-        self.window_size = attn.window_size
-        self.relative_position_bias_table = attn.relative_position_bias_table
-        if attn.relative_position_index is not None:
-            self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        else:
-            self.relative_position_index = None
-        self.qkv, self.proj = qkv, proj
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.qk, self.av = qk, av
-
-    def relative_position_bias(self) -> torch.Tensor | None:
-        if self.relative_position_bias_table is None:
-            return None
-        n = self.window_size[0] * self.window_size[1] + 1
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.qk(q * self.scale, k.transpose(-2, -1))
-        bias = _attention_output_bias(self.relative_position_bias(), shared_rel_pos_bias)
-        if bias is not None:
-            attn = attn + bias
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.av(attn, v).transpose(1, 2).reshape(B, N, -1)
-        return self.proj_drop(self.proj(x))
-
-
-class QuantEvaAttention(nn.Module):
-    """EVA's attention (timm ``EvaAttention``) with quantized products.
-
-    ``qkv`` is one Linear: the fused one with the separate ``q_bias`` / zero ``k_bias`` / ``v_bias``
-    as its one bias, or ``q_proj``, ``k_proj`` and ``v_proj`` joined (wrap.py).
-    The rotary position embedding is applied to q and k in floating point before they are quantized
-    for ``q @ k^T``; the optional q/k norms and the sub-LayerNorm before ``proj`` (``norm``) stay float.
-    """
-
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
-        super().__init__()
-        # getattr: the attributes that not every timm 1.0.x release's EvaAttention has
-        self.num_heads = attn.num_heads
-        self.head_dim = proj.in_features // attn.num_heads
-        self.scale = attn.scale
-        self.num_prefix_tokens = getattr(attn, "num_prefix_tokens", 1)
-        self.rotate_half = getattr(attn, "rotate_half", False)
-        self.qkv, self.proj = qkv, proj
-        self.q_norm = getattr(attn, "q_norm", nn.Identity())
-        self.k_norm = getattr(attn, "k_norm", nn.Identity())
-        self.norm = getattr(attn, "norm", nn.Identity())
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.qk, self.av = qk, av
-
-    def _rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        from timm.layers import apply_rot_embed_cat
-
-        npt = self.num_prefix_tokens
-        return torch.cat([t[:, :, :npt, :], apply_rot_embed_cat(t[:, :, npt:, :], rope, half=self.rotate_half)], dim=2)
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
-        attn = self.qk(q * self.scale, k.transpose(-2, -1))
-        bias = _additive_mask(attn_mask, is_causal, N, attn)
-        if bias is not None:
-            attn = attn + bias
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.av(attn, v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
 
 
 class QuantSwiGLU(nn.Module):
@@ -315,42 +154,6 @@ class QuantSwiGLU(nn.Module):
         gate, x = self.fc1(x).chunk(2, dim=-1)
         x = self.drop1(self.act(gate) * x)
         return self.drop2(self.fc2(self.norm(x)))
-
-
-class QuantCosineWindowAttention(nn.Module):
-    """Swin V2's window attention (timm ``swin_transformer_v2.WindowAttention``) with quantized
-    products: cosine attention, whose ``q @ k^T`` takes the L2-normalised q and k as its operands.
-
-    ``qkv`` carries the separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` as its one bias (wrap.py);
-    the learnt logit scale, the continuous position bias (``cpb_mlp`` on the relative coordinates)
-    and the shifted-window mask stay floating point.
-    """
-
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.window_size = attn.window_size
-        self.logit_scale = attn.logit_scale
-        self.cpb_mlp = attn.cpb_mlp
-        for name in ("relative_coords_table", "relative_position_index"):
-            self.register_buffer(name, getattr(attn, name), persistent=name not in attn._non_persistent_buffers_set)
-        self.qkv, self.proj = qkv, proj
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.qk, self.av = qk, av
-
-    def relative_position_bias(self) -> torch.Tensor:
-        n = self.window_size[0] * self.window_size[1]
-        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
-        return 16 * torch.sigmoid(bias).unsqueeze(0)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.qk(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
-        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        attn = attn + self.relative_position_bias()
-        return _window_attention_output(self, attn, v, mask)
 
 
 class RMSNorm(nn.Module):

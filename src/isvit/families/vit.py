@@ -1,0 +1,412 @@
+"""timm's ``VisionTransformer``: ViT, DeiT (distilled too), and the variants timm builds as one
+(CLIP and SigLIP vision towers, DINOv2, register tokens), with the standard pre-norm ``Block``.
+
+Surgery: the patch embedding's Conv2d, each block's ``Attention`` (as ``QuantAttention``, ``qkv``
+post-LayerNorm) and MLP (``fc1`` post-LayerNorm; timm's Mlp or GluMlp, two Linears ``fc1`` and
+``fc2``), the head and DeiT's ``head_dist``. The fold pairs are each block's norm1 -> qkv and
+norm2 -> fc1. Blocks of another kind (a SwiGLU MLP, ...) are refused.
+
+Rotation (``rotate.rotate_model``; the math in ``orthogonal.py``):
+
+1. The stream is made zero-mean: every writer (patch embedding, cls/dist/reg tokens, position
+   embedding, each block's attention ``proj`` and ``fc2``, LayerScale folded into them first) has
+   its output centred. Each LayerNorm reading the stream subtracts the token's mean anyway, so
+   nothing changes, and from then on ``LayerNorm(x) = gamma * RMSNorm(x) + beta``.
+2. Each such LayerNorm's affine goes into the Linears it feeds and the LayerNorm becomes an
+   ``RMSNorm`` of weight 1 and bias 0 (parameters still: the post-LayerNorm fold writes into them).
+3. The stream is rotated by one Q: writers ``W <- Q^T W``, readers ``W <- W Q``; every attention
+   head is rotated (``orthogonal.rotate_heads``). Pooling the tokens by their average commutes with Q.
+
+The readers after the last block are the head's: ``norm`` or ``fc_norm`` (after pooling) then
+``head`` (and DeiT's ``head_dist``); or, with an attention-pool head (SigLIP, ``global_pool='map'``),
+``norm`` then the pool's ``kv``, so the pool's latent query, ``q``, ``proj``, norm and MLP never see
+the stream and stay as they are. Three variants differ:
+
+- ``norm_pre`` (CLIP; or, without it, the patch embedding's norm) is a LayerNorm whose output is
+  the stream. Its per-channel gamma sits on the stream and does not commute with Q, so its
+  affine becomes a writer (``orthogonal.norm_as_writer``: d^2 float multiply-adds a token, once).
+  What comes before it (the patch embedding, tokens and position embedding it normalises) is left alone.
+- Where a reader takes the stream without a LayerNorm first (``final_norm=False``; ``fc_norm``
+  after an attention pool), the stream's mean reaches it, so the stream is not centred: its
+  LayerNorms become ``RotatedLayerNorm``s, as in Swin, and that reader reads ``W Q``.
+- q/k norms (``qk_norm``), the attention output's and the MLP's inner norms are inside the
+  attention or MLP, not on the stream, and stay; ``rotate_heads`` skips what they normalise.
+
+Refused (``IsvitError``, before any weight changes): max pooling (it does not commute with Q), the
+parameter-free ``AttentionPoolPrr`` (attention over groups of channels), no classifier head
+(``num_classes=0``: the features would come out rotated), norms other than LayerNorm (timm's
+RmsNorm), blocks other than timm's ``Block`` with ``Attention`` and an MLP of ``fc1``/``fc2``.
+
+Hugging Face transformers checkpoints (``hf.py``):
+
+- ViT: ``ViTModel``, ``ViTForImageClassification`` -> ``VisionTransformer`` (e.g. vit_base_patch16_224);
+- DeiT: ``DeiTForImageClassificationWithTeacher`` (and ``DeiTForImageClassification``, ``DeiTModel``)
+  -> ``VisionTransformerDistilled`` (e.g. deit_base_distilled_patch16_224): a transformers DeiT always
+  has the distillation token;
+- DINOv2: ``Dinov2Model`` / ``Dinov2WithRegistersModel`` -> timm's DINOv2 ViTs (vit_small_patch14_dinov2,
+  vit_small_patch14_reg4_dinov2); ``Dinov2ForImageClassification`` is refused (``_dinov2``).
+
+transformers' ViT and DeiT configs default to ``layer_norm_eps=1e-12`` where timm uses 1e-6: such a
+checkpoint then computes slightly different outputs in timm (differences around 1e-5 of the
+features, no change to what it learned).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+from timm.layers import AttentionPoolLatent
+
+# Attention moved to timm.layers in later 1.0 releases; vision_transformer has it in all of them.
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import nn
+
+from ..errors import IsvitError
+from ..modules import QuantConv2d, QuantLinear, QuantMatMul, additive_mask
+from ..orthogonal import (
+    fold_layer_scale,
+    norm_as_writer,
+    orthogonal_like,
+    read,
+    require_layernorm,
+    rotate_heads,
+    write,
+    write_linear,
+)
+from .base import Family, Head, Unit, check_layernorm, numbered_blocks
+
+if TYPE_CHECKING:
+    from ..hf import Renaming
+    from ..wrap import Placement
+
+
+class ViT(Family):
+    name = "vit"
+    description = "VisionTransformer (ViT, DeiT)"
+    model_types = (VisionTransformer,)
+    block_types = (Block,)
+    rotation_name = "ViT/DeiT"
+    transformers_prefixes = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.")
+    transformers_names = ("ViT", "DeiT", "DINOv2")
+
+    def check(self, model: nn.Module) -> None:
+        for name, block in numbered_blocks(model):
+            check_block(name, block)
+            check_layernorm(block.norm1, f"{name}.norm1")
+            check_layernorm(block.norm2, f"{name}.norm2")
+
+    def wrap(self, model: nn.Module, p: Placement) -> None:
+        model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+        for _, block in numbered_blocks(model):
+            qk, av = p.matmuls()
+            block.attn = QuantAttention(
+                block.attn, p.linear(block.attn.qkv, "post_ln"), p.linear(block.attn.proj, "tensor"), qk, av
+            )
+            block.mlp.fc1 = p.linear(block.mlp.fc1, "post_ln")
+            block.mlp.fc2 = p.linear(block.mlp.fc2, "tensor")
+        for head in ("head", "head_dist"):
+            if isinstance(getattr(model, head, None), nn.Linear):
+                setattr(model, head, p.linear(getattr(model, head), "tensor"))
+
+    def units(self, model: nn.Module) -> list[Unit]:
+        def embed_tokens(x):
+            return model.norm_pre(model.patch_drop(model._pos_embed(x)))
+
+        units = [Unit("patch_embed", model.patch_embed, post=embed_tokens)]
+        units += [Unit(name, block) for name, block in numbered_blocks(model)]
+        units.append(Unit("head", Head(model), pre=model.norm))
+        return units
+
+    def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
+        pairs = []
+        for name, block in numbered_blocks(model):
+            pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
+            pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
+        return pairs
+
+    def check_rotation(self, model: nn.Module) -> None:
+        _check_rotation(model)
+
+    def rotate(self, model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return _rotate(model, generator)
+
+    def from_transformers(self, keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor] | None:
+        # Each model's own marker, in its embeddings or its first block.
+        if keys.has("embeddings.distillation_token"):
+            return _deit(keys, model, path)
+        if keys.has("encoder.layer.0.norm1.weight"):
+            return _dinov2(keys, model, path)
+        if keys.has("encoder.layer.0.layernorm_before.weight"):
+            return _vit(keys, model)
+        return None
+
+
+def check_block(name: str, block: nn.Module) -> None:
+    """The block must be timm's standard pre-norm ``Block`` with ``Attention`` and an MLP of two
+    Linears ``fc1`` and ``fc2`` (timm's Mlp or GluMlp; a SwiGLU's ``fc1_g``/``fc1_x`` are not)."""
+    if type(block) is not Block or type(block.attn) is not Attention:
+        raise IsvitError(
+            f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports the "
+            "standard pre-norm ViT block (timm Block with Attention)"
+        )
+    if not all(isinstance(getattr(block.mlp, fc, None), nn.Linear) for fc in ("fc1", "fc2")):
+        raise IsvitError(f"{name}.mlp is a {type(block.mlp).__name__}; isvit supports an MLP of two Linears "
+                         "fc1 and fc2 (timm's Mlp or GluMlp) in a ViT block")
+
+
+class QuantAttention(nn.Module):
+    """Multi-head self-attention of timm's ``Attention`` (ViT, DeiT) with quantized products.
+
+    ``qk`` quantizes both operands of ``q @ k^T`` per tensor; ``av`` quantizes the post-Softmax map
+    (SULQ, log-sqrt2 or uniform) and ``v``. ``qkv`` and ``proj`` are ``QuantLinear``.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, qk: QuantMatMul, av: QuantMatMul):
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise NotImplementedError("gated attention is not supported by isvit yet")
+        self.num_heads = attn.num_heads
+        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+        self.attn_dim = self.num_heads * self.head_dim
+        self.scale = attn.scale
+        self.qkv, self.proj = qkv, proj
+        self.q_norm = getattr(attn, "q_norm", nn.Identity())
+        self.k_norm = getattr(attn, "k_norm", nn.Identity())
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.qk, self.av = qk, av
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1))
+        bias = additive_mask(attn_mask, is_causal, N, attn)
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.av(attn, v)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation
+# ---------------------------------------------------------------------------------------------
+
+def _stream_start(model) -> str | None:
+    """The LayerNorm whose output is the residual stream itself, if there is one: ``norm_pre``
+    (CLIP: it normalises the embeddings' sum), else the patch embedding's norm (before the
+    class token and position embedding are added); None where the embeddings write the stream."""
+    if isinstance(model.norm_pre, nn.LayerNorm):
+        return "norm_pre"
+    if isinstance(getattr(model.patch_embed, "norm", None), nn.LayerNorm):
+        return "patch_embed.norm"
+    return None
+
+
+def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
+    """What reads the stream after the last block: (the attribute of the LayerNorm it goes through
+    first, or None where there is none; the Linears that read that norm's output, or the stream).
+
+    With an attention-pool head (``global_pool='map'``) that is ``norm`` then the pool's ``kv``
+    (its latent query, ``q``, ``proj``, norm and MLP never see the stream); with the class token or
+    average pooling, ``norm`` (every token) or ``fc_norm`` (after pooling) then ``head`` and
+    ``head_dist``. Raises ``IsvitError`` for a head rotation cannot carry (it must not change the
+    model's output, so one Linear at least must read the rotated stream)."""
+    pool = getattr(model, "attn_pool", None)
+    norms = ("norm",) if pool is not None else ("norm", "fc_norm")  # fc_norm after a pool reads the pool's output
+    for name in norms:
+        norm = getattr(model, name, None)
+        if norm is not None and not isinstance(norm, (nn.Identity, nn.LayerNorm)):
+            raise IsvitError(f"{name} is a {type(norm).__name__}; rotation needs a LayerNorm (or none) there")
+    found = [n for n in norms if isinstance(getattr(model, n, None), nn.LayerNorm)]
+    if len(found) > 1:
+        raise IsvitError("rotation needs one LayerNorm at most (norm or fc_norm) between the last block and the head")
+    if pool is not None:
+        if not isinstance(pool, AttentionPoolLatent):
+            raise IsvitError(f"the model pools with {type(pool).__name__} (global_pool={model.global_pool!r}), "
+                             "whose attention over groups of channels does not commute with a rotation")
+        if pool.pos_embed is not None:
+            raise IsvitError("the attention pool adds a position embedding after the final norm, which rotation cannot carry")
+        return (found[0] if found else None), [pool.kv]
+    if model.global_pool not in ("token", "avg", ""):
+        raise IsvitError(f"rotation needs the class token, average or attention pooling before the head, not {model.global_pool!r}")
+    heads = [h for h in (model.head, getattr(model, "head_dist", None)) if isinstance(h, nn.Linear)]
+    if not heads:
+        raise IsvitError("the model has no classifier head (num_classes=0): its output features would come out rotated")
+    return (found[0] if found else None), heads
+
+
+def _check_rotation(model) -> None:
+    for name, block in numbered_blocks(model):
+        check_block(name, block)
+        require_layernorm(block.norm1, f"{name}.norm1")
+        require_layernorm(block.norm2, f"{name}.norm2")
+        if not all(isinstance(getattr(block.mlp, n, None), nn.Linear) for n in ("fc1", "fc2")):
+            raise IsvitError(f"{name}.mlp is a {type(block.mlp).__name__}; rotation needs an MLP that reads the stream "
+                             "with fc1 and writes it with fc2")
+        for ls in (block.ls1, block.ls2):
+            if not isinstance(ls, nn.Identity) and not isinstance(getattr(ls, "gamma", None), nn.Parameter):
+                raise IsvitError(f"{name} has a {type(ls).__name__}; rotation folds LayerScale (a gamma per channel) only")
+    if not isinstance(model.norm_pre, (nn.Identity, nn.LayerNorm)):
+        raise IsvitError(f"norm_pre is a {type(model.norm_pre).__name__}; rotation needs a LayerNorm (or none) there")
+    embed_norm = getattr(model.patch_embed, "norm", None)  # before the stream where norm_pre is a LayerNorm
+    if isinstance(model.norm_pre, nn.Identity) and not isinstance(embed_norm, (type(None), nn.Identity, nn.LayerNorm)):
+        raise IsvitError(f"patch_embed.norm is a {type(embed_norm).__name__}; rotation needs a LayerNorm (or none) there")
+    _head_readers(model)
+
+
+def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    blocks = [block for _, block in numbered_blocks(model)]
+    q = orthogonal_like(model.embed_dim, generator, model.patch_embed.proj.weight)
+    head_norm, head_readers = _head_readers(model)
+    # Centred (RMSNorm) where every reader reads the stream through a LayerNorm; where one reads it
+    # raw (no final norm: final_norm=False, or fc_norm after an attention pool), the stream's mean
+    # matters and every LayerNorm becomes a RotatedLayerNorm instead, as in Swin.
+    centre = head_norm is not None
+    for block in blocks:
+        fold_layer_scale(block.ls1, block.attn.proj)
+        fold_layer_scale(block.ls2, block.mlp.fc2)
+    # 1 + 3: the writers, centred and rotated
+    start = _stream_start(model)
+    if start is not None:  # a LayerNorm's output is the stream: its affine becomes a writer
+        owner, _, attribute = start.rpartition(".")
+        owner = model.get_submodule(owner)
+        setattr(owner, attribute, norm_as_writer(getattr(owner, attribute), q, centre))
+    if start != "norm_pre":  # else the embeddings are normalised by norm_pre, outside the stream
+        for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
+            if isinstance(getattr(model, name, None), nn.Parameter):
+                write(getattr(model, name), q, -1, center=centre)
+    if start is None:
+        write_linear(model.patch_embed.proj, q, center=centre)
+    for block in blocks:
+        write_linear(block.attn.proj, q, center=centre)
+        write_linear(block.mlp.fc2, q, center=centre)
+    # 2 + 3: the readers, each LayerNorm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
+    for block in blocks:
+        block.norm1 = read(block.norm1, [block.attn.qkv], q, centred=centre)
+        block.norm2 = read(block.norm2, [block.mlp.fc1], q, centred=centre)
+    if head_norm is not None:
+        setattr(model, head_norm, read(getattr(model, head_norm), head_readers, q, centred=True))
+    else:  # the head (or the attention pool's kv) reads the stream itself
+        for linear in head_readers:
+            linear.weight.copy_(linear.weight @ q)
+    for block in blocks:
+        rotate_heads(block.attn, generator)
+    return {"stream": q}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _embeddings(keys: Renaming, model: nn.Module) -> None:
+    """Patch embedding, class token and position embeddings (transformers adds the latter to the
+    class token and the patches alike, as timm's ViTs do)."""
+    p = keys.prefix
+    keys.move_layer(f"{p}embeddings.patch_embeddings.projection", "patch_embed.proj")
+    cls, pos = keys.take(f"{p}embeddings.cls_token"), keys.take(f"{p}embeddings.position_embeddings")
+    if cls is not None and pos is not None and getattr(model, "no_embed_class", False):
+        # timm's DINOv2-with-registers ViTs add position embeddings to the patches only: the class
+        # token's own is added to the token once here (timm's converter of the original DINOv2 does the same).
+        cls, pos = cls + pos[:, :1], pos[:, 1:]
+    for tensor, name in ((cls, "cls_token"), (pos, "pos_embed")):
+        if tensor is not None:
+            keys.out[name] = tensor
+    # The token that masked image modelling puts in place of hidden patches: never used by a classifier.
+    keys.drop(f"{p}embeddings.mask_token")
+
+
+def _encoder_block(keys: Renaming, src: str, dst: str) -> None:
+    """One transformer block, ``{p}encoder.layer.{i}.`` -> ``blocks.{i}.``. ViT and DeiT name their
+    parts after BERT (layernorm_before, intermediate, output), DINOv2 after its own code (norm1, mlp,
+    layer_scale): a checkpoint has one set or the other, so moving both names covers either."""
+    keys.move_layer(src + "layernorm_before", dst + "norm1")  # ViT, DeiT
+    keys.move_layer(src + "norm1", dst + "norm1")  # DINOv2
+    attention = src + "attention.attention."
+    keys.fuse_qkv(attention + "query", attention + "key", attention + "value", dst + "attn.qkv")
+    keys.move_layer(src + "attention.output.dense", dst + "attn.proj")
+    # DINOv2's LayerScale: a per-channel factor on each residual branch, timm's ls1 / ls2.
+    keys.move(src + "layer_scale1.lambda1", dst + "ls1.gamma")
+    keys.move_layer(src + "layernorm_after", dst + "norm2")  # ViT, DeiT
+    keys.move_layer(src + "norm2", dst + "norm2")  # DINOv2
+    keys.move_layer(src + "intermediate.dense", dst + "mlp.fc1")  # ViT, DeiT
+    keys.move_layer(src + "output.dense", dst + "mlp.fc2")
+    keys.move_layer(src + "mlp.fc1", dst + "mlp.fc1")  # DINOv2 (GELU MLP)
+    keys.move_layer(src + "mlp.fc2", dst + "mlp.fc2")
+    # DINOv2 giant's SwiGLU MLP: weights_in packs gate and value rows as timm's SwiGLUPacked fc1 does
+    # (silu(first half) * second half in both).
+    keys.move_layer(src + "mlp.weights_in", dst + "mlp.fc1")
+    keys.move_layer(src + "mlp.weights_out", dst + "mlp.fc2")
+    keys.move(src + "layer_scale2.lambda1", dst + "ls2.gamma")
+
+
+def _encoder(keys: Renaming) -> None:
+    """All blocks, then the final LayerNorm."""
+    p = keys.prefix
+    for i in keys.numbers(rf"{re.escape(p)}encoder\.layer\.(\d+)\."):
+        _encoder_block(keys, f"{p}encoder.layer.{i}.", f"blocks.{i}.")
+    keys.move_layer(f"{p}layernorm", "norm")
+    # ViTModel's and DeiTModel's pooler (tanh of a Linear on the class token) has no place in timm,
+    # whose features are the normed class token itself; the ForImageClassification models do not
+    # use it either (their classifier reads the normed class token), so it is left out.
+    keys.drop(f"{p}pooler.dense.weight")
+    keys.drop(f"{p}pooler.dense.bias")
+
+
+def _vit(keys: Renaming, model: nn.Module) -> dict[str, torch.Tensor]:
+    """ViTModel / ViTForImageClassification: the classifier reads the normed class token, as timm's
+    ``head`` does (global_pool='token')."""
+    _embeddings(keys, model)
+    _encoder(keys)
+    keys.move_layer("classifier", "head")
+    return keys.result()
+
+
+def _deit(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
+    """DeiT: a ViT whose sequence is class token, distillation token, patches, as in timm's
+    VisionTransformerDistilled (position embeddings for all of them)."""
+    if getattr(model, "dist_token", None) is None:
+        raise IsvitError(
+            f"weights file {path} holds a Hugging Face DeiT, which has a distillation token: name one of timm's "
+            f"distilled DeiTs (such as deit_base_distilled_patch16_224), not {type(model).__name__} without one"
+        )
+    _embeddings(keys, model)
+    keys.move(f"{keys.prefix}embeddings.distillation_token", "dist_token")
+    _encoder(keys)
+    if "cls_classifier.weight" in keys.left:
+        # DeiTForImageClassificationWithTeacher: logits = (cls_classifier(class token) +
+        # distillation_classifier(distillation token)) / 2, timm's (head + head_dist) / 2 in eval mode.
+        keys.move_layer("cls_classifier", "head")
+        keys.move_layer("distillation_classifier", "head_dist")
+    elif "classifier.weight" in keys.left and isinstance(getattr(model, "head_dist", None), nn.Linear):
+        # DeiTForImageClassification: logits = classifier(class token) alone. timm's distilled model
+        # averages its two heads, so head gets twice the classifier and head_dist zeros:
+        # (2 W c + 2 b + 0) / 2 = W c + b, exactly (doubling and halving are exact in floating point).
+        weight, bias = keys.take("classifier.weight"), keys.take("classifier.bias")
+        keys.out["head.weight"], keys.out["head_dist.weight"] = 2 * weight, torch.zeros_like(weight)
+        if bias is not None:
+            keys.out["head.bias"], keys.out["head_dist.bias"] = 2 * bias, torch.zeros_like(bias)
+    return keys.result()
+
+
+def _dinov2(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
+    """Dinov2Model / Dinov2WithRegistersModel: LayerScale blocks; register tokens follow the class
+    token in both (timm's ``reg_token``)."""
+    if "classifier.weight" in keys.left:
+        # Dinov2ForImageClassification classifies [class token, mean of the patch tokens]
+        # concatenated: no timm head pools that way.
+        raise IsvitError(
+            f"weights file {path} holds a Hugging Face Dinov2ForImageClassification, whose classifier reads the "
+            f"class token and the mean patch token side by side, which no timm head computes: isvit converts "
+            f"its backbone only, saved on its own (model.dinov2.save_pretrained) and named as a timm DINOv2 "
+            f"such as vit_small_patch14_dinov2"
+        )
+    _embeddings(keys, model)
+    keys.move(f"{keys.prefix}embeddings.register_tokens", "reg_token")
+    _encoder(keys)
+    return keys.result()
