@@ -128,20 +128,25 @@ def compiled_kernels(ov_model, size: int) -> list[tuple[str, str, str]]:
 
 @pytest.mark.real
 def test_real_vit_ir_gives_the_onnx_file_s_top1_on_openvino(real_exported, val_batches, tmp_path):
-    """The IR of the real W4/A8 ViT-Ti: the ONNX file's predictions on OpenVINO (at least 99% of the
-    200, the top-1 within one image), every Linear an int8 FullyConnected, weights stored as u4."""
+    """The IR of the real W4/A8 ViT-Ti: the ONNX file's predictions on OpenVINO, every Linear an int8
+    FullyConnected, weights stored as u4. At f32 the two compute the same (at least 99% of the 200
+    predictions equal, the top-1 within one image); at the precision isvit compiles them at
+    (OpenVINO's default: bf16 where the CPU has it), whose rounding of the float work between the
+    products depends on how OpenVINO fused each graph, within the tolerance of a file against
+    PyTorch (top-1 within 1 point, at least 95% equal)."""
     model, config, path = real_exported(4, 8)
     ir = tmp_path / "ir"
     result = export_openvino(model, ir, model_name="vit_tiny_patch16_224", config=config,
                              data_config=isvit.resolve_data_config(model))
     labels = torch.cat([y for _, y in val_batches])
-    predictions = {}
-    for name, given in (("onnx", path), ("ir", ir)):
-        ov_model, _ = load_onnx(given, threads=1, runtime="openvino")
-        predictions[name] = torch.cat([ov_model(x) for x, _ in val_batches]).argmax(1)
-    top1 = {name: 100.0 * (p == labels).float().mean().item() for name, p in predictions.items()}
-    assert (predictions["ir"] == predictions["onnx"]).float().mean() >= 0.99
-    assert abs(top1["ir"] - top1["onnx"]) <= 100.0 / len(labels), top1
+    for precision, agreement, top1_points in (("f32", 0.99, 100.0 / len(labels)), (None, 0.95, 1.0)):
+        predictions = {}
+        for name, given in (("onnx", path), ("ir", ir)):
+            ov_model, _ = load_onnx(given, threads=1, runtime="openvino", precision=precision)
+            predictions[name] = torch.cat([ov_model(x) for x, _ in val_batches]).argmax(1)
+        top1 = {name: 100.0 * (p == labels).float().mean().item() for name, p in predictions.items()}
+        equal = (predictions["ir"] == predictions["onnx"]).float().mean().item()
+        assert equal >= agreement and abs(top1["ir"] - top1["onnx"]) <= top1_points, (precision, equal, top1)
 
     kernels = compiled_kernels(load_onnx(ir, threads=1, runtime="openvino")[0], 224)
     assert len(kernels) >= 12 * 4 + 1 and all("i8" in kernel.lower() for _, _, kernel in kernels), kernels

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "code arithmetic, activations below 8 bits; OpenVINO's own for any other; a CPU without bf16 runs f32)")
 
     qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
-    qu.add_argument("--model", required=True, help=MODEL_HELP + " of a supported family (ViT, DeiT, Swin)")
+    qu.add_argument("--model", required=True, help=MODEL_HELP + " of a supported family (docs/usage.md#supported-models)")
     _add_common(qu, data_help=DATA_HELP + "; without it the model is quantized (and saved with --save) but not evaluated",
                 data_required=False)
     qu.add_argument("--calib", required=True, help="calibration images (labels not needed; flat folders work)")

@@ -673,7 +673,8 @@ def quantize(
     resume_dir: str | Path | None = None,
     losses: dict | None = None,
 ) -> nn.Module:
-    """Quantize a timm ViT/DeiT/Swin with the method of ``config`` and return the quantized model.
+    """Quantize a timm model of a supported family (``isvit.families``) with the method of ``config``
+    and return the quantized model.
 
     ``calib``: unlabeled calibration images, a (N, 3, H, W) tensor already preprocessed as the
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
