@@ -25,6 +25,7 @@ from isvit import cli
 from isvit.checkpoint import load_quantized, save_quantized
 from isvit.errors import IsvitError
 from isvit.export import export_onnx, folded_tables, load_onnx
+from isvit.modules import Unrotate
 from isvit.pipeline import fold_post_layernorm
 from isvit.rotate import RMSNorm, RotatedLayerNorm, hadamard, random_orthogonal, rotate_heads, rotate_model
 
@@ -219,6 +220,54 @@ def test_full_precision_function_is_unchanged(variant):
     if variant in STREAM_FROM_NORM:
         norm, linear = rotated.get_submodule(STREAM_FROM_NORM[variant])
         assert type(norm) is nn.LayerNorm and not norm.elementwise_affine and type(linear) is nn.Linear
+
+
+# Feature towers (num_classes=0, no Linear reads the stream at the end): (timm name, arguments)
+TOWER_ARGS = {**TINY_VIT, "num_classes": 0}
+TOWERS = {
+    "vit-token": ("vit_tiny_patch16_224", TOWER_ARGS),
+    # norm is Identity: fc_norm after pooling, so forward_features is the stream itself (not centred)
+    "vit-avg-fc-norm": ("vit_tiny_patch16_224", {**TOWER_ARGS, "class_token": False, "global_pool": "avg"}),
+    # registers, LayerScale, no position embedding on the class token, dynamic image size
+    "dinov2-reg-tokens": ("vit_small_patch14_reg4_dinov2", TOWER_ARGS),
+    "clip": ("vit_base_patch16_clip_224", TOWER_ARGS),  # norm_pre
+    "siglip": ("vit_base_patch16_siglip_224", TOWER_ARGS),  # the attention pool after norm
+    "vit-no-final-norm": ("vit_tiny_patch16_224", {**TOWER_ARGS, "final_norm": False, "init_values": 0.1}),
+    "vit-max-pool": ("vit_tiny_patch16_224", {**TOWER_ARGS, "global_pool": "max"}),  # refused with a classifier
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", TOWER_ARGS),
+    "swin": (SMALL_SWIN[0], {**SMALL_SWIN[1], "num_classes": 0}),
+}
+
+
+def tower(variant: str) -> nn.Module:
+    name, args = TOWERS[variant]
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **args).eval()
+
+
+@pytest.mark.parametrize("variant", TOWERS)
+def test_a_feature_tower_gives_the_unrotated_models_features(variant):
+    """Rotated inside, the rotation undone right after the final norm: the pooled features and
+    forward_features (every token after the norm) are the unrotated model's."""
+    model = perturbed(tower(variant))
+    rotated = copy.deepcopy(model)
+    rotate_model(rotated, seed=0)
+    x = images(4, seed=1, size=input_size(model))
+    with torch.no_grad():
+        for forward in ("forward", "forward_features"):
+            before, after = getattr(model, forward)(x), getattr(rotated, forward)(x)
+            assert before.shape == after.shape and before.abs().max() > 0.3
+            # measured: 1e-7 to 9e-7 of the largest feature
+            assert (after - before).abs().max() <= 1e-5 * before.abs().max(), forward
+    _, inputs = run_with_block_inputs(model, x)
+    _, rotated_inputs = run_with_block_inputs(rotated, x)
+    assert not torch.allclose(rotated_inputs[-1], inputs[-1], atol=1e-2)  # the stream inside is rotated
+    assert any(isinstance(m, RMSNorm) for m in rotated.modules())
+    # one Unrotate, in norm's place: after the norm's normalisation, or alone where norm was Identity
+    final_norm = isinstance(model.norm, nn.LayerNorm)
+    assert [n for n, m in rotated.named_modules() if isinstance(m, Unrotate)] == (["norm.1"] if final_norm else ["norm"])
+    if final_norm:
+        assert isinstance(rotated.norm[0], RMSNorm)  # RotatedLayerNorm where the stream is not centred (Swin)
 
 
 def test_per_head_rotations_keep_q_k_and_attn_v():
@@ -420,6 +469,42 @@ def test_exported_rotated_model_computes_what_pytorch_computes(tmp_path):
     assert (got - expected).abs().mean() <= 0.5 * (expected - reference).abs().mean()
 
 
+@pytest.mark.parametrize("variant", ["dinov2-reg-tokens", "vit-avg-fc-norm", "swin"])
+def test_a_feature_tower_quantizes_with_the_fast_presets_rotation_reloads_and_exports(tmp_path, variant):
+    """The fast preset's default at 4 bits rotates a feature tower (no fallback, no warning); the
+    checkpoint rebuilds it bit-exactly (the Unrotate's weight comes from the file), and ``isvit
+    export`` of that file runs in onnxruntime within test_export.py's tolerance."""
+    model = perturbed(tower(variant))
+    size = input_size(model)
+    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, iters=1, calib_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qmodel = isvit.quantize(model, images(8, seed=1, size=size), config, progress=False)
+    assert not [w for w in caught if "rotation" in str(w.message)]
+    assert any(isinstance(m, Unrotate) for m in qmodel.modules())
+    name, args = TOWERS[variant]
+    path = tmp_path / "q.safetensors"
+    save_quantized(qmodel, path, model_name=name, config=config,
+                   data_config=isvit.resolve_data_config(model, input_size=size), model_args=args)
+    rebuilt, info = load_quantized(path)
+    assert info["config"].rotate is True
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in qmodel.modules()]
+    x = images(8, seed=2, size=size)
+    with torch.no_grad():
+        for forward in ("forward", "forward_features"):
+            got, expected = getattr(rebuilt, forward)(x), getattr(qmodel, forward)(x)
+            assert torch.isfinite(expected).all() and torch.equal(got, expected)
+        reference = model(x)
+    onnx_path = tmp_path / "q.onnx"
+    assert cli.main(["export", "--quantized", str(path), "--onnx", str(onnx_path), "--threads", "1"]) == 0
+    onnx_model, _ = load_onnx(onnx_path, threads=1)
+    with torch.no_grad(), folded_tables(rebuilt):  # what the file computes (its 8-bit re-expressions)
+        expected = rebuilt(x)
+    got = onnx_model(x)
+    assert got.shape == reference.shape
+    assert (got - expected).abs().mean() <= 0.5 * (expected - reference).abs().mean()
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, command line, refusals
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +616,11 @@ def _rotated(model: nn.Module) -> nn.Module:
     return model
 
 
+def _with_norm(model: nn.Module, norm: nn.Module) -> nn.Module:
+    model.norm = norm
+    return model
+
+
 def _quantized(model: nn.Module) -> nn.Module:
     return isvit.quantize(model, images(2, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), inplace=True)
 
@@ -540,10 +630,10 @@ def _quantized(model: nn.Module) -> nn.Module:
     (lambda: _quantized(small_vit()), "already quantized"),
     (lambda: tiny_vit(global_pool="max"), "average or attention pooling before the head, not 'max'"),
     (lambda: tiny_vit(global_pool="prr"), "AttentionPoolPrr.*does not commute with a rotation"),
-    (lambda: tiny_vit(num_classes=0), "no classifier head"),
+    (lambda: _with_norm(tiny_vit(num_classes=0), RmsNorm(32)), "norm is a RmsNorm; rotation needs a LayerNorm \\(or none\\)"),
     (lambda: tiny_vit(norm_layer=RmsNorm), "norm1 is a RmsNorm; rotation needs a LayerNorm"),
     (lambda: tiny_vit(mlp_layer=SwiGLU), "blocks.0.mlp is a SwiGLU"),
-], ids=["rotated", "quantized", "max-pool", "prr-pool", "no-head", "rms-norm", "swiglu"])
+], ids=["rotated", "quantized", "max-pool", "prr-pool", "tower-rms-final-norm", "rms-norm", "swiglu"])
 def test_what_rotation_cannot_carry_is_one_sentence(build, message):
     model = build()
     untouched = copy.deepcopy(model.state_dict())

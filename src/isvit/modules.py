@@ -198,3 +198,22 @@ class RotatedLayerNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x - (x @ self.direction).unsqueeze(-1) * self.direction)
+
+
+class Unrotate(nn.Module):
+    """``x W^T + b`` with constant ``W`` and ``b`` (buffers, float, never quantized): where a rotated
+    stream leaves a model that has no Linear to read it (a feature tower, ``num_classes=0``), the
+    rotation undone, ``W = diag(gamma) Q`` (the final LayerNorm's affine with it; ``W = Q`` where
+    there is none) and ``b = beta``, so ``(x Q) W^T + b = gamma * x + beta`` (``orthogonal.unrotate``).
+    Buffers rather than parameters: reconstruction leaves it alone, and a checkpoint carries it."""
+
+    def __init__(self, dim: int, *, device=None, dtype=None):
+        super().__init__()
+        self.register_buffer("weight", torch.eye(dim, device=device, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}"

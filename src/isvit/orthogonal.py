@@ -12,6 +12,8 @@ d x d matrix (``Q Q^T = I``) and the rotated stream is ``x' = x Q``.
   rotated stream, ``W <- W Q``; the LayerNorm becomes an ``RMSNorm`` of weight 1 and bias 0 over a
   zero-mean stream (``RMSNorm(x Q) = RMSNorm(x) Q``: Q keeps every token's norm), or a
   ``RotatedLayerNorm`` (the mean direction rotated along) over a stream that is not.
+- The output (``unrotate``): where no Linear reads the stream at the end (a feature tower,
+  ``num_classes=0``), the final norm's output is turned back by a float ``Q^T`` (its affine with it).
 - Attention heads (``rotate_heads``): for head h an orthogonal ``R_h`` (head_dim x head_dim) turns
   q and k into ``q R_h`` and ``k R_h`` (rows of qkv's weight and bias), and ``q R_h R_h^T k^T = q k^T``;
   another, ``S_h``, turns v into ``v S_h`` while ``proj`` reads head h's columns as ``W S_h``, so
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import IsvitError
-from .modules import RMSNorm, RotatedLayerNorm
+from .modules import RMSNorm, RotatedLayerNorm, Unrotate
 
 # ---------------------------------------------------------------------------------------------
 # Orthogonal matrices
@@ -161,6 +163,26 @@ def read(norm: nn.LayerNorm, readers: list[nn.Linear], q: torch.Tensor, *, centr
     if keep_bias:
         new.bias.copy_((beta / gamma) @ q)
     return new
+
+
+def unrotate(norm: nn.Module, q: torch.Tensor, *, centred: bool) -> nn.Module:
+    """What replaces the final norm ``norm`` (a LayerNorm, or Identity where there is none) of a
+    model whose rotated stream no Linear reads at the output (a feature tower, ``num_classes=0``):
+    the norm as ``read`` swaps it (its affine taken out), then ``Unrotate``, which turns the rotated,
+    normalised tokens back into the LayerNorm's output, ``(n Q) (diag(gamma) Q)^T + beta = gamma * n + beta``;
+    just ``Unrotate`` with ``W = Q`` where there is no norm. Undone right after the norm, before any
+    pooling, so that every token after it (``forward_features``, the pool, ``fc_norm``) is the
+    unrotated model's. The one product rotation adds at the output: d^2 float multiply-adds a token."""
+    d = q.shape[0]
+    output = Unrotate(d, device=q.device, dtype=q.dtype)
+    if isinstance(norm, nn.Identity):
+        output.weight.copy_(q)
+        return output
+    gamma = norm.weight if norm.weight is not None else torch.ones(d, dtype=q.dtype, device=q.device)
+    output.weight.copy_(gamma.view(-1, 1) * q)
+    if norm.bias is not None:
+        output.bias.copy_(norm.bias)
+    return nn.Sequential(read(norm, [], q, centred=centred), output)
 
 
 @torch.no_grad()

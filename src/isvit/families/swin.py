@@ -22,6 +22,11 @@ Rotation (``rotate.rotate_model``; the math in ``orthogonal.py``) differs from V
 
 Every attention head is rotated as in ViT (``orthogonal.rotate_heads``).
 
+Without a classifier (``num_classes=0``, a feature tower: ``head.fc`` Identity) the last stage's
+rotation is undone right after the final ``norm`` (``orthogonal.unrotate``, its affine with it), as
+in ViT: ``forward_features`` returns that norm's output (every token) and the pooling after it then
+reads the unrotated model's tokens.
+
 Hugging Face transformers checkpoints (``hf.py``): ``SwinModel``, ``SwinForImageClassification``
 -> ``SwinTransformer`` (swin_tiny_patch4_window7_224).
 """
@@ -37,7 +42,7 @@ from torch import nn
 
 from ..errors import IsvitError
 from ..modules import QuantConv2d, QuantLinear, QuantMatMul, window_attention_output
-from ..orthogonal import orthogonal_like, read, require_layernorm, rotate_heads, write_linear
+from ..orthogonal import orthogonal_like, read, require_layernorm, rotate_heads, unrotate, write_linear
 from .base import Family, Head, Unit, check_layernorm, staged_blocks, staged_units
 
 if TYPE_CHECKING:
@@ -163,7 +168,8 @@ def _check_rotation(model) -> None:
         if isinstance(stage.downsample, PatchMerging):
             require_layernorm(stage.downsample.norm, f"layers.{i}.downsample.norm")
     require_layernorm(model.norm, "norm")
-    if getattr(model.head.global_pool, "pool_type", None) not in ("avg", ""):
+    classifier = isinstance(model.head.fc, nn.Linear)  # else a feature tower, unrotated before pooling
+    if classifier and getattr(model.head.global_pool, "pool_type", None) not in ("avg", ""):
         raise IsvitError("rotation needs average pooling before the head of a Swin")
 
 
@@ -185,9 +191,10 @@ def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
                 block.norm1 = read(block.norm1, [block.attn.qkv], q, centred=False, keep_bias=pads_windows(block))
                 block.norm2 = read(block.norm2, [block.mlp.fc1], q, centred=False)
             rotate_heads(block.attn, generator)
-    if q is not None:
-        heads = [model.head.fc] if isinstance(model.head.fc, nn.Linear) else []
-        model.norm = read(model.norm, heads, q, centred=False)
+    if q is not None and isinstance(model.head.fc, nn.Linear):
+        model.norm = read(model.norm, [model.head.fc], q, centred=False)
+    elif q is not None:  # a feature tower: the rotation undone right after norm (module docstring)
+        model.norm = unrotate(model.norm, q, centred=False)
     return rotations
 
 

@@ -17,7 +17,7 @@ Rotation (``rotate.rotate_model``; the math in ``orthogonal.py``):
 3. The stream is rotated by one Q: writers ``W <- Q^T W``, readers ``W <- W Q``; every attention
    head is rotated (``orthogonal.rotate_heads``). Pooling the tokens by their average commutes with Q.
 
-The readers after the last block are the head's: ``norm`` or ``fc_norm`` (after pooling) then
+In a model with a classifier the readers after the last block are the head's: ``norm`` or ``fc_norm`` (after pooling) then
 ``head`` (and DeiT's ``head_dist``); or, with an attention-pool head (SigLIP, ``global_pool='map'``),
 ``norm`` then the pool's ``kv``, so the pool's latent query, ``q``, ``proj``, norm and MLP never see
 the stream and stay as they are. Three variants differ:
@@ -32,10 +32,20 @@ the stream and stay as they are. Three variants differ:
 - q/k norms (``qk_norm``), the attention output's and the MLP's inner norms are inside the
   attention or MLP, not on the stream, and stay; ``rotate_heads`` skips what they normalise.
 
-Refused (``IsvitError``, before any weight changes): max pooling (it does not commute with Q), the
-parameter-free ``AttentionPoolPrr`` (attention over groups of channels), no classifier head
-(``num_classes=0``: the features would come out rotated), norms other than LayerNorm (timm's
-RmsNorm), blocks other than timm's ``Block`` with ``Attention`` and an MLP of ``fc1``/``fc2``.
+A feature tower (no classifier: ``num_classes=0``, ``head`` and ``head_dist`` Identity; how CLIP,
+SigLIP and DINOv2 towers are used) has no Linear to read the rotated stream at the end, so the
+rotation is undone there: ``norm`` becomes its normalisation then ``Unrotate``, a float d x d product
+by ``Q^T`` with norm's affine (``orthogonal.unrotate``; ``Q^T`` alone where ``norm`` is Identity).
+It sits right after ``norm``, before pooling, because ``forward_features`` returns ``norm``'s output
+(every token, DINOv2's dense features) and whatever pools them (class token, average, max, the
+attention pool, then ``fc_norm``) then reads the unrotated model's tokens, unchanged. Where
+``norm`` is Identity (``fc_norm`` after average pooling, ``final_norm=False``) ``forward_features``
+is the stream itself, whose mean must then come out too: that stream is not centred.
+
+Refused (``IsvitError``, before any weight changes), for a model with a classifier: max pooling (it
+does not commute with Q), the parameter-free ``AttentionPoolPrr`` (attention over groups of
+channels); for any: norms other than LayerNorm (timm's RmsNorm), blocks other than timm's ``Block``
+with ``Attention`` and an MLP of ``fc1``/``fc2``.
 
 Hugging Face transformers checkpoints (``hf.py``):
 
@@ -72,6 +82,7 @@ from ..orthogonal import (
     read,
     require_layernorm,
     rotate_heads,
+    unrotate,
     write,
     write_linear,
 )
@@ -208,15 +219,27 @@ def _stream_start(model) -> str | None:
     return None
 
 
+def _is_feature_tower(model) -> bool:
+    """No classifier (``num_classes=0``): no Linear ``head`` or ``head_dist`` reads the pooled tokens."""
+    return not any(isinstance(getattr(model, h, None), nn.Linear) for h in ("head", "head_dist"))
+
+
 def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     """What reads the stream after the last block: (the attribute of the LayerNorm it goes through
     first, or None where there is none; the Linears that read that norm's output, or the stream).
+
+    A feature tower has none: (``"norm"`` or None, []); its rotation is undone after ``norm``
+    (module docstring), so what pools and normalises after it is not checked.
 
     With an attention-pool head (``global_pool='map'``) that is ``norm`` then the pool's ``kv``
     (its latent query, ``q``, ``proj``, norm and MLP never see the stream); with the class token or
     average pooling, ``norm`` (every token) or ``fc_norm`` (after pooling) then ``head`` and
     ``head_dist``. Raises ``IsvitError`` for a head rotation cannot carry (it must not change the
     model's output, so one Linear at least must read the rotated stream)."""
+    if _is_feature_tower(model):
+        if not isinstance(model.norm, (nn.Identity, nn.LayerNorm)):
+            raise IsvitError(f"norm is a {type(model.norm).__name__}; rotation needs a LayerNorm (or none) there")
+        return ("norm" if isinstance(model.norm, nn.LayerNorm) else None), []
     pool = getattr(model, "attn_pool", None)
     norms = ("norm",) if pool is not None else ("norm", "fc_norm")  # fc_norm after a pool reads the pool's output
     for name in norms:
@@ -236,8 +259,6 @@ def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     if model.global_pool not in ("token", "avg", ""):
         raise IsvitError(f"rotation needs the class token, average or attention pooling before the head, not {model.global_pool!r}")
     heads = [h for h in (model.head, getattr(model, "head_dist", None)) if isinstance(h, nn.Linear)]
-    if not heads:
-        raise IsvitError("the model has no classifier head (num_classes=0): its output features would come out rotated")
     return (found[0] if found else None), heads
 
 
@@ -265,8 +286,9 @@ def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
     q = orthogonal_like(model.embed_dim, generator, model.patch_embed.proj.weight)
     head_norm, head_readers = _head_readers(model)
     # Centred (RMSNorm) where every reader reads the stream through a LayerNorm; where one reads it
-    # raw (no final norm: final_norm=False, or fc_norm after an attention pool), the stream's mean
-    # matters and every LayerNorm becomes a RotatedLayerNorm instead, as in Swin.
+    # raw (no final norm: final_norm=False, or fc_norm after an attention pool; a feature tower
+    # without norm, whose features are the stream), the stream's mean matters and every LayerNorm
+    # becomes a RotatedLayerNorm instead, as in Swin.
     centre = head_norm is not None
     for block in blocks:
         fold_layer_scale(block.ls1, block.attn.proj)
@@ -290,7 +312,9 @@ def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
     for block in blocks:
         block.norm1 = read(block.norm1, [block.attn.qkv], q, centred=centre)
         block.norm2 = read(block.norm2, [block.mlp.fc1], q, centred=centre)
-    if head_norm is not None:
+    if not head_readers:  # a feature tower: the rotation undone right after norm (module docstring)
+        model.norm = unrotate(model.norm, q, centred=centre)
+    elif head_norm is not None:
         setattr(model, head_norm, read(getattr(model, head_norm), head_readers, q, centred=True))
     else:  # the head (or the attention pool's kv) reads the stream itself
         for linear in head_readers:
