@@ -4,7 +4,9 @@ An exact rewrite of a full-precision model, done offline before it is wrapped: t
 see rotated activations and weights, in which a few outlier channels are spread over all channels.
 Nothing is added to the forward pass (no online Hadamard transform): every rotation is in the
 weights, so inference costs what it did (hence fc2's input, behind a GELU, is not rotated). The
-one exception is a LayerNorm whose output is the stream itself (``orthogonal.norm_as_writer``).
+two exceptions, each one float d x d product a token: a LayerNorm whose output is the stream itself
+(``orthogonal.norm_as_writer``), and the output of a feature tower (``num_classes=0``), where no
+Linear reads the stream and the rotation is undone after the final norm (``orthogonal.unrotate``).
 
 ``rotate_model`` checks what is generic (not quantized, not rotated, one dtype), then hands the
 model to its family (``isvit.families``): the family checks what its recipe cannot carry (before
