@@ -265,7 +265,8 @@ def test_a_feature_tower_gives_the_unrotated_models_features(variant):
     assert any(isinstance(m, RMSNorm) for m in rotated.modules())
     # one Unrotate, in norm's place: after the norm's normalisation, or alone where norm was Identity
     final_norm = isinstance(model.norm, nn.LayerNorm)
-    assert [n for n, m in rotated.named_modules() if isinstance(m, Unrotate)] == (["norm.1"] if final_norm else ["norm"])
+    unrotates = [n for n, m in rotated.named_modules() if isinstance(m, Unrotate)]
+    assert unrotates == (["norm.1"] if final_norm else ["norm"])
     if final_norm:
         assert isinstance(rotated.norm[0], RMSNorm)  # RotatedLayerNorm where the stream is not centred (Swin)
 
@@ -630,7 +631,8 @@ def _quantized(model: nn.Module) -> nn.Module:
     (lambda: _quantized(small_vit()), "already quantized"),
     (lambda: tiny_vit(global_pool="max"), "average or attention pooling before the head, not 'max'"),
     (lambda: tiny_vit(global_pool="prr"), "AttentionPoolPrr.*does not commute with a rotation"),
-    (lambda: _with_norm(tiny_vit(num_classes=0), RmsNorm(32)), "norm is a RmsNorm; rotation needs a LayerNorm \\(or none\\)"),
+    (lambda: _with_norm(tiny_vit(num_classes=0), RmsNorm(32)),
+     "norm is a RmsNorm; rotation needs a LayerNorm \\(or none\\)"),
     (lambda: tiny_vit(norm_layer=RmsNorm), "norm1 is a RmsNorm; rotation needs a LayerNorm"),
     (lambda: tiny_vit(mlp_layer=SwiGLU), "blocks.0.mlp is a SwiGLU"),
 ], ids=["rotated", "quantized", "max-pool", "prr-pool", "tower-rms-final-norm", "rms-norm", "swiglu"])

@@ -17,10 +17,10 @@ Rotation (``rotate.rotate_model``; the math in ``orthogonal.py``):
 3. The stream is rotated by one Q: writers ``W <- Q^T W``, readers ``W <- W Q``; every attention
    head is rotated (``orthogonal.rotate_heads``). Pooling the tokens by their average commutes with Q.
 
-In a model with a classifier the readers after the last block are the head's: ``norm`` or ``fc_norm`` (after pooling) then
-``head`` (and DeiT's ``head_dist``); or, with an attention-pool head (SigLIP, ``global_pool='map'``),
-``norm`` then the pool's ``kv``, so the pool's latent query, ``q``, ``proj``, norm and MLP never see
-the stream and stay as they are. Three variants differ:
+In a model with a classifier the readers after the last block are the head's: ``norm`` or
+``fc_norm`` (after pooling) then ``head`` (and DeiT's ``head_dist``); or, with an attention-pool
+head (SigLIP, ``global_pool='map'``), ``norm`` then the pool's ``kv``, so the pool's latent query,
+``q``, ``proj``, norm and MLP never see the stream and stay as they are. Three variants differ:
 
 - ``norm_pre`` (CLIP; or, without it, the patch embedding's norm) is a LayerNorm whose output is
   the stream. Its per-channel gamma sits on the stream and does not commute with Q, so its
