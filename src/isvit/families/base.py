@@ -18,7 +18,7 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
 from ..errors import IsvitError
-from ..modules import QuantLinear, QuantSwiGLU, RMSNorm
+from ..modules import QuantConv2d, QuantLinear, QuantSwiGLU, RMSNorm
 
 if TYPE_CHECKING:
     from ..hf import Renaming
@@ -212,4 +212,31 @@ def inner_norm_pairs(name: str, block: nn.Module) -> list[tuple[str, nn.Module, 
                                 (f"{name}.mlp.norm", block.mlp.norm, block.mlp.fc2)):
         if isinstance(norm, nn.LayerNorm):
             pairs.append((where, norm, linear))
+    return pairs
+
+
+def wrap_token_blocks(model: nn.Module, p: Placement, attention: type[nn.Module]) -> None:
+    """BEiT's and EVA's surgery: the patch embedding, every block's attention as ``attention``
+    (qkv with the separate q / v biases as its one bias, proj after the attention's sub-LayerNorm
+    if any) and MLP (``wrap_mlp``), and the head."""
+    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+    for _, block in numbered_blocks(model):
+        qk, av = p.matmuls()
+        attn = block.attn
+        qkv = p.linear(single_bias_qkv(attn), "post_ln")
+        proj = p.linear(attn.proj, after_norm(getattr(attn, "norm", None)))
+        block.attn = attention(attn, qkv, proj, qk, av)
+        wrap_mlp(block, p)
+    if isinstance(model.head, nn.Linear):
+        model.head = p.linear(model.head, "tensor")
+
+
+def token_block_pairs(model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
+    """A wrapped BEiT's or EVA's fold pairs: each block's norm1 -> qkv, norm2 -> fc1 and its
+    sub-LayerNorms (``inner_norm_pairs``)."""
+    pairs = []
+    for name, block in numbered_blocks(model):
+        pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
+        pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
+        pairs += inner_norm_pairs(name, block)
     return pairs

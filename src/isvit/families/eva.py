@@ -21,18 +21,16 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
 from ..errors import IsvitError
-from ..modules import QuantConv2d, QuantLinear, QuantMatMul, additive_mask
+from ..modules import QuantLinear, QuantMatMul, additive_mask
 from .base import (
     Family,
     Head,
     Unit,
-    after_norm,
     check_layernorm,
     check_mlp,
-    inner_norm_pairs,
     numbered_blocks,
-    single_bias_qkv,
-    wrap_mlp,
+    token_block_pairs,
+    wrap_token_blocks,
 )
 
 if TYPE_CHECKING:
@@ -89,16 +87,7 @@ class EVA(Family):
             check_mlp(name, block.mlp)
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
-        model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
-        for _, block in numbered_blocks(model):
-            qk, av = p.matmuls()
-            attn = block.attn
-            qkv = p.linear(single_bias_qkv(attn), "post_ln")
-            proj = p.linear(attn.proj, after_norm(getattr(attn, "norm", None)))
-            block.attn = QuantEvaAttention(attn, qkv, proj, qk, av)
-            wrap_mlp(block, p)
-        if isinstance(model.head, nn.Linear):
-            model.head = p.linear(model.head, "tensor")
+        wrap_token_blocks(model, p, QuantEvaAttention)
 
     def units(self, model: nn.Module) -> list[Unit]:
         def embed_tokens(x):
@@ -110,12 +99,7 @@ class EVA(Family):
         return units
 
     def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
-        pairs = []
-        for name, block in numbered_blocks(model):
-            pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
-            pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
-            pairs += inner_norm_pairs(name, block)
-        return pairs
+        return token_block_pairs(model)
 
 
 class QuantEvaAttention(nn.Module):
