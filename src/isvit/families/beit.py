@@ -48,7 +48,8 @@ class BEiT(Family):
                              "(use_shared_rel_pos_bias), which isvit does not support; it takes a bias per block")
         for name, block in numbered_blocks(model):
             if type(block) is not Block or type(block.attn) is not Attention:
-                raise IsvitError(f"{name} is a {type(block).__name__}; isvit supports timm's BEiT Block with its Attention")
+                raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; "
+                                 "isvit supports timm's BEiT Block with its Attention")
             check_layernorm(block.norm1, f"{name}.norm1")
             check_layernorm(block.norm2, f"{name}.norm2")
             check_mlp(name, block.mlp)

@@ -110,7 +110,8 @@ class Swin(Family):
 def check_block(name: str, block: nn.Module) -> None:
     """The block must be timm's ``SwinTransformerBlock`` with ``WindowAttention``."""
     if type(block) is not SwinTransformerBlock or type(block.attn) is not WindowAttention:
-        raise IsvitError(f"{name} is a {type(block).__name__}; isvit supports timm's SwinTransformerBlock")
+        raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports "
+                         "timm's SwinTransformerBlock with WindowAttention")
 
 
 def pads_windows(block: nn.Module) -> bool:

@@ -44,7 +44,9 @@ class SwinV2(Family):
         for name, block in staged_blocks(model):
             if (type(block) is not SwinTransformerV2Block or type(block.attn) is not WindowAttention
                     or type(block.mlp) is not Mlp):
-                raise IsvitError(f"{name} is a {type(block).__name__}; isvit supports timm's SwinTransformerV2Block")
+                raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__} and "
+                                 f"{type(block.mlp).__name__}; isvit supports timm's SwinTransformerV2Block with "
+                                 "WindowAttention and Mlp")
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
         model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
