@@ -385,6 +385,17 @@ def test_rotated_model_quantizes_and_reloads_bit_exactly(tmp_path, arch, method)
 TIMM_NAMES = {"clip": "vit_base_patch16_clip_224", "siglip": "vit_base_patch16_siglip_224"}
 
 
+def quantized_with_the_fast_presets_rotation(model, size: int):
+    """(config, model quantized by it): the fast preset at W4/A4 (one iteration per unit), which must
+    rotate ``model`` without warning that it goes without."""
+    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, iters=1, calib_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qmodel = isvit.quantize(model, images(8, seed=1, size=size), config, progress=False)
+    assert not [w for w in caught if "rotation" in str(w.message)]
+    return config, qmodel
+
+
 @pytest.mark.parametrize("variant", ["clip", "siglip"])
 def test_clip_and_siglip_quantize_with_the_fast_presets_rotation_and_reload(tmp_path, variant):
     """The fast preset's default (rotation at <= 4 bits) on CLIP's and SigLIP's towers: rotated,
@@ -392,11 +403,7 @@ def test_clip_and_siglip_quantize_with_the_fast_presets_rotation_and_reload(tmp_
     random weights gives the same modules: norm_pre's Linear, the attention pool's kv)."""
     model = perturbed(VARIANTS[variant]())
     size = input_size(model)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, iters=1, calib_size=8)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qmodel = isvit.quantize(model, images(8, seed=1, size=size), config, progress=False)
-    assert not [w for w in caught if "rotation" in str(w.message)]
+    config, qmodel = quantized_with_the_fast_presets_rotation(model, size)
     assert any(isinstance(m, RMSNorm) for m in qmodel.modules())
     path = tmp_path / "q.safetensors"
     save_quantized(qmodel, path, model_name=TIMM_NAMES[variant], config=config,
@@ -477,11 +484,7 @@ def test_a_feature_tower_quantizes_with_the_fast_presets_rotation_reloads_and_ex
     export`` of that file runs in onnxruntime within test_export.py's tolerance."""
     model = perturbed(tower(variant))
     size = input_size(model)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, iters=1, calib_size=8)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qmodel = isvit.quantize(model, images(8, seed=1, size=size), config, progress=False)
-    assert not [w for w in caught if "rotation" in str(w.message)]
+    config, qmodel = quantized_with_the_fast_presets_rotation(model, size)
     assert any(isinstance(m, Unrotate) for m in qmodel.modules())
     name, args = TOWERS[variant]
     path = tmp_path / "q.safetensors"
