@@ -190,10 +190,8 @@ def test_onnx_export_computes_what_pytorch_computes(isvit_w4a4, tmp_path):
 REFUSED = {
     "beit-shared-bias": ("beit_base_patch16_224", {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False},
                          "shares one relative position bias among its blocks"),
-    "eva-dynamic-size": ("eva02_tiny_patch14_224", {"ref_feat_shape": (4, 4), "dynamic_img_size": True},
-                         "dynamic image sizes"),
-    "eva-attention-pool": ("eva02_tiny_patch14_224", {"ref_feat_shape": (4, 4), "global_pool": "map"},
-                           "attention pool"),
+    "eva-post-norm": ("eva02_tiny_patch14_224", {"ref_feat_shape": (4, 4), "use_post_norm": True},
+                      "is a EvaBlockPostNorm with EvaAttention; isvit supports timm's pre-norm EvaBlock"),
 }
 
 
