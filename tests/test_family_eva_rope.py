@@ -3,9 +3,11 @@
 The three families' small random models go the way of test_families.py's EVA-02: with every
 quantizer off the wrapped model is the original (through ``model(x)`` and through its units); the
 post-LayerNorm fold leaves the function unchanged; minmax and repq at W8/A8 agree with full
-precision on most of a batch; the isvit fast preset at W4/A4 runs (rotation refused in one sentence,
-the preset warns and goes without); a saved checkpoint reloads bit-exact; the ONNX export computes
-what PyTorch computes. DINOv3 takes dynamic image sizes: quantized at one size it runs at another.
+precision on most of a batch; the isvit fast preset at W4/A4 runs, rotated; a saved checkpoint
+reloads bit-exact; the ONNX export computes what PyTorch computes. DINOv3 takes dynamic image
+sizes: quantized at one size it runs at another. The rotation (residual stream, v and proj per
+head; not q and k, which the rotary embedding turns) leaves the full-precision function unchanged,
+classifier or feature tower.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from isvit.checkpoint import load_quantized, save_quantized
 from isvit.errors import IsvitError
 from isvit.export import export_onnx, folded_tables, load_onnx
 from isvit.modules import QuantLinear, QuantMatMul
+from isvit.modules import RMSNorm, RotatedLayerNorm, Unrotate
 from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for
+from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import Placement, forward_units, is_block, post_layernorm_pairs, wrap_model
 
 SIZE = 64
@@ -53,8 +57,8 @@ VARIANTS = {
 
 def small_model(variant: str) -> torch.nn.Module:
     """A random model in which every part counts (test_families.small_model): LayerScale at 1,
-    q/v and Linear biases, norm weights and the prefix tokens redrawn, every Linear of unit gain,
-    the head larger."""
+    q/v, Linear and LayerNorm biases, norm weights and the prefix tokens redrawn, every Linear of
+    unit gain, the head larger."""
     name, args = VARIANTS[variant]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **args).eval()
@@ -63,7 +67,7 @@ def small_model(variant: str) -> torch.nn.Module:
             leaf = key.rsplit(".", 1)[-1]
             if leaf.startswith("gamma"):
                 p.fill_(1.0)
-            elif leaf in ("q_bias", "v_bias") or (leaf == "bias" and "norm" not in key):
+            elif leaf in ("q_bias", "v_bias", "bias"):  # LayerNorms' too: the rotation folds them into biases
                 p.normal_(0.0, 0.2)
             elif leaf in ("cls_token", "reg_token", "pos_embed"):
                 p.normal_(0.0, 0.5)
@@ -163,12 +167,14 @@ def test_dinov3_quantized_at_one_size_runs_close_to_full_precision_at_another():
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def isvit_w4a4(request):
-    """The fast preset at W4/A4 (one iteration per unit): it warns that it goes without rotation."""
+    """The fast preset at W4/A4 (one iteration per unit), rotated as the preset does at 4 bits."""
     family = request.param
     model = small_model(family)
     config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
-    with pytest.warns(UserWarning, match="rotation supports .* not Eva .*rotary embedding"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no warning that it goes without rotation
         quantized = isvit.quantize(model, images(8, seed=6), config, progress=False)
+    assert is_rotated(quantized)
     return family, model, quantized, config
 
 
@@ -201,7 +207,8 @@ def test_onnx_export_computes_what_pytorch_computes(isvit_w4a4, tmp_path):
         warnings.simplefilter("ignore")
         counts = export_onnx(quantized, path, model_name=name, config=config, data_config=data_config, model_args=args)
     # every quantized Linear and product is an integer product; only the patch embedding (on the
-    # float image) is a float convolution (the attention pool's Linears are no quantized layers)
+    # float image) is a float convolution (the attention pool's Linears, and the Linear the rotation
+    # makes of norm_pre's affine, are no quantized layers)
     layers = sum(isinstance(m, (QuantLinear, QuantMatMul)) for m in quantized.modules())
     assert counts["integer"] >= layers and counts["float"] == 1
     onnx_model, _ = load_onnx(path, threads=1)
@@ -212,6 +219,77 @@ def test_onnx_export_computes_what_pytorch_computes(isvit_w4a4, tmp_path):
     assert got.shape == (16, 10)
     assert (got.argmax(1) == expected.argmax(1)).sum() >= 15
     assert (got - expected).abs().mean() <= 0.5 * (expected - fp).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation
+# ---------------------------------------------------------------------------------------------
+
+def block_inputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, the input tokens of every block)."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            return model(x), seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rotation_leaves_the_full_precision_function_unchanged(variant):
+    model = small_model(variant)
+    rotated = copy.deepcopy(model)
+    q = rotate_model(rotated, seed=0)["stream"].float()
+    x = images(4, seed=1)
+    before, inputs = block_inputs(model, x)
+    after, rotated_inputs = block_inputs(rotated, x)
+    # measured: 2e-7 to 1.3e-6 of the largest logit
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+    if variant.startswith("dinov3"):  # another image size: the rotary embedding built for it
+        other = images(2, seed=2, size=(96, 80))
+        with torch.no_grad():
+            assert (rotated(other) - model(other)).abs().max() <= 1e-4 * model(other).abs().max()
+    # each block reads the stream rotated, centred first unless a reader needs its mean (no final
+    # norm: the Perception Encoder's spatial tower, whose LayerNorms become RotatedLayerNorms)
+    centred = variant != "pe-spatial"
+    for got, t in zip(rotated_inputs, inputs):
+        want = ((t - t.mean(dim=-1, keepdim=True)) if centred else t) @ q
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert not torch.allclose(rotated_inputs[-1], inputs[-1], atol=1e-2)
+    norms = [m for m in rotated.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 2 * SMALL["depth"] + centred  # norm1, norm2 and the final norm where there is one
+    assert all(isinstance(n, RotatedLayerNorm) != centred for n in norms)
+
+
+@pytest.mark.parametrize("variant", ["dinov3", "pe-core", "pe-spatial"])
+def test_a_rotated_feature_tower_gives_the_unrotated_models_features(variant):
+    """num_classes=0: the rotation undone right after the final norm (Unrotate), so the features and
+    every token of forward_features are the unrotated model's."""
+    name, args = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **{**args, "num_classes": 0}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    rotated = copy.deepcopy(model)
+    rotate_model(rotated, seed=0)
+    assert sum(isinstance(m, Unrotate) for m in rotated.modules()) == 1
+    x = images(2, seed=1)
+    with torch.no_grad():
+        for forward in ("forward", "forward_features"):
+            before, after = getattr(model, forward)(x), getattr(rotated, forward)(x)
+            assert (after - before).abs().max() <= 1e-5 * before.abs().max(), forward
+
+
+def test_rotation_refuses_max_pooling_in_one_sentence_before_any_change():
+    model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL, global_pool="max").eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(IsvitError, match="rotation needs the class token, average or attention pooling before the "
+                                         "head, not 'max'"):
+        rotate_model(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_post_norm_block_is_refused_in_one_sentence_before_any_change():

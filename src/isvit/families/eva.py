@@ -8,7 +8,7 @@ the Linear after it a post-LayerNorm one, folded like ``qkv`` and ``fc1``. Both 
 are carried by ``QuantEvaAttention``: ``EvaAttention`` (EVA-02, DINOv3) and ``timm.layers``'
 ``AttentionRope`` (RoPE ViT, Perception Encoder; grouped-query attention with fewer k/v heads too).
 The rotary embedding, the q/k norms and LayerScale stay floating point; prefix tokens (class,
-DINOv3's storage/register tokens) are not rotated, as in timm.
+DINOv3's storage/register tokens) get no rotary embedding, as in timm.
 
 - Dynamic image sizes (``dynamic_img_size``, DINOv3): the quantized model runs at any size in
   PyTorch, its rotary embedding (and resampled absolute position embedding) built for that size as
@@ -23,11 +23,22 @@ DINOv3's storage/register tokens) are not rotated, as in timm.
 Refused: post-norm blocks (``EvaBlockPostNorm``), gated attention, norms other than LayerNorm
 before the Linears (the post-LayerNorm fold writes into a LayerNorm's affine).
 
-No rotation: it is not written for EVA's blocks yet. Rotating the residual stream by one Q would be
-exact (only the Linears' input and output sides change); rotating each head's q and k, as the ViT
-adapter does, is not, because the rotary embedding turns pairs of q and k channels by
-position-dependent angles and a head rotation commutes with those 2x2 rotations only if it is made
-of such 2x2 rotations of the same pairs.
+Rotation (``rotate.rotate_model``; the math in ``orthogonal.py``), as the ViT adapter's
+(``families/vit.py``): LayerScale folded into ``attn.proj`` and ``mlp.fc2``; the stream made
+zero-mean and rotated by one Q, its writers (patch embedding, class/storage tokens, absolute
+position embedding, or ``norm_pre``'s affine as a float Linear where it is a LayerNorm; each
+block's ``attn.proj`` and ``mlp.fc2``) and readers (``qkv`` or ``q/k/v_proj``, ``fc1`` or SwiGLU's
+``fc1_g``/``fc1_x``; the head, the attention pool's ``kv``) rewritten, each LayerNorm on the stream
+an RMSNorm (a RotatedLayerNorm where the head reads the stream without a final norm, the
+Perception Encoder's spatial tower); a feature tower undoes the rotation after ``norm``. Exact with
+the rotary embedding, which acts on q and k after ``qkv``, whose values the stream rotation does not
+change. Per head, v and ``proj`` are rotated but not q and k: the rotary embedding turns pairs of
+q's and k's channels by angles that depend on the position, and a rotation of a head's channels
+commutes with those 2x2 rotations only if it is itself made of 2x2 rotations of the same pairs.
+EVA's fused ``qkv`` ignores its own bias for the separate ``q_bias``/``k_bias``/``v_bias``, so the
+LayerNorm's shift folded into qkv goes there (the k part into ``k_bias``, a zero buffer until
+then, which timm does not save: the wrapped model's qkv holds all three in its saved bias).
+Refused for rotation: max pooling before the head, a norm other than LayerNorm on the stream.
 """
 
 from __future__ import annotations
@@ -37,11 +48,22 @@ from typing import TYPE_CHECKING
 
 import timm.layers
 import torch
+from timm.layers import AttentionPoolLatent, SwiGLU
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
 from ..errors import IsvitError
 from ..modules import QuantLinear, QuantMatMul, additive_mask
+from ..orthogonal import (
+    norm_as_writer,
+    orthogonal_like,
+    random_orthogonal,
+    read,
+    require_layernorm,
+    unrotate,
+    write,
+    write_linear,
+)
 from .base import (
     Family,
     Head,
@@ -107,9 +129,7 @@ class EVA(Family):
     description = "Eva"
     model_types = (Eva,)
     block_types = (EvaBlock, EvaRopeBlock)
-    no_rotation = ("it is not written for EVA's blocks yet (the residual stream could be rotated exactly, but not "
-                   "each head's q and k: the rotary embedding turns pairs of their channels by angles that depend "
-                   "on the position, which a rotation of the head's channels does not commute with)")
+    rotation_name = "Eva"
 
     def check(self, model: nn.Module) -> None:
         for name, block in numbered_blocks(model):
@@ -140,6 +160,157 @@ class EVA(Family):
 
     def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
         return token_block_pairs(model)
+
+    def check_rotation(self, model: nn.Module) -> None:
+        self.check(model)
+        _check_rotation(model)
+
+    def rotate(self, model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return _rotate(model, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation
+# ---------------------------------------------------------------------------------------------
+
+def _attention_readers(attn: nn.Module) -> list[nn.Linear]:
+    """The Linears that read norm1's output: the fused ``qkv``, or ``q_proj``, ``k_proj`` and ``v_proj``."""
+    return [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
+def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
+    """The Linears that read norm2's output: a SwiGLU's ``fc1_g`` and ``fc1_x``, else ``fc1``."""
+    return [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]
+
+
+def _head_readers(model: nn.Module) -> tuple[str | None, list[nn.Linear]]:
+    """What reads the stream after the last block: (the attribute of the LayerNorm it goes through
+    first, or None where there is none; the Linears that read that norm's output, or the stream).
+
+    With an attention pool (``global_pool='map'``) that is ``norm`` then the pool's ``kv`` (its
+    latent query, ``q``, ``proj``, norm and MLP never see the stream); else ``norm`` (every token)
+    or ``fc_norm`` (after pooling) then ``head``. A feature tower (``num_classes=0``) has no Linear
+    there: (``"norm"`` or None, []), its rotation undone after ``norm``. Raises ``IsvitError`` for a
+    head rotation cannot carry."""
+    pool = model.attn_pool
+    norms = ("norm",) if pool is not None or not isinstance(model.head, nn.Linear) else ("norm", "fc_norm")
+    for name in norms:
+        if not isinstance(getattr(model, name), (nn.Identity, nn.LayerNorm)):
+            raise IsvitError(f"{name} is a {type(getattr(model, name)).__name__}; "
+                             "rotation needs a LayerNorm (or none) there")
+    found = [n for n in norms if isinstance(getattr(model, n), nn.LayerNorm)]
+    if not isinstance(model.head, nn.Linear):
+        return (found[0] if found else None), []
+    if len(found) > 1:
+        raise IsvitError("rotation needs one LayerNorm at most (norm or fc_norm) between the last block and the head")
+    if pool is not None:
+        if not isinstance(pool, AttentionPoolLatent) or pool.pos_embed is not None:
+            raise IsvitError(f"the model pools with {type(pool).__name__} reading the stream other than through one "
+                             "Linear kv, which rotation cannot carry")
+        return (found[0] if found else None), [pool.kv]
+    if model.global_pool not in ("token", "avg", ""):
+        raise IsvitError("rotation needs the class token, average or attention pooling before the head, "
+                         f"not {model.global_pool!r}")
+    return (found[0] if found else None), [model.head]
+
+
+def _check_rotation(model: nn.Module) -> None:
+    for name, block in numbered_blocks(model):
+        require_layernorm(block.norm1, f"{name}.norm1")
+        require_layernorm(block.norm2, f"{name}.norm2")
+    if not isinstance(model.norm_pre, (nn.Identity, nn.LayerNorm)):
+        raise IsvitError(f"norm_pre is a {type(model.norm_pre).__name__}; rotation needs a LayerNorm (or none) there")
+    if not isinstance(getattr(model.patch_embed, "norm", None), (type(None), nn.Identity)):
+        raise IsvitError("the patch embedding has a norm of its own, which rotation does not carry for EVA")
+    _head_readers(model)
+
+
+def _fold_gamma(gamma: nn.Parameter | None, writer: nn.Linear) -> None:
+    """LayerScale ``gamma * (W a + b)`` into the writer: its output rows times gamma, gamma <- 1."""
+    if gamma is None:
+        return
+    writer.weight.mul_(gamma.view(-1, 1))
+    if writer.bias is not None:
+        writer.bias.mul_(gamma)
+    gamma.fill_(1.0)
+
+
+def _read_attention_input(block: nn.Module, q: torch.Tensor, centred: bool) -> None:
+    """norm1 swapped for the norm ``read`` makes, its affine in qkv. EvaAttention's fused qkv with
+    separate biases ignores ``qkv.bias``: what ``read`` put there moves into ``q_bias``, ``k_bias``
+    (a buffer, zero until now: a k bias moves the keys, which the rotary embedding turns, so it
+    counts) and ``v_bias``; the wrapped model's qkv takes all three as its one bias, saved."""
+    attn = block.attn
+    block.norm1 = read(block.norm1, _attention_readers(attn), q, centred=centred)
+    if attn.qkv is not None and getattr(attn, "q_bias", None) is not None:
+        b_q, b_k, b_v = attn.qkv.bias.chunk(3)
+        attn.q_bias.add_(b_q)
+        attn.k_bias.add_(b_k)
+        attn.v_bias.add_(b_v)
+        attn.qkv.bias = None
+
+
+def _rotate_values(attn: nn.Module, generator: torch.Generator) -> None:
+    """Each k/v head's v turned by a random orthogonal ``S_h`` (rows of its weight and bias), the
+    columns of ``proj`` that read it by the same (``orthogonal.rotate_heads``' v and proj; q and k
+    are not rotated: the rotary embedding turns pairs of their channels by position-dependent
+    angles, which a rotation of the head's channels does not commute with). Skipped where the
+    attention output is normalised (``attn.norm``)."""
+    if not isinstance(attn.norm, nn.Identity):
+        return
+    heads, head_dim = attn.num_heads, attn.proj.in_features // attn.num_heads
+    kv_heads = getattr(attn, "num_kv_heads", heads)
+    if attn.qkv is not None:
+        weight = attn.qkv.weight[2 * heads * head_dim:]
+        bias = attn.v_bias if getattr(attn, "q_bias", None) is not None else attn.qkv.bias
+        bias = bias[-kv_heads * head_dim:] if bias is not None else None
+    else:
+        weight, bias = attn.v_proj.weight, attn.v_proj.bias
+    s = torch.stack([random_orthogonal(head_dim, generator) for _ in range(kv_heads)]).to(weight.device, weight.dtype)
+    weight.copy_(torch.einsum("hji,hjc->hic", s, weight.view(kv_heads, head_dim, -1)).reshape(weight.shape))
+    if bias is not None:
+        bias.copy_(torch.einsum("hji,hj->hi", s, bias.view(kv_heads, head_dim)).reshape(bias.shape))
+    # proj reads head h (which reads k/v head h // group) through its columns: W[:, h] <- W[:, h] S
+    proj = attn.proj.weight.view(attn.proj.out_features, heads, head_dim)
+    proj.copy_(torch.einsum("ohj,hji->ohi", proj, s.repeat_interleave(heads // kv_heads, dim=0)))
+
+
+def _rotate(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    blocks = [block for _, block in numbered_blocks(model)]
+    q = orthogonal_like(model.embed_dim, generator, model.patch_embed.proj.weight)
+    head_norm, head_readers = _head_readers(model)
+    # Centred (RMSNorm) where every reader reads the stream through a LayerNorm; where one reads
+    # it raw (no final norm: the Perception Encoder's spatial tower), the stream's mean matters and
+    # every LayerNorm becomes a RotatedLayerNorm instead.
+    centre = head_norm is not None
+    for block in blocks:
+        _fold_gamma(block.gamma_1, block.attn.proj)
+        _fold_gamma(block.gamma_2, block.mlp.fc2)
+    # 1 + 3: the writers, centred and rotated
+    if isinstance(model.norm_pre, nn.LayerNorm):  # its output is the stream: its affine becomes a writer
+        model.norm_pre = norm_as_writer(model.norm_pre, q, centre)
+    else:
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            if isinstance(getattr(model, name, None), nn.Parameter):
+                write(getattr(model, name), q, -1, center=centre)
+        write_linear(model.patch_embed.proj, q, center=centre)
+    for block in blocks:
+        write_linear(block.attn.proj, q, center=centre)
+        write_linear(block.mlp.fc2, q, center=centre)
+    # 2 + 3: the readers, each LayerNorm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
+    for block in blocks:
+        _read_attention_input(block, q, centre)
+        block.norm2 = read(block.norm2, _mlp_readers(block.mlp), q, centred=centre)
+    if not head_readers:  # a feature tower: the rotation undone right after norm
+        model.norm = unrotate(model.norm, q, centred=centre)
+    elif head_norm is not None:
+        setattr(model, head_norm, read(getattr(model, head_norm), head_readers, q, centred=True))
+    else:  # the head (or the attention pool's kv) reads the stream itself
+        for linear in head_readers:
+            linear.weight.copy_(linear.weight @ q)
+    for block in blocks:
+        _rotate_values(block.attn, generator)
+    return {"stream": q}
 
 
 class QuantEvaAttention(nn.Module):
