@@ -153,9 +153,10 @@ def test_w8a8_agrees_with_full_precision(family, method):
         assert agreement(quantized(x), model(x)) >= 0.8
 
 
-def test_dinov3_quantized_at_one_size_runs_close_to_full_precision_at_another():
+@pytest.mark.parametrize("rotate", [False, True])
+def test_dinov3_quantized_at_one_size_runs_close_to_full_precision_at_another(rotate):
     model = small_model("dinov3")
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16)
+    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=rotate)
     quantized = isvit.quantize(copy.deepcopy(model), images(16, seed=4), config, progress=False)
     x = images(32, seed=5, size=(96, 80))
     with torch.no_grad():
@@ -281,6 +282,17 @@ def test_a_rotated_feature_tower_gives_the_unrotated_models_features(variant):
         for forward in ("forward", "forward_features"):
             before, after = getattr(model, forward)(x), getattr(rotated, forward)(x)
             assert (after - before).abs().max() <= 1e-5 * before.abs().max(), forward
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotated_w8a8_minmax_agrees_with_full_precision(family):
+    model = small_model(family)
+    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=True)
+    quantized = isvit.quantize(model, images(16, seed=4), config, progress=False)
+    assert is_rotated(quantized)
+    x = images(32, seed=5)
+    with torch.no_grad():
+        assert agreement(quantized(x), model(x)) >= 0.8
 
 
 def test_rotation_refuses_max_pooling_in_one_sentence_before_any_change():

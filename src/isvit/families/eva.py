@@ -192,7 +192,7 @@ def _head_readers(model: nn.Module) -> tuple[str | None, list[nn.Linear]]:
     or ``fc_norm`` (after pooling) then ``head``. A feature tower (``num_classes=0``) has no Linear
     there: (``"norm"`` or None, []), its rotation undone after ``norm``. Raises ``IsvitError`` for a
     head rotation cannot carry."""
-    pool = model.attn_pool
+    pool = getattr(model, "attn_pool", None)  # not in the timm 1.0 releases before the Perception Encoder
     norms = ("norm",) if pool is not None or not isinstance(model.head, nn.Linear) else ("norm", "fc_norm")
     for name in norms:
         if not isinstance(getattr(model, name), (nn.Identity, nn.LayerNorm)):
