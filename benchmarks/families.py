@@ -54,7 +54,8 @@ FULL_SIZE = {
     "swin": ["swin_tiny_patch4_window7_224"],
     "swinv2": ["swinv2_tiny_window8_256"],
     "beit": ["beit_base_patch16_224"],
-    "eva": ["eva02_small_patch14_224"],
+    "eva": ["eva02_small_patch14_224", "vit_small_patch16_dinov3", "vit_base_patch16_rope_224",
+            "vit_small_patch16_rope_mixed_224", "vit_pe_core_small_patch16_384"],
 }
 
 

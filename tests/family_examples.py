@@ -73,5 +73,8 @@ EXAMPLES: dict[str, dict[str, Example]] = {
     },
     "eva": {
         "eva02": Example("eva02_tiny_patch14_224", {**SMALL, "ref_feat_shape": [4, 4]}),
+        "dinov3": Example("vit_small_patch16_dinov3", SMALL),
+        "rope-mixed": Example("vit_small_patch16_rope_mixed_224", SMALL),
+        "pe-core": Example("vit_pe_core_small_patch16_384", SMALL),
     },
 }
