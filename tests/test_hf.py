@@ -518,3 +518,26 @@ def test_a_config_that_the_timm_model_cannot_express_is_refused_before_the_weigh
         load_model("vit_tiny_patch16_224", tmp_path / "vit")
     message = one_sentence(error)
     assert "cannot express" in message and "'act_layer': 'gelu_tanh'" in message
+
+
+def test_the_command_line_records_the_config_arguments_in_the_quantized_and_exported_files(tmp_path, image_folder):
+    from isvit.cli import main
+
+    source = hf_model(transformers.ViTForImageClassification, transformers.ViTConfig, image_size=96, patch_size=16,
+                      hidden_size=64, num_hidden_layers=6, num_attention_heads=2, intermediate_size=192,
+                      num_labels=1000)
+    source.save_pretrained(tmp_path / "hf")
+    expected = {"img_size": 96, "layer_norm_eps": 1e-12}  # transformers' eps; its exact GELU is timm's
+    quantized, onnx_file = tmp_path / "q.safetensors", tmp_path / "fp.onnx"
+    with torch_threads(1):
+        assert main(["quantize", "--model", TINY_VIT, "--weights", str(tmp_path / "hf"), "--calib", str(image_folder),
+                     "--calib-size", "2", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--device", "cpu",
+                     "--quiet", "--save", str(quantized)]) == 0
+        assert main(["export", "--model", TINY_VIT, "--weights", str(tmp_path / "hf"), "--onnx", str(onnx_file)]) == 0
+    model, info = load_quantized(quantized)
+    assert info["model_args"] == expected and info["data_config"]["input_size"] == [3, 96, 96]
+    assert model.blocks[0].norm1.eps == 1e-12
+    import onnx
+
+    metadata = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(metadata["model_args"]) == expected
