@@ -13,7 +13,9 @@ lists, and its ``config.json`` (``read_config``). Of the config, what the weight
 and timm can be told becomes keyword arguments of the timm model (``config_model_args``): the image
 size (``img_size``), the MLP's activation (``act_layer``) and the LayerNorm eps (``layer_norm_eps``,
 isvit's own: ``models.build_model`` sets it on every LayerNorm, as transformers gives one eps to all
-of them). They are recorded in a quantized model's ``model_args``, so that it rebuilds the same.
+of them; its Swin alone keeps PyTorch's 1e-5 in the patch embedding's and merging's norms, and every
+published Swin config says 1e-5, timm's, so none is set there). They are recorded in a quantized
+model's ``model_args``, so that it rebuilds the same.
 A single weights file comes without a config: its model is the timm model as named.
 
 isvit does not import transformers: the renamers use the names of its saved files (the same for
