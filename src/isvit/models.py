@@ -40,22 +40,11 @@ def load_model(
     """
     if not timm.is_model(name):
         raise IsvitError(f"unknown model {name!r}: give a timm architecture name such as vit_tiny_patch16_224")
-    model_args: dict = {}
+    model_args: dict = {}  # none for a weights file or a download
     if quantizable or weights is not None:
         model = timm.create_model(name, pretrained=False)
         if weights is not None and Path(weights).is_dir():
-            hf.weights_files(Path(weights))  # a folder without its weights is refused before any other work
-            config = hf.read_config(Path(weights))
-            if config is not None:
-                model_args = hf.config_model_args(config, model, name, weights)
-            if model_args:
-                where = f"{Path(weights) / 'config.json'}"
-                model = build_model(name, model_args, where=where)
-                # An argument timm takes but does not apply to every part (Eva's SwiGLU keeps SiLU) leaves a difference.
-                left = hf.config_model_args(config, model, name, weights)
-                if left:
-                    raise IsvitError(f"{where} describes a model that timm's {name} cannot express: built with "
-                                     f"{model_args} it still needs {left}")
+            model, model_args = _as_configured(name, model, Path(weights))
         if quantizable:
             check_supported(model)
     if weights is None:
@@ -68,6 +57,25 @@ def load_model(
     else:
         load_weights(model, weights)
     return model.to(device).eval(), model_args
+
+
+def _as_configured(name: str, model: nn.Module, folder: Path) -> tuple[nn.Module, dict]:
+    """timm's ``name`` (``model``, built with its defaults) as a save_pretrained folder's config.json
+    describes it, and the arguments that make it so (``hf.config_model_args``; none without a
+    transformers config). The folder's weights files are checked to be there first."""
+    hf.weights_files(folder)
+    config = hf.read_config(folder)
+    model_args = hf.config_model_args(config, model, name, folder) if config is not None else {}
+    if not model_args:
+        return model, {}
+    where = f"{folder / 'config.json'}"
+    model = build_model(name, model_args, where=where)
+    # An argument timm takes but does not apply everywhere (Eva's SwiGLU keeps SiLU) leaves a difference.
+    left = hf.config_model_args(config, model, name, folder)
+    if left:
+        raise IsvitError(f"{where} describes a model that timm's {name} cannot express: built with "
+                         f"{model_args} it still needs {left}")
+    return model, model_args
 
 
 def build_model(name: str, model_args: dict, where: str = "the model arguments") -> nn.Module:
