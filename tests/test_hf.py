@@ -10,14 +10,20 @@ releases is made by ``torch.save`` of the same state dict, which is what they wr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import isvit
+from isvit import hf
+from isvit.checkpoint import load_quantized, save_quantized
+from isvit.data import resolve_data_config
 from isvit.errors import IsvitError
-from isvit.models import create_model, load_weights
+from isvit.models import create_model, load_model, load_weights
 
 from conftest import TINY_VIT, random_images, torch_threads
 
@@ -179,7 +185,8 @@ def test_a_transformers_checkpoint_of_another_family_is_refused(tmp_path):
     with pytest.raises(IsvitError) as error:
         load_weights(model, saved(transformers.BertModel(config), tmp_path))
     message = one_sentence(error)
-    assert "not of a ViT, DeiT, DINOv2 or Swin model" in message and "embeddings.LayerNorm.bias" in message
+    assert "not of a ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 model" in message
+    assert "embeddings.LayerNorm.bias" in message
 
 
 def test_keys_left_over_or_missing_after_the_renaming_are_named(tmp_path):
@@ -197,3 +204,340 @@ def test_keys_left_over_or_missing_after_the_renaming_are_named(tmp_path):
     # q and v biases cannot be fused without k's: they stay under their transformers names.
     assert "3 unexpected keys" in message and "vit.encoder.layer.1.adapter.weight" in message
 
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv3, SigLIP, SigLIP 2 NaFlex
+# ---------------------------------------------------------------------------------------------
+
+# DINOv3: 64x64 images in 16x16 patches (4x4), 4 register tokens, rotary embedding, LayerScale.
+DINO3_HF = {"image_size": 64, "patch_size": 16, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_register_tokens": 4}
+DINO3_TIMM = {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "token"}
+# SigLIP: 64x64 images in 16x16 patches, no class token, an attention-pool head; tanh GELU as transformers' config.
+SIGLIP_HF = {"image_size": 64, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2}
+SIGLIP_TIMM = {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2, "act_layer": "gelu_tanh"}
+# A SiglipModel's text tower (left out by the renamer).
+SIGLIP_TEXT = {"vocab_size": 50, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+DINO3_CASES = {
+    # q and v biases (transformers' defaults): timm's _qkvb DINOv3.
+    "qkv-bias": ({}, "vit_small_patch16_dinov3_qkvb", {}),
+    # No q/v biases: timm's DINOv3 without them.
+    "no-bias": ({"query_bias": False, "value_bias": False}, "vit_small_patch16_dinov3", {}),
+    # Gated MLP silu(gate) * up: timm's packed GluMlp (swiglu_mlp), gate rows first.
+    "gated": ({"use_gated_mlp": True, "hidden_act": "silu"}, "vit_small_patch16_dinov3_qkvb", {"swiglu_mlp": True}),
+    # The same with timm's SwiGLU of separate fc1_g / fc1_x (used where its MLP has a norm or alignment).
+    "gated-swiglu": ({"use_gated_mlp": True, "hidden_act": "silu"}, "vit_small_patch16_dinov3_qkvb",
+                     {"swiglu_mlp": True, "swiglu_align_to": 8}),
+}
+
+
+@pytest.mark.parametrize("case", DINO3_CASES)
+def test_a_dinov3_folder_gives_the_features_of_the_transformers_model(tmp_path, case):
+    hf_args, name, timm_args = DINO3_CASES[case]
+    source = hf_model(transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig, **DINO3_HF, **hf_args)
+    source.save_pretrained(tmp_path)
+    model = timm_model(name, **DINO3_TIMM, **timm_args, num_classes=0)
+    load_weights(model, tmp_path)  # the save_pretrained folder itself
+    images = random_images(2, 64)
+    with torch.no_grad(), torch_threads(1):
+        out = source(pixel_values=images)
+        assert_close(model.forward_features(images), out.last_hidden_state)
+        assert_close(model(images), out.pooler_output)  # the normed class token
+
+
+def test_a_dinov3_state_dict_under_its_in_memory_names_is_read_too(tmp_path):
+    # transformers 5.x keeps the blocks at DINOv3ViTModel.model.layer (saved as layer.): a
+    # torch.save of its state_dict() has them under model.layer.
+    source = hf_model(transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig, **DINO3_HF)
+    assert any(k.startswith("model.layer.0.") for k in source.state_dict())
+    torch.save(source.state_dict(), tmp_path / "dinov3.pt")
+    model = timm_model("vit_small_patch16_dinov3_qkvb", **DINO3_TIMM, num_classes=0)
+    load_weights(model, tmp_path / "dinov3.pt")
+    images = random_images(2, 64)
+    with torch.no_grad(), torch_threads(1):
+        assert_close(model(images), source(pixel_values=images).pooler_output)
+
+
+def test_a_dinov3_with_q_and_v_biases_for_a_timm_dinov3_without_them_is_refused(tmp_path):
+    source = hf_model(transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig, **DINO3_HF)
+    source.save_pretrained(tmp_path)
+    model = timm_model("vit_small_patch16_dinov3", **DINO3_TIMM, num_classes=0)
+    with pytest.raises(IsvitError) as error:
+        load_weights(model, tmp_path)
+    assert "vit_small_patch16_dinov3_qkvb" in one_sentence(error)
+
+
+def test_a_siglip_folder_gives_the_features_and_pooled_output_of_the_transformers_model(tmp_path):
+    source = hf_model(transformers.SiglipVisionModel, transformers.SiglipVisionConfig, **SIGLIP_HF)
+    source.save_pretrained(tmp_path)
+    model = timm_model("vit_base_patch16_siglip_224", **SIGLIP_TIMM, num_classes=0)
+    load_weights(model, tmp_path)
+    images = random_images(2, 64)
+    with torch.no_grad(), torch_threads(1):
+        out = source(pixel_values=images)
+        assert_close(model.forward_features(images), out.last_hidden_state)
+        assert_close(model(images), out.pooler_output)  # the attention pool
+
+
+def test_a_siglip_models_vision_tower_is_read_and_its_text_tower_left_out(tmp_path):
+    config = transformers.SiglipConfig(vision_config=SIGLIP_HF, text_config=SIGLIP_TEXT)
+    torch.manual_seed(0)
+    source = transformers.SiglipModel(config).eval()
+    source.save_pretrained(tmp_path)  # keys under vision_model. / text_model. (as every 4.x SigLIP)
+    model = timm_model("vit_base_patch16_siglip_224", **SIGLIP_TIMM, num_classes=0)
+    load_weights(model, tmp_path)
+    images = random_images(2, 64)
+    with torch.no_grad(), torch_threads(1):
+        assert_close(model(images), source.vision_model(pixel_values=images).pooler_output)
+
+
+def test_a_siglip_classifier_gives_its_logits_from_timm_average_pooling(tmp_path):
+    config = transformers.SiglipConfig(vision_config=SIGLIP_HF, text_config=SIGLIP_TEXT, num_labels=10)
+    torch.manual_seed(0)
+    source = transformers.SiglipForImageClassification(config).eval()
+    with torch.no_grad():
+        for tensor in source.parameters():
+            tensor.add_(torch.randn_like(tensor), alpha=0.05)
+    source.save_pretrained(tmp_path)
+    model = timm_model("vit_base_patch16_siglip_224", **SIGLIP_TIMM, num_classes=10, global_pool="avg", fc_norm=False)
+    load_weights(model, tmp_path)
+    images = random_images(2, 64)
+    with torch.no_grad(), torch_threads(1):
+        assert_close(model(images), source(pixel_values=images).logits)
+    # with the attention pool timm would classify something else: refused
+    with pytest.raises(IsvitError) as error:
+        load_weights(timm_model("vit_base_patch16_siglip_224", **SIGLIP_TIMM, num_classes=10), tmp_path)
+    assert "global_pool='avg' and fc_norm=False" in one_sentence(error)
+
+
+def naflex_inputs(images: torch.Tensor, patch: int = 16) -> dict:
+    """transformers' NaFlex inputs for whole images: patches flattened (row, column, channel) as its
+    image processor cuts them, every one valid, each image's grid of patches."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    patches = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, -1)
+    return {"pixel_values": patches, "pixel_attention_mask": torch.ones(b, gh * gw, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[gh, gw]] * b)}
+
+
+SIGLIP2_HF = {"num_patches": 16, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2}
+SIGLIP2_TIMM = {"pos_embed_grid_size": (4, 4), "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2}
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 48), (96, 96), (64, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_siglip2_naflex_renamer_gives_the_transformers_models_outputs(tmp_path, size):
+    # 64x64: the position grid's own size (4x4 patches), no resizing; the others resize it (bilinear,
+    # antialiased, in both), also to a grid of another aspect.
+    from isvit.families import naflexvit_hf
+    from isvit.hf import Renaming
+
+    source = hf_model(transformers.Siglip2VisionModel, transformers.Siglip2VisionConfig, **SIGLIP2_HF)
+    path = saved(source, tmp_path)
+    model = timm_model("naflexvit_base_patch16_siglip", **SIGLIP2_TIMM, num_classes=0)
+    model.load_state_dict(naflexvit_hf.from_transformers(Renaming(load_file(str(path)), ""), model, path))
+    images = random_images(2, 64)
+    images = torch.nn.functional.interpolate(images, size=size, mode="bilinear") if size != (64, 64) else images
+    with torch.no_grad(), torch_threads(1):
+        out = source(**naflex_inputs(images))
+        assert_close(model.forward_features(images), out.last_hidden_state)
+        assert_close(model(images), out.pooler_output)
+
+
+def test_a_siglip2_naflex_folder_loads_through_load_weights_once_a_family_renames_it(tmp_path, monkeypatch):
+    # A stand-in for the NaFlexVit adapter (its renamer is naflexvit_hf.from_transformers): the ViT
+    # adapter's SigLIP renamer must leave the NaFlex checkpoint (Linear patch embedding) to it.
+    from timm.models.naflexvit import NaFlexVit
+
+    from isvit import families
+    from isvit.families import naflexvit_hf
+    from isvit.families.vit import ViT
+
+    class NaFlexRenamer(ViT):
+        name = "naflexvit-renamer"
+        model_types = (NaFlexVit,)
+        transformers_prefixes = naflexvit_hf.TRANSFORMERS_PREFIXES
+        transformers_names = naflexvit_hf.TRANSFORMERS_NAMES
+
+        def from_transformers(self, keys, model, path):
+            return naflexvit_hf.from_transformers(keys, model, path)
+
+    source = hf_model(transformers.Siglip2VisionModel, transformers.Siglip2VisionConfig, **SIGLIP2_HF)
+    source.save_pretrained(tmp_path)
+    model = timm_model("naflexvit_base_patch16_siglip", **SIGLIP2_TIMM, num_classes=0)
+    with pytest.raises(IsvitError) as error:  # without the stand-in: named as no model isvit converts
+        load_weights(model, tmp_path)
+    assert "not of a ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 model" in one_sentence(error)
+    monkeypatch.setattr(families, "FAMILIES", [*families.FAMILIES, NaFlexRenamer()])
+    load_weights(model, tmp_path)
+    images = random_images(2, 64)
+    with torch.no_grad(), torch_threads(1):
+        assert_close(model(images), source(**naflex_inputs(images)).pooler_output)
+
+
+# ---------------------------------------------------------------------------------------------
+# save_pretrained folders: weights files, shards, config.json
+# ---------------------------------------------------------------------------------------------
+
+def small_vit_classifier(**config):
+    return hf_model(transformers.ViTForImageClassification, transformers.ViTConfig, **{**VIT_HF, **config},
+                    num_labels=10)
+
+
+def assert_loads_like(source, folder) -> None:
+    model = timm_model("vit_tiny_patch16_224", **VIT_TIMM, num_classes=10)
+    load_weights(model, folder)
+    images = random_images(2, 32)
+    with torch.no_grad(), torch_threads(1):
+        assert_close(model(images), source(pixel_values=images).logits)
+
+
+def test_a_sharded_safetensors_folder_is_read_through_its_index(tmp_path):
+    source = small_vit_classifier()
+    source.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
+    assert_loads_like(source, tmp_path)
+
+
+def test_a_sharded_pytorch_bin_folder_is_read_through_its_index(tmp_path):
+    # transformers 4.x's pytorch_model-0000i-of-0000n.bin shards and their index, written by hand
+    # (5.x writes safetensors only) from the tensors it saves (the names on file, not those in memory).
+    source = small_vit_classifier()
+    state = load_file(str(saved(source, tmp_path)))
+    (tmp_path / "model.safetensors").unlink()
+    halves = [dict(list(state.items())[: len(state) // 2]), dict(list(state.items())[len(state) // 2:])]
+    weight_map = {}
+    for i, half in enumerate(halves):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save(half, tmp_path / name)
+        weight_map.update(dict.fromkeys(half, name))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_loads_like(source, tmp_path)
+
+
+def test_a_folder_with_a_single_pytorch_bin_is_read(tmp_path):
+    source = small_vit_classifier()
+    saved(source, tmp_path, bin_file=True)
+    assert_loads_like(source, tmp_path)
+
+
+def test_config_json_sets_image_size_activation_and_layernorm_eps_and_a_quantized_model_keeps_them(tmp_path):
+    # transformers' ViT default eps 1e-12 (timm's 1e-6), tanh GELU, 96x96 images (timm's test_vit: 160x160).
+    source = hf_model(transformers.ViTForImageClassification, transformers.ViTConfig, image_size=96, patch_size=16,
+                      hidden_size=64, num_hidden_layers=6, num_attention_heads=2, intermediate_size=192,
+                      hidden_act="gelu_pytorch_tanh", num_labels=1000)
+    source.save_pretrained(tmp_path / "hf")
+    model, model_args = load_model(TINY_VIT, tmp_path / "hf", quantizable=True)
+    assert model_args == {"img_size": 96, "act_layer": "gelu_tanh", "layer_norm_eps": 1e-12}
+    assert model.blocks[0].norm1.eps == model.norm.eps == 1e-12
+    assert resolve_data_config(model)["input_size"] == [3, 96, 96]
+    images = random_images(2, 96)
+    with torch.no_grad(), torch_threads(1):
+        assert (model(images) - source(pixel_values=images).logits).abs().max().item() < 1e-5
+    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=8)
+    with torch_threads(1):
+        qmodel = isvit.quantize(model, random_images(8, 96), config, progress=False)
+    path = tmp_path / "q.safetensors"
+    save_quantized(qmodel, path, model_name=TINY_VIT, config=config, data_config={"input_size": [3, 96, 96]},
+                   model_args=model_args)
+    rebuilt, info = load_quantized(path)
+    assert info["model_args"] == model_args
+    with torch.no_grad(), torch_threads(1):
+        assert torch.equal(rebuilt(images), qmodel(images))
+
+
+def test_a_folder_of_timm_weights_with_timms_config_json_is_read_as_it_is(tmp_path):
+    # timm's own hub folders: model.safetensors of timm's keys and a config.json of timm's
+    # (architecture, pretrained_cfg ...), no transformers model_type: the config is not read.
+    weights = timm_model(TINY_VIT, seed=3).state_dict()
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": TINY_VIT, "image_size": 999}))
+    assert hf.read_config(tmp_path) is None
+    model, model_args = load_model(TINY_VIT, tmp_path)
+    assert model_args == {}
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def broken_folder(tmp_path, what: str):
+    source = small_vit_classifier(image_size=224, patch_size=16)
+    if what == "no weights":
+        source.config.save_pretrained(tmp_path)
+    elif what == "missing shard":
+        source.save_pretrained(tmp_path, max_shard_size="20KB")
+        sorted(tmp_path.glob("model-*.safetensors"))[-1].unlink()
+    elif what == "damaged index":
+        source.save_pretrained(tmp_path, max_shard_size="20KB")
+        (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    elif what == "damaged config":
+        source.save_pretrained(tmp_path)
+        (tmp_path / "config.json").write_text("{not json")
+    elif what == "unknown activation":
+        source.config.hidden_act = "gelu_10"
+        source.save_pretrained(tmp_path)
+    return tmp_path
+
+
+BROKEN = {
+    "no weights": "holds no weights: isvit looks for model.safetensors, pytorch_model.bin",
+    "missing shard": "names the shard model-00",
+    "damaged index": "cannot read",
+    "damaged config": "config.json as JSON",
+    "unknown activation": "hidden_act 'gelu_10'",
+}
+
+
+@pytest.mark.parametrize("what", BROKEN)
+def test_a_broken_folder_is_refused_in_one_sentence_before_any_work(tmp_path, what, monkeypatch):
+    folder = broken_folder(tmp_path, what)
+    monkeypatch.setattr(isvit.models, "load_weights", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(IsvitError) as error:
+        load_model("vit_tiny_patch16_224", folder)
+    assert BROKEN[what] in one_sentence(error)
+
+
+def test_a_config_that_the_timm_model_cannot_express_is_refused_before_the_weights(tmp_path, monkeypatch):
+    # A DINOv3 with a SiLU MLP: timm's Eva takes no act_layer.
+    source = hf_model(transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig, **DINO3_HF, hidden_act="silu")
+    source.save_pretrained(tmp_path)
+    monkeypatch.setattr(isvit.models, "load_weights", lambda *a: pytest.fail("weights were read"))
+    with pytest.raises(IsvitError) as error:
+        load_model("vit_small_patch16_dinov3_qkvb", tmp_path)
+    message = one_sentence(error)
+    assert "cannot be built with" in message and "act_layer='silu'" in message
+    # An argument the model takes but does not apply (as Eva's SwiGLU keeps SiLU whatever it is given)
+    # leaves the difference, which is named.
+    source = small_vit_classifier(hidden_act="gelu_pytorch_tanh")
+    source.save_pretrained(tmp_path / "vit")
+    monkeypatch.setattr(isvit.models, "build_model", lambda name, args, where: timm.create_model(name))
+    with pytest.raises(IsvitError) as error:
+        load_model("vit_tiny_patch16_224", tmp_path / "vit")
+    message = one_sentence(error)
+    assert "cannot express" in message and "'act_layer': 'gelu_tanh'" in message
+
+
+def test_the_command_line_records_the_config_arguments_in_the_quantized_and_exported_files(tmp_path, image_folder):
+    from isvit.cli import main
+
+    source = hf_model(transformers.ViTForImageClassification, transformers.ViTConfig, image_size=96, patch_size=16,
+                      hidden_size=64, num_hidden_layers=6, num_attention_heads=2, intermediate_size=192,
+                      num_labels=1000)
+    source.save_pretrained(tmp_path / "hf")
+    expected = {"img_size": 96, "layer_norm_eps": 1e-12}  # transformers' eps; its exact GELU is timm's
+    quantized, onnx_file = tmp_path / "q.safetensors", tmp_path / "fp.onnx"
+    with torch_threads(1):
+        assert main(["quantize", "--model", TINY_VIT, "--weights", str(tmp_path / "hf"), "--calib", str(image_folder),
+                     "--calib-size", "2", "--method", "minmax", "--w-bits", "8", "--a-bits", "8", "--device", "cpu",
+                     "--quiet", "--save", str(quantized)]) == 0
+        assert main(["export", "--model", TINY_VIT, "--weights", str(tmp_path / "hf"), "--onnx", str(onnx_file)]) == 0
+    model, info = load_quantized(quantized)
+    assert info["model_args"] == expected and info["data_config"]["input_size"] == [3, 96, 96]
+    assert model.blocks[0].norm1.eps == 1e-12
+    import onnx
+
+    metadata = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(metadata["model_args"]) == expected

@@ -15,7 +15,8 @@ File format ``isvit-int-v1`` (one safetensors file):
   ``delta``), the reparameterised LayerNorms, the biases (after bias correction or
   reconstruction), position embeddings, cls token and so on, as float tensors;
 - metadata (JSON strings): ``format`` (``isvit-int-v1``), ``model`` (the timm architecture name),
-  ``model_args`` (keyword arguments of ``timm.create_model``, usually ``{}``), ``config``
+  ``model_args`` (keyword arguments of ``timm.create_model``, usually ``{}``; a transformers
+  config's ``layer_norm_eps`` among them: ``models.build_model``), ``config``
   (``QuantConfig.to_dict()``), ``data_config`` (the preprocessing) and ``quantized_weights``
   ({layer: {"bits": b, "shape": [...]}}, the unpacked shape of each weight).
 
@@ -39,6 +40,7 @@ from torch import nn
 
 from .errors import IsvitError
 from .files import atomic_write
+from .models import build_model
 from .modules import QuantConv2d, QuantLinear
 from .pipeline import QuantConfig, applied_config, placement_for, quantizers
 from .quantizers import check_bits
@@ -246,7 +248,7 @@ def _build_model(name: str, model_args: dict, config: QuantConfig, path: Path) -
     if not timm.is_model(name):
         raise IsvitError(f"{path} names the architecture {name!r}, which timm does not know")
     try:
-        model = timm.create_model(name, pretrained=False, **model_args)
+        model = build_model(name, model_args)
     except Exception as exc:  # timm raises TypeError/ValueError/AssertionError for bad arguments
         raise IsvitError(f"cannot build the {name} architecture with the arguments in {path} ({type(exc).__name__})") from exc
     if config.resolved_rotate:  # the same modules as the saved model's (its weights come from the file)

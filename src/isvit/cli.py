@@ -54,7 +54,7 @@ from .data import (
 from .errors import IsvitError
 from .evaluate import evaluate
 from .export import export_onnx
-from .models import create_model
+from .models import load_model
 from .openvino_ir import check_destination, write_openvino
 from .pipeline import METHODS, PRESETS, QuantConfig, applied_config, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
@@ -98,7 +98,7 @@ PRESET_HELP = (
 
 
 def _add_common(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_required: bool = True) -> None:
-    p.add_argument("--weights", help="safetensors or PyTorch state dict, timm's or a Hugging Face transformers ViT, DeiT, DINOv2 or Swin (model.safetensors); default: timm's pretrained download")
+    p.add_argument("--weights", help="safetensors or PyTorch state dict, timm's or a Hugging Face transformers ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 (model.safetensors), or the folder save_pretrained wrote (shards too; its config.json's image size, activation and LayerNorm eps are applied); default: timm's pretrained download")
     p.add_argument("--data", required=data_required, help=data_help)
     p.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default 64)")
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = ex.add_mutually_exclusive_group(required=True)
     source.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save'")
     source.add_argument("--model", help=MODEL_HELP + " of a supported family (exported in full precision)")
-    ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict (timm or transformers, as for quantize); default: timm's pretrained download")
+    ex.add_argument("--weights", help="with --model: safetensors or PyTorch state dict, or a save_pretrained folder (timm or transformers, as for quantize); default: timm's pretrained download")
     ex.add_argument("--onnx", metavar="OUT", help="the ONNX file to write")
     ex.add_argument("--openvino", metavar="DIR", help="the folder (new or empty) to write the OpenVINO IR into, "
                                                       "DIR/model.xml and DIR/model.bin "
@@ -287,9 +287,10 @@ def _eval_loader(args, transform):
 
 
 def _prepare(args, quantizable: bool = False):
-    """Device, model, preprocessing, transform and the evaluation loader (None without --data)."""
+    """Device, model, preprocessing, transform and the evaluation loader (None without --data);
+    the model's arguments (from a save_pretrained folder's config.json) are kept in ``args.model_args``."""
     device = _setup_device(args)
-    model = create_model(args.model, args.weights, device=device, quantizable=quantizable)
+    model, args.model_args = load_model(args.model, args.weights, device=device, quantizable=quantizable)
     data_config = _preprocessing(args, model)
     transform = build_transform(data_config)
     return device, model, data_config, transform, _eval_loader(args, transform) if args.data else None
@@ -401,8 +402,8 @@ def run_export(args) -> dict:
         model, info = load_quantized(args.quantized)
         name, config, data_config, model_args = info["model"], info["config"], info["data_config"], info["model_args"]
     else:
-        model = create_model(args.model, args.weights, quantizable=True)
-        name, config, data_config, model_args = args.model, None, resolve_data_config(model), {}
+        model, model_args = load_model(args.model, args.weights, quantizable=True)
+        name, config, data_config = args.model, None, resolve_data_config(model)
     result = {"onnx": args.onnx, "openvino": args.openvino}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = args.onnx or str(Path(tmp) / "model.onnx")  # the IR alone: its ONNX graph in a temporary file
@@ -423,7 +424,8 @@ def run_export(args) -> dict:
 
 def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
     """Write the integer checkpoint, print its size next to the fp32 weights' and return both."""
-    save_quantized(qmodel, args.save, model_name=args.model, config=config, data_config=data_config)
+    save_quantized(qmodel, args.save, model_name=args.model, config=config, data_config=data_config,
+                   model_args=args.model_args)
     size, fp32 = Path(args.save).stat().st_size, float32_size(fp_model)
     print(f"saved {args.save}: {_megabytes(size)} (fp32 weights: {_megabytes(fp32)}, {fp32 / size:.1f}x smaller)")
     return {"saved": args.save, "saved_bytes": size, "fp32_bytes": fp32}

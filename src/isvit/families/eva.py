@@ -44,6 +44,7 @@ Refused for rotation: max pooling before the head, a norm other than LayerNorm o
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 import timm.layers
@@ -76,6 +77,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from ..hf import Renaming
     from ..wrap import Placement
 
 # The attentions QuantEvaAttention carries: timm.layers' AttentionRope (RoPE ViT, Perception Encoder)
@@ -130,6 +132,13 @@ class EVA(Family):
     model_types = (Eva,)
     block_types = (EvaBlock, EvaRopeBlock)
     rotation_name = "Eva"
+    # Hugging Face transformers: DINOv3ViTModel (renamer at the end of this file). It has no task
+    # model; "model." is where transformers 5.x keeps its blocks in memory (saved as "layer.").
+    transformers_prefixes = ("model.",)
+    transformers_names = ("DINOv3",)
+
+    def from_transformers(self, keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor] | None:
+        return _dinov3(keys, model, path) if keys.has("layer.0.layer_scale1.lambda1") else None
 
     def check(self, model: nn.Module) -> None:
         for name, block in numbered_blocks(model):
@@ -371,3 +380,80 @@ class QuantEvaAttention(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.av(attn, v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(self.norm(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _dinov3(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
+    """DINOv3ViTModel (or DINOv3ViTBackbone, the same tensors) -> timm's DINOv3 Evas
+    (vit_small_patch16_dinov3 ...): class token, register tokens, patches; a rotary embedding on the
+    patches, computed from the image size alone (nothing saved: transformers' ``inv_freq`` is a
+    buffer it does not save, timm's is recomputed too); LayerScale in every block; a final norm.
+
+    q, k and v become timm's ``qkv``; q's and v's biases its ``q_bias`` and ``v_bias`` (timm's k
+    bias is fixed at zero, as DINOv3's key_bias=False has it). A timm model without q/v biases
+    (the DINOv3s without ``_qkvb``) takes a checkpoint whose biases are all zero, as Meta's distilled
+    ones are. Gated MLPs (``use_gated_mlp``: act(gate) * up) become timm's SwiGLU (``fc1_g``,
+    ``fc1_x``) or its packed GluMlp (``fc1`` = gate rows then up rows)."""
+    blocks = keys.prefix + "layer."  # the saved "layer.{i}.", or 5.x's in-memory "model.layer.{i}."
+    expected = model.state_dict()
+    keys.move("embeddings.cls_token", "cls_token")
+    registers = keys.take("embeddings.register_tokens")
+    if registers is not None and registers.shape[1] > 0:
+        keys.out["reg_token"] = registers
+    keys.move_layer("embeddings.patch_embeddings", "patch_embed.proj")
+    keys.drop("embeddings.mask_token")  # masked image modelling's token: never used by the features
+    keys.drop("rope_embeddings.inv_freq")
+    for i in keys.numbers(rf"{re.escape(blocks)}(\d+)\."):
+        src, dst = f"{blocks}{i}.", f"blocks.{i}."
+        keys.move_layer(src + "norm1", dst + "norm1")
+        _dinov3_attention(keys, src + "attention.", dst + "attn.", expected, path)
+        keys.move_layer(src + "attention.o_proj", dst + "attn.proj")
+        keys.move(src + "layer_scale1.lambda1", dst + "gamma_1")
+        keys.move_layer(src + "norm2", dst + "norm2")
+        _dinov3_mlp(keys, src + "mlp.", dst + "mlp.", expected)
+        keys.move(src + "layer_scale2.lambda1", dst + "gamma_2")
+    keys.move_layer("norm", "norm")
+    return keys.result()
+
+
+def _dinov3_mlp(keys: Renaming, src: str, dst: str, expected: dict) -> None:
+    """up_proj, down_proj -> ``fc1``, ``fc2``; a gated MLP's gate_proj -> SwiGLU's ``fc1_g`` (up_proj
+    its ``fc1_x``), or both into a packed GluMlp's ``fc1``, gate rows first (timm's gate_last=False)."""
+    gate, up = src + "gate_proj", src + "up_proj"
+    if f"{gate}.weight" in keys.left and f"{dst}fc1_g.weight" in expected:
+        keys.move_layer(gate, dst + "fc1_g")
+        keys.move_layer(up, dst + "fc1_x")
+    elif f"{gate}.weight" in keys.left:
+        for part in ("weight", "bias"):
+            if f"{gate}.{part}" in keys.left and f"{up}.{part}" in keys.left:
+                keys.out[f"{dst}fc1.{part}"] = torch.cat([keys.take(f"{gate}.{part}"), keys.take(f"{up}.{part}")])
+    else:
+        keys.move_layer(up, dst + "fc1")
+    keys.move_layer(src + "down_proj", dst + "fc2")
+
+
+def _dinov3_attention(keys: Renaming, src: str, dst: str, expected: dict, path) -> None:
+    """q_proj, k_proj, v_proj -> ``qkv`` with ``q_bias`` / ``v_bias`` (or timm's separate
+    ``q_proj`` / ``k_proj`` / ``v_proj`` where the model has them, qkv_fused=False)."""
+    if f"{dst}qkv.weight" not in expected:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            keys.move_layer(src + name, dst + name)
+        return
+    weights = [f"{src}{name}.weight" for name in ("q_proj", "k_proj", "v_proj")]
+    if all(w in keys.left for w in weights):
+        keys.out[f"{dst}qkv.weight"] = torch.cat([keys.take(w) for w in weights])
+    k_bias = keys.take(f"{src}k_proj.bias")
+    if k_bias is not None and bool(k_bias.any()):
+        raise IsvitError(f"weights file {path} holds a DINOv3 whose key projection has a bias (key_bias), "
+                         "which timm's DINOv3 fixes at zero")
+    q_bias, v_bias = keys.take(f"{src}q_proj.bias"), keys.take(f"{src}v_proj.bias")
+    if f"{dst}q_bias" in expected:
+        like = keys.out.get(f"{dst}qkv.weight", expected[f"{dst}q_bias"]).new_zeros(expected[f"{dst}q_bias"].shape)
+        keys.out[f"{dst}q_bias"] = q_bias if q_bias is not None else like
+        keys.out[f"{dst}v_bias"] = v_bias if v_bias is not None else like
+    elif any(b is not None and bool(b.any()) for b in (q_bias, v_bias)):
+        raise IsvitError(f"weights file {path} holds a DINOv3 with q and v biases, which the timm model has no "
+                         "place for: name its _qkvb variant (such as vit_small_patch16_dinov3_qkvb)")

@@ -55,6 +55,11 @@ Hugging Face transformers checkpoints (``hf.py``):
   has the distillation token;
 - DINOv2: ``Dinov2Model`` / ``Dinov2WithRegistersModel`` -> timm's DINOv2 ViTs (vit_small_patch14_dinov2,
   vit_small_patch14_reg4_dinov2); ``Dinov2ForImageClassification`` is refused (``_dinov2``).
+- SigLIP and SigLIP 2 at a fixed resolution: ``SiglipVisionModel`` (also the vision tower of a
+  ``SiglipModel``, whose text tower is left out) -> timm's SigLIP ViTs (vit_base_patch16_siglip_224:
+  no class token, the attention-pool head); ``SiglipForImageClassification`` -> the same with
+  ``global_pool='avg', fc_norm=False``. SigLIP 2's NaFlex ``Siglip2VisionModel`` (a Linear patch
+  embedding) is not a VisionTransformer's (timm's NaFlexVit).
 
 transformers' ViT and DeiT configs default to ``layer_norm_eps=1e-12`` where timm uses 1e-6: such a
 checkpoint then computes slightly different outputs in timm (differences around 1e-5 of the
@@ -99,8 +104,8 @@ class ViT(Family):
     model_types = (VisionTransformer,)
     block_types = (Block,)
     rotation_name = "ViT/DeiT"
-    transformers_prefixes = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.")
-    transformers_names = ("ViT", "DeiT", "DINOv2")
+    transformers_prefixes = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.", "vision_model.")
+    transformers_names = ("ViT", "DeiT", "DINOv2", "SigLIP")
 
     def check(self, model: nn.Module) -> None:
         for name, block in numbered_blocks(model):
@@ -151,6 +156,8 @@ class ViT(Family):
             return _dinov2(keys, model, path)
         if keys.has("encoder.layer.0.layernorm_before.weight"):
             return _vit(keys, model)
+        if keys.has("encoder.layers.0.layer_norm1.weight") and _is_siglip(keys):
+            return _siglip(keys, model, path)
         return None
 
 
@@ -433,4 +440,72 @@ def _dinov2(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
     _embeddings(keys, model)
     keys.move(f"{keys.prefix}embeddings.register_tokens", "reg_token")
     _encoder(keys)
+    return keys.result()
+
+
+def _is_siglip(keys: Renaming) -> bool:
+    """SigLIP's layout (``encoder.layers.{i}.layer_norm1``, as CLIP's) without CLIP's class token,
+    and with a Conv2d patch embedding (SigLIP 2's NaFlex model has a Linear one)."""
+    patch = keys.left.get(f"{keys.prefix}embeddings.patch_embedding.weight")
+    return patch is not None and patch.dim() == 4 and not keys.has("embeddings.class_embedding")
+
+
+def _siglip(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
+    """SiglipVisionModel -> timm's SigLIP VisionTransformer: patches alone (no class token), a
+    learned position embedding per patch, pre-norm blocks, ``post_layernorm`` as timm's ``norm``
+    and the attention-pool head (``head``: a latent query attending over the tokens, then a
+    LayerNorm and MLP with a residual) as timm's ``attn_pool``.
+
+    transformers' head is a ``nn.MultiheadAttention``: its ``in_proj`` stacks the q, k and v rows;
+    timm's pool has ``q`` (the latent's) and ``kv`` (k rows then v rows), so the rows split at the
+    width. ``SiglipForImageClassification`` classifies the mean of the normed tokens (its head is
+    computed but unused): timm's average pooling without fc_norm then ``head``."""
+    p = keys.prefix
+    keys.move_layer(f"{p}embeddings.patch_embedding", "patch_embed.proj")
+    pos = keys.take(f"{p}embeddings.position_embedding.weight")
+    if pos is not None:
+        keys.out["pos_embed"] = pos.unsqueeze(0)
+    return siglip_tower(keys, model, path)
+
+
+def siglip_tower(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
+    """What follows SigLIP's embeddings, the same in SigLIP 2's NaFlex model (``families/naflexvit_hf.py``
+    uses it): the blocks, ``post_layernorm``, the attention-pool head or a classifier (``_siglip``)."""
+    p = keys.prefix
+    keys.drop(f"{p}embeddings.position_ids")  # a buffer older releases saved
+    for i in keys.numbers(rf"{re.escape(p)}encoder\.layers\.(\d+)\."):
+        src, dst = f"{p}encoder.layers.{i}.", f"blocks.{i}."
+        keys.move_layer(src + "layer_norm1", dst + "norm1")
+        attention = src + "self_attn."
+        keys.fuse_qkv(attention + "q_proj", attention + "k_proj", attention + "v_proj", dst + "attn.qkv")
+        keys.move_layer(attention + "out_proj", dst + "attn.proj")
+        keys.move_layer(src + "layer_norm2", dst + "norm2")
+        keys.move_layer(src + "mlp.fc1", dst + "mlp.fc1")
+        keys.move_layer(src + "mlp.fc2", dst + "mlp.fc2")
+    keys.move_layer(f"{p}post_layernorm", "norm")
+    head = f"{p}head."
+    if "classifier.weight" in keys.left:
+        pools_the_mean = (getattr(model, "global_pool", None) == "avg"
+                          and isinstance(getattr(model, "norm", None), nn.LayerNorm)
+                          and isinstance(getattr(model, "fc_norm", None), nn.Identity))
+        if not pools_the_mean:
+            raise IsvitError(f"weights file {path} holds a Hugging Face SiglipForImageClassification, which "
+                             "classifies the mean of the normed tokens: build the timm SigLIP with "
+                             "global_pool='avg' and fc_norm=False")
+        keys.move_layer("classifier", "head")
+        for key in [k for k in keys.left if k.startswith(head)]:
+            keys.drop(key)
+    keys.move(head + "probe", "attn_pool.latent")
+    for part in ("weight", "bias"):
+        rows = keys.take(f"{head}attention.in_proj_{part}")
+        if rows is not None:
+            width = rows.shape[0] // 3
+            keys.out[f"attn_pool.q.{part}"], keys.out[f"attn_pool.kv.{part}"] = rows[:width], rows[width:]
+    keys.move_layer(head + "attention.out_proj", "attn_pool.proj")
+    keys.move_layer(head + "layernorm", "attn_pool.norm")
+    keys.move_layer(head + "mlp.fc1", "attn_pool.mlp.fc1")
+    keys.move_layer(head + "mlp.fc2", "attn_pool.mlp.fc2")
+    if p:  # a SiglipModel's text tower and its similarity's scale and bias: no part of the image features
+        for key in [k for k in keys.left if k.startswith("text_model.") or k in ("logit_scale", "logit_bias")]:
+            keys.drop(key)
     return keys.result()
