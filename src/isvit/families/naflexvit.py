@@ -33,9 +33,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import Block
 from torch import nn
+
+try:
+    from timm.models.naflexvit import NaFlexVit
+except ImportError:  # an older timm, without NaFlexVit
+
+    class NaFlexVit(nn.Module):
+        """Stands in for timm's NaFlexVit where timm has none: no model is one."""
 
 from ..errors import IsvitError
 from ..modules import QuantConv2d, QuantLinear

@@ -38,6 +38,16 @@ head (SigLIP, ``global_pool='map'``), ``norm`` then the pool's ``kv``, so the po
   LayerNorms become ``RotatedLayerNorm``s, as in Swin, and that reader reads ``W Q``.
 - q/k norms (``qk_norm``), the attention output's and the MLP's inner norms are inside the
   attention or MLP, not on the stream, and stay; ``rotate_heads`` skips what they normalise.
+- AIMv2: every norm on the stream is timm's RmsNorm, which does not subtract the mean, so the
+  stream is not centred (step 1 is skipped) and needs no centring: ``RMSNorm(x Q) = RMSNorm(x) Q``.
+  Each RmsNorm's gamma goes into its readers and it becomes an ``RMSNorm`` of weight 1 and bias 0
+  (step 2; from then on the fold has a bias to write into); the patch embedding's RmsNorm, whose
+  output is the stream, becomes a writer as above. A SwiGLU's ``fc1_g`` and ``fc1_x`` both read
+  norm2's output.
+
+The embedding's parts are named in an ``Embedding`` (the projection, the module whose ``norm``
+follows it, the tokens and position embeddings), so that NaFlexVit (``families/naflexvit.py``)
+rotates by the same recipe.
 
 A feature tower (no classifier: ``num_classes=0``, ``head`` and ``head_dist`` Identity; how CLIP,
 SigLIP and DINOv2 towers are used) has no Linear to read the rotated stream at the end, so the
@@ -51,8 +61,8 @@ is the stream itself, whose mean must then come out too: that stream is not cent
 
 Refused (``IsvitError``, before any weight changes), for a model with a classifier: max pooling (it
 does not commute with Q), the parameter-free ``AttentionPoolPrr`` (attention over groups of
-channels); for any: norms other than LayerNorm (timm's RmsNorm), blocks other than timm's ``Block``
-with ``Attention`` and an MLP of ``fc1``/``fc2``.
+channels); for any: norms on the stream of other kinds than the first block's norm1 (LayerNorm, or
+RmsNorm throughout), blocks that ``check_block`` refuses.
 
 Hugging Face transformers checkpoints (``hf.py``):
 
@@ -246,9 +256,11 @@ def attended_keys(bias: torch.Tensor) -> torch.Tensor:
     """1 for each key some query may attend to, 0 for a key the additive ``bias`` masks for every
     query (padding, NaFlexVit's patch_valid): shaped (..., keys, 1), a factor for v's rows.
 
-    Softmax gives a masked key the weight 0, but the post-Softmax quantizer's lowest level is not
-    0 (SULQ, log-sqrt2), so the quantized map would still give padding a little weight; zeroing
-    padding's v (0 is on v's grid) keeps it out, and the output does not depend on the padding."""
+    Softmax gives a masked key the weight 0, but the post-Softmax quantizer's lowest level need
+    not be 0 (SULQ's is the smallest calibrated probability), so the quantized map would still give
+    padding a little weight; zeroing padding's v keeps it out (exactly where v's grid holds 0, as
+    it does unless all of v's calibration values had one sign), so the output does not depend on
+    the padding."""
     masked = torch.finfo(bias.dtype).min / 2
     return (bias.amax(dim=-2) > masked).to(bias.dtype).unsqueeze(-1)
 
