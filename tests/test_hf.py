@@ -333,13 +333,10 @@ SIGLIP2_TIMM = {"pos_embed_grid_size": (4, 4), "embed_dim": 32, "depth": 2, "num
 def test_the_siglip2_naflex_renamer_gives_the_transformers_models_outputs(tmp_path, size):
     # 64x64: the position grid's own size (4x4 patches), no resizing; the others resize it (bilinear,
     # antialiased, in both), also to a grid of another aspect.
-    from isvit.families import naflexvit_hf
-    from isvit.hf import Renaming
-
     source = hf_model(transformers.Siglip2VisionModel, transformers.Siglip2VisionConfig, **SIGLIP2_HF)
     path = saved(source, tmp_path)
     model = timm_model("naflexvit_base_patch16_siglip", **SIGLIP2_TIMM, num_classes=0)
-    model.load_state_dict(naflexvit_hf.from_transformers(Renaming(load_file(str(path)), ""), model, path))
+    load_weights(model, path)
     images = random_images(2, 64)
     images = torch.nn.functional.interpolate(images, size=size, mode="bilinear") if size != (64, 64) else images
     with torch.no_grad(), torch_threads(1):
@@ -348,31 +345,12 @@ def test_the_siglip2_naflex_renamer_gives_the_transformers_models_outputs(tmp_pa
         assert_close(model(images), out.pooler_output)
 
 
-def test_a_siglip2_naflex_folder_loads_through_load_weights_once_a_family_renames_it(tmp_path, monkeypatch):
-    # A stand-in for the NaFlexVit adapter (its renamer is naflexvit_hf.from_transformers): the ViT
-    # adapter's SigLIP renamer must leave the NaFlex checkpoint (Linear patch embedding) to it.
-    from timm.models.naflexvit import NaFlexVit
-
-    from isvit import families
-    from isvit.families import naflexvit_hf
-    from isvit.families.vit import ViT
-
-    class NaFlexRenamer(ViT):
-        name = "naflexvit-renamer"
-        model_types = (NaFlexVit,)
-        transformers_prefixes = naflexvit_hf.TRANSFORMERS_PREFIXES
-        transformers_names = naflexvit_hf.TRANSFORMERS_NAMES
-
-        def from_transformers(self, keys, model, path):
-            return naflexvit_hf.from_transformers(keys, model, path)
-
+def test_a_siglip2_naflex_folder_loads_and_is_left_alone_by_the_siglip_renamer(tmp_path):
+    # The ViT adapter's SigLIP renamer (first in the registry) must leave the NaFlex checkpoint (a
+    # Linear patch embedding) to the NaFlexVit adapter's.
     source = hf_model(transformers.Siglip2VisionModel, transformers.Siglip2VisionConfig, **SIGLIP2_HF)
     source.save_pretrained(tmp_path)
     model = timm_model("naflexvit_base_patch16_siglip", **SIGLIP2_TIMM, num_classes=0)
-    with pytest.raises(IsvitError) as error:  # without the stand-in: named as no model isvit converts
-        load_weights(model, tmp_path)
-    assert "not of a ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 model" in one_sentence(error)
-    monkeypatch.setattr(families, "FAMILIES", [*families.FAMILIES, NaFlexRenamer()])
     load_weights(model, tmp_path)
     images = random_images(2, 64)
     with torch.no_grad(), torch_threads(1):

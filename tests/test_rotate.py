@@ -636,9 +636,9 @@ def _quantized(model: nn.Module) -> nn.Module:
     (lambda: tiny_vit(global_pool="prr"), "AttentionPoolPrr.*does not commute with a rotation"),
     (lambda: _with_norm(tiny_vit(num_classes=0), RmsNorm(32)),
      "norm is a RmsNorm; rotation needs a LayerNorm \\(or none\\)"),
-    (lambda: tiny_vit(norm_layer=RmsNorm), "norm1 is a RmsNorm; rotation needs a LayerNorm"),
-    (lambda: tiny_vit(mlp_layer=SwiGLU), "blocks.0.mlp is a SwiGLU"),
-], ids=["rotated", "quantized", "max-pool", "prr-pool", "tower-rms-final-norm", "rms-norm", "swiglu"])
+    (lambda: _with_norm(tiny_vit(norm_layer=RmsNorm), nn.LayerNorm(32)), "norm is a LayerNorm; rotation needs a RmsNorm"),
+    (lambda: tiny_vit(mlp_layer=SwiGLU, scale_mlp_norm=True), "blocks.0.mlp.norm is a LayerNorm"),
+], ids=["rotated", "quantized", "max-pool", "prr-pool", "tower-rms-final-norm", "mixed-norms", "swiglu-sub-norm"])
 def test_what_rotation_cannot_carry_is_one_sentence(build, message):
     model = build()
     untouched = copy.deepcopy(model.state_dict())

@@ -292,12 +292,12 @@ def test_unsupported_model_is_refused():
         isvit.quantize(resnet, [], isvit.QuantConfig(method="isvit"), progress=False)
 
 
-def test_a_vit_with_a_swiglu_mlp_is_refused_in_one_sentence_before_any_change():
+def test_a_vit_with_a_swiglu_sub_norm_is_refused_in_one_sentence_before_any_change():
     from timm.layers import SwiGLU
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              num_classes=10, mlp_layer=SwiGLU)
-    with pytest.raises(isvit.IsvitError, match="blocks.0.mlp is a SwiGLU"):
+                              num_classes=10, mlp_layer=SwiGLU, scale_mlp_norm=True)
+    with pytest.raises(isvit.IsvitError, match="blocks.0.mlp.norm is a LayerNorm"):
         wrap_model(model, W4A4)
     assert not any(isinstance(m, (Quantizer, QuantLinear)) for m in model.modules())
     config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=2)

@@ -552,7 +552,12 @@ def lower_linear(b: _Builder, layer: QuantLinear, x: str, output: str, rank: int
         x = b.op("Unsqueeze", [x, _axis(b, 1)])
     split = split_groups(layer.input_quantizer) if isinstance(layer.input_quantizer, UniformQuantizer) else None
     bits = layer.weight_quantizer.bits
-    if split is None:
+    if not isinstance(layer.input_quantizer, EXPORTABLE_QUANTIZERS):
+        # A float input (NaFlexVit's patch embedding reads the pixels, as the Conv): a float product
+        # with the dequantized weight as a float constant (rows None). As codes, onnxruntime would fuse
+        # it into MatMulNBits, which quantizes the float input to int8 on the fly (accuracy level 4).
+        parts = [(x, False, None)]
+    elif split is None:
         parts = [(*operand(b, layer.input_quantizer, x, "input"), {})]
     else:  # outlier channels: their columns of the weight leave the main product for a second one
         main, outliers, index = split
@@ -561,7 +566,11 @@ def lower_linear(b: _Builder, layer: QuantLinear, x: str, output: str, rank: int
                  (activation_operand(b, outliers, x_out), outliers.uint8_zero_point is not None, {"rows": index})]
     products, forms = [], []
     for x_op, integer, rows in parts:
-        products.append(b.op("MatMul", [x_op, weight_operand(b, codes_t, scale, zero_point, bits, axis_t, **rows)]))
+        if rows is None:
+            weight = b.constant("weight", _f32(layer.weight_quantizer(layer.weight.detach()).T))
+        else:
+            weight = weight_operand(b, codes_t, scale, zero_point, bits, axis_t, **rows)
+        products.append(b.op("MatMul", [x_op, weight]))
         forms.append(_form(integer))
     last = len(products) == 1 and rank != 2
     y = b.op("Add", [products[0], b.constant("bias", _f32(layer.bias))], output if last else None)  # fused into the product

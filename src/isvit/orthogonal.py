@@ -124,24 +124,31 @@ def fold_layer_scale(ls: nn.Module, writer: nn.Linear) -> None:
     ls.gamma.fill_(1.0)
 
 
-def norm_as_writer(norm: nn.LayerNorm, q: torch.Tensor, center: bool) -> nn.Sequential:
-    """A LayerNorm whose output is the stream itself (``norm_pre``, or the patch embedding's norm),
-    rewritten to write the rotated stream: its normalisation, without affine, then its affine as a
-    d x d Linear written like any writer, ``(gamma * n + beta) Q`` (centred first if asked). A
-    per-channel gamma does not commute with Q, so this is the one product rotation adds to the
-    forward pass: d^2 multiply-adds a token, once, before the first block (float, not quantized)."""
+def norm_as_writer(norm: nn.Module, q: torch.Tensor, center: bool) -> nn.Sequential:
+    """A LayerNorm (or timm's RmsNorm, AIMv2's) whose output is the stream itself (``norm_pre``, or
+    the patch embedding's norm), rewritten to write the rotated stream: its normalisation, without
+    affine (an RMSNorm of weight 1 and bias 0 for an RmsNorm), then its affine as a d x d Linear
+    written like any writer, ``(gamma * n + beta) Q`` (centred first if asked). A per-channel gamma
+    does not commute with Q, so this is the one product rotation adds to the forward pass: d^2
+    multiply-adds a token, once, before the first block (float, not quantized)."""
     d = q.shape[0]
+    bias = getattr(norm, "bias", None)  # timm's RmsNorm has none
     linear = nn.Linear(d, d, device=q.device, dtype=q.dtype)
     linear.weight.copy_(torch.diag(norm.weight) if norm.weight is not None else torch.eye(d, dtype=q.dtype, device=q.device))
-    linear.bias.copy_(norm.bias if norm.bias is not None else torch.zeros(d, dtype=q.dtype, device=q.device))
+    linear.bias.copy_(bias if bias is not None else torch.zeros(d, dtype=q.dtype, device=q.device))
     write_linear(linear, q, center)
-    return nn.Sequential(nn.LayerNorm(d, eps=norm.eps, elementwise_affine=False, device=q.device, dtype=q.dtype), linear)
+    if isinstance(norm, nn.LayerNorm):
+        normalise = nn.LayerNorm(d, eps=norm.eps, elementwise_affine=False, device=q.device, dtype=q.dtype)
+    else:
+        normalise = RMSNorm(d, norm.eps, device=q.device, dtype=q.dtype)
+    return nn.Sequential(normalise, linear)
 
 
 def read(norm: nn.LayerNorm, readers: list[nn.Linear], q: torch.Tensor, *, centred: bool,
          keep_bias: bool = False) -> RMSNorm:
     """The norm that replaces the LayerNorm ``norm`` over a stream rotated by ``q``: an RMSNorm
-    (``centred``: the stream is zero-mean) or a RotatedLayerNorm (direction ``u Q``), weight 1.
+    (``centred``: the stream is zero-mean; or ``norm`` is timm's RmsNorm, which keeps the mean, with
+    no bias) or a RotatedLayerNorm (direction ``u Q``), weight 1.
 
     The LayerNorm's affine goes into each reader, ``W <- W diag(gamma)``, ``b <- b + W beta``, and
     the reader's input columns are rotated, ``W <- W Q``. With ``keep_bias`` (padded windows) beta
@@ -150,7 +157,8 @@ def read(norm: nn.LayerNorm, readers: list[nn.Linear], q: torch.Tensor, *, centr
     """
     d = q.shape[0]
     gamma = norm.weight if norm.weight is not None else torch.ones(d, dtype=q.dtype, device=q.device)
-    beta = norm.bias if norm.bias is not None else torch.zeros_like(gamma)
+    beta = getattr(norm, "bias", None)  # timm's RmsNorm has none
+    beta = beta if beta is not None else torch.zeros_like(gamma)
     for linear in readers:
         if linear.bias is None:
             linear.bias = nn.Parameter(linear.weight.new_zeros(linear.out_features))
@@ -180,7 +188,7 @@ def unrotate(norm: nn.Module, q: torch.Tensor, *, centred: bool) -> nn.Module:
         return output
     gamma = norm.weight if norm.weight is not None else torch.ones(d, dtype=q.dtype, device=q.device)
     output.weight.copy_(gamma.view(-1, 1) * q)
-    if norm.bias is not None:
+    if getattr(norm, "bias", None) is not None:  # timm's RmsNorm has none
         output.bias.copy_(norm.bias)
     return nn.Sequential(read(norm, [], q, centred=centred), output)
 

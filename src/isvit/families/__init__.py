@@ -14,6 +14,7 @@ from ..errors import IsvitError
 from .base import Family, Unit
 from .beit import BEiT
 from .eva import EVA
+from .naflexvit import NaFlex
 from .swin import Swin
 from .swinv2 import SwinV2
 from .vit import ViT
@@ -21,7 +22,7 @@ from .vit import ViT
 __all__ = ["FAMILIES", "Family", "Unit", "family_of", "listing", "register_family"]
 
 # The registry: every family isvit supports, in the order a model is matched against them.
-FAMILIES: list[Family] = [ViT(), Swin(), SwinV2(), BEiT(), EVA()]
+FAMILIES: list[Family] = [ViT(), Swin(), SwinV2(), BEiT(), EVA(), NaFlex()]
 
 
 def register_family(family: Family) -> Family:

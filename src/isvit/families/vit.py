@@ -3,8 +3,15 @@
 
 Surgery: the patch embedding's Conv2d, each block's ``Attention`` (as ``QuantAttention``, ``qkv``
 post-LayerNorm) and MLP (``fc1`` post-LayerNorm; timm's Mlp or GluMlp, two Linears ``fc1`` and
-``fc2``), the head and DeiT's ``head_dist``. The fold pairs are each block's norm1 -> qkv and
-norm2 -> fc1. Blocks of another kind (a SwiGLU MLP, ...) are refused.
+``fc2``; or timm's SwiGLU, whose ``fc1_g`` and ``fc1_x`` become one ``fc1``, as in AIMv2), the head
+and DeiT's ``head_dist``. The fold pairs are each block's norm1 -> qkv and norm2 -> fc1. AIMv2's
+norms are timm's RmsNorm, which has no bias for the fold to write into: there qkv and fc1 take their
+input per tensor and are not folded (a rotated AIMv2's norms are isvit's RMSNorm, and are folded).
+Blocks of another kind are refused.
+
+The attention honours timm's ``attn_mask``; a key masked for every query (padding, as NaFlexVit's
+``patch_valid`` makes it, ``families/naflexvit.py``) gets no weight in the quantized attention either
+(``attended_keys``).
 
 Rotation (``rotate.rotate_model``; the math in ``orthogonal.py``):
 
@@ -31,6 +38,16 @@ head (SigLIP, ``global_pool='map'``), ``norm`` then the pool's ``kv``, so the po
   LayerNorms become ``RotatedLayerNorm``s, as in Swin, and that reader reads ``W Q``.
 - q/k norms (``qk_norm``), the attention output's and the MLP's inner norms are inside the
   attention or MLP, not on the stream, and stay; ``rotate_heads`` skips what they normalise.
+- AIMv2: every norm on the stream is timm's RmsNorm, which does not subtract the mean, so the
+  stream is not centred (step 1 is skipped) and needs no centring: ``RMSNorm(x Q) = RMSNorm(x) Q``.
+  Each RmsNorm's gamma goes into its readers and it becomes an ``RMSNorm`` of weight 1 and bias 0
+  (step 2; from then on the fold has a bias to write into); the patch embedding's RmsNorm, whose
+  output is the stream, becomes a writer as above. A SwiGLU's ``fc1_g`` and ``fc1_x`` both read
+  norm2's output.
+
+The embedding's parts are named in an ``Embedding`` (the projection, the module whose ``norm``
+follows it, the tokens and position embeddings), so that NaFlexVit (``families/naflexvit.py``)
+rotates by the same recipe.
 
 A feature tower (no classifier: ``num_classes=0``, ``head`` and ``head_dist`` Identity; how CLIP,
 SigLIP and DINOv2 towers are used) has no Linear to read the rotated stream at the end, so the
@@ -44,8 +61,8 @@ is the stream itself, whose mean must then come out too: that stream is not cent
 
 Refused (``IsvitError``, before any weight changes), for a model with a classifier: max pooling (it
 does not commute with Q), the parameter-free ``AttentionPoolPrr`` (attention over groups of
-channels); for any: norms other than LayerNorm (timm's RmsNorm), blocks other than timm's ``Block``
-with ``Attention`` and an MLP of ``fc1``/``fc2``.
+channels); for any: norms on the stream of other kinds than the first block's norm1 (LayerNorm, or
+RmsNorm throughout), blocks that ``check_block`` refuses.
 
 Hugging Face transformers checkpoints (``hf.py``):
 
@@ -69,29 +86,29 @@ features, no change to what it learned).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from timm.layers import AttentionPoolLatent
+from timm.layers import AttentionPoolLatent, RmsNorm, SwiGLU
 
 # Attention moved to timm.layers in later 1.0 releases; vision_transformer has it in all of them.
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from ..errors import IsvitError
-from ..modules import QuantConv2d, QuantLinear, QuantMatMul, additive_mask
+from ..modules import QuantConv2d, QuantLinear, QuantMatMul, QuantSwiGLU, RMSNorm, additive_mask
 from ..orthogonal import (
     fold_layer_scale,
     norm_as_writer,
     orthogonal_like,
     read,
-    require_layernorm,
     rotate_heads,
     unrotate,
     write,
     write_linear,
 )
-from .base import Family, Head, Unit, check_layernorm, numbered_blocks
+from .base import Family, Head, Unit, joined_linear, numbered_blocks
 
 if TYPE_CHECKING:
     from ..hf import Renaming
@@ -110,18 +127,11 @@ class ViT(Family):
     def check(self, model: nn.Module) -> None:
         for name, block in numbered_blocks(model):
             check_block(name, block)
-            check_layernorm(block.norm1, f"{name}.norm1")
-            check_layernorm(block.norm2, f"{name}.norm2")
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
         model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
         for _, block in numbered_blocks(model):
-            qk, av = p.matmuls()
-            block.attn = QuantAttention(
-                block.attn, p.linear(block.attn.qkv, "post_ln"), p.linear(block.attn.proj, "tensor"), qk, av
-            )
-            block.mlp.fc1 = p.linear(block.mlp.fc1, "post_ln")
-            block.mlp.fc2 = p.linear(block.mlp.fc2, "tensor")
+            wrap_block(block, p)
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
                 setattr(model, head, p.linear(getattr(model, head), "tensor"))
@@ -136,11 +146,7 @@ class ViT(Family):
         return units
 
     def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
-        pairs = []
-        for name, block in numbered_blocks(model):
-            pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
-            pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
-        return pairs
+        return [pair for name, block in numbered_blocks(model) for pair in block_pairs(name, block)]
 
     def check_rotation(self, model: nn.Module) -> None:
         _check_rotation(model)
@@ -162,16 +168,56 @@ class ViT(Family):
 
 
 def check_block(name: str, block: nn.Module) -> None:
-    """The block must be timm's standard pre-norm ``Block`` with ``Attention`` and an MLP of two
-    Linears ``fc1`` and ``fc2`` (timm's Mlp or GluMlp; a SwiGLU's ``fc1_g``/``fc1_x`` are not)."""
+    """The block must be timm's standard pre-norm ``Block`` with ``Attention``, norms that are
+    LayerNorms or timm's RmsNorm (AIMv2), and an MLP of two Linears ``fc1`` and ``fc2`` (timm's Mlp
+    or GluMlp) or timm's SwiGLU (``fc1_g``, ``fc1_x``, ``fc2``; AIMv2) without a sub-norm."""
     if type(block) is not Block or type(block.attn) is not Attention:
         raise IsvitError(
             f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; isvit supports the "
             "standard pre-norm ViT block (timm Block with Attention)"
         )
-    if not all(isinstance(getattr(block.mlp, fc, None), nn.Linear) for fc in ("fc1", "fc2")):
-        raise IsvitError(f"{name}.mlp is a {type(block.mlp).__name__}; isvit supports an MLP of two Linears "
-                         "fc1 and fc2 (timm's Mlp or GluMlp) in a ViT block")
+    for norm in ("norm1", "norm2"):
+        if not isinstance(getattr(block, norm), (nn.LayerNorm, RMSNorm, RmsNorm)):
+            raise IsvitError(f"{name}.{norm} is a {type(getattr(block, norm)).__name__}; isvit needs LayerNorm "
+                             "(or timm's RmsNorm) there")
+    mlp = block.mlp
+    if type(mlp) is SwiGLU:
+        if not isinstance(mlp.norm, nn.Identity):
+            raise IsvitError(f"{name}.mlp.norm is a {type(mlp.norm).__name__}; isvit supports a ViT block's SwiGLU "
+                             "without a sub-norm")
+    elif not all(isinstance(getattr(mlp, fc, None), nn.Linear) for fc in ("fc1", "fc2")):
+        raise IsvitError(f"{name}.mlp is a {type(mlp).__name__}; isvit supports an MLP of two Linears "
+                         "fc1 and fc2 (timm's Mlp or GluMlp) or timm's SwiGLU in a ViT block")
+
+
+def foldable(norm: nn.Module) -> bool:
+    """Whether the post-LayerNorm fold can write into ``norm``: a LayerNorm, or the RMSNorm of a
+    rotated model (both have the per-channel ``weight`` and ``bias`` it needs). timm's RmsNorm
+    (AIMv2) has no bias, so the Linear after it takes its input per tensor and is not folded."""
+    return isinstance(norm, (nn.LayerNorm, RMSNorm))
+
+
+def wrap_block(block: nn.Module, p: Placement) -> None:
+    """A checked ``Block``'s attention as ``QuantAttention`` and its MLP's Linears quantized: qkv and
+    fc1 post-LayerNorm where their norm is foldable (per tensor after timm's RmsNorm), proj and fc2
+    per tensor; a SwiGLU's ``fc1_g`` and ``fc1_x`` become one ``fc1`` (``modules.QuantSwiGLU``)."""
+    qk, av = p.matmuls()
+    attn = block.attn
+    qkv = p.linear(attn.qkv, "post_ln" if foldable(block.norm1) else "tensor")
+    block.attn = QuantAttention(attn, qkv, p.linear(attn.proj, "tensor"), qk, av)
+    mlp = block.mlp
+    fc1_input = "post_ln" if foldable(block.norm2) else "tensor"
+    fc2 = p.linear(mlp.fc2, "tensor")
+    if isinstance(mlp, SwiGLU):
+        block.mlp = QuantSwiGLU(mlp, p.linear(joined_linear(mlp.fc1_g, mlp.fc1_x), fc1_input), fc2)
+    else:
+        mlp.fc1, mlp.fc2 = p.linear(mlp.fc1, fc1_input), fc2
+
+
+def block_pairs(name: str, block: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
+    """A wrapped block's fold pairs: norm1 -> qkv and norm2 -> fc1, where the norm is foldable."""
+    pairs = [(f"{name}.norm1", block.norm1, block.attn.qkv), (f"{name}.norm2", block.norm2, block.mlp.fc1)]
+    return [pair for pair in pairs if foldable(pair[1])]
 
 
 class QuantAttention(nn.Module):
@@ -205,24 +251,73 @@ class QuantAttention(nn.Module):
         bias = additive_mask(attn_mask, is_causal, N, attn)
         if bias is not None:
             attn = attn + bias
+            if attn_mask is not None:
+                v = v * attended_keys(bias)
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.av(attn, v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         return self.proj_drop(self.proj(x))
 
 
+def attended_keys(bias: torch.Tensor) -> torch.Tensor:
+    """1 for each key some query may attend to, 0 for a key the additive ``bias`` masks for every
+    query (padding, NaFlexVit's patch_valid): shaped (..., keys, 1), a factor for v's rows.
+
+    Softmax gives a masked key the weight 0, but the post-Softmax quantizer's lowest level need
+    not be 0 (SULQ's is the smallest calibrated probability), so the quantized map would still give
+    padding a little weight; zeroing padding's v keeps it out (exactly where v's grid holds 0, as
+    it does unless all of v's calibration values had one sign), so the output does not depend on
+    the padding."""
+    masked = torch.finfo(bias.dtype).min / 2
+    return (bias.amax(dim=-2) > masked).to(bias.dtype).unsqueeze(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rotation
 # ---------------------------------------------------------------------------------------------
 
-def _stream_start(model) -> str | None:
-    """The LayerNorm whose output is the residual stream itself, if there is one: ``norm_pre``
-    (CLIP: it normalises the embeddings' sum), else the patch embedding's norm (before the
-    class token and position embedding are added); None where the embeddings write the stream."""
-    if isinstance(model.norm_pre, nn.LayerNorm):
-        return "norm_pre"
-    if isinstance(getattr(model.patch_embed, "norm", None), nn.LayerNorm):
-        return "patch_embed.norm"
+@dataclass
+class Embedding:
+    """What writes the stream before the first block, where a ViT and a NaFlexVit name it differently:
+    the patch projection (Linear or Conv2d), the module whose ``norm`` normalises its output
+    (``patch_embed``; NaFlexVit's ``embeds``), the prefix tokens and position embeddings (channels
+    last) that are added after that norm, and the stream's width."""
+
+    proj: nn.Module
+    norm_owner: nn.Module
+    tokens: list[nn.Parameter]
+    dim: int
+
+
+def _vit_embedding(model) -> Embedding:
+    tokens = [getattr(model, n, None) for n in ("cls_token", "dist_token", "reg_token", "pos_embed")]
+    return Embedding(proj=model.patch_embed.proj, norm_owner=model.patch_embed,
+                     tokens=[t for t in tokens if isinstance(t, nn.Parameter)], dim=model.embed_dim)
+
+
+def _norm_kind(model) -> type[nn.Module]:
+    """The kind of every norm that reads or writes the stream: LayerNorm, or timm's RmsNorm (AIMv2),
+    as the first block's norm1 is. An RmsNorm does not subtract the mean, so its stream needs no
+    centring: ``RmsNorm(x Q) = RmsNorm(x) Q`` once its gamma is in the Linears it feeds."""
+    return RmsNorm if isinstance(model.blocks[0].norm1, RmsNorm) else nn.LayerNorm
+
+
+def _require_norm(norm: nn.Module, where: str, kind: type[nn.Module], or_none: bool = False) -> None:
+    if isinstance(norm, kind) or (or_none and isinstance(norm, nn.Identity)):
+        return
+    raise IsvitError(f"{where} is a {type(norm).__name__}; rotation needs a {kind.__name__}"
+                     f"{' (or none)' if or_none else ''} there")
+
+
+def _stream_start(model, embedding: Embedding) -> tuple[nn.Module, str] | None:
+    """The norm whose output is the residual stream itself, if there is one, as (owner, attribute):
+    ``norm_pre`` (CLIP: it normalises the embeddings' sum), else the patch embedding's norm (before
+    the class token and position embedding are added; AIMv2's RmsNorm); None where the embeddings
+    write the stream."""
+    if not isinstance(model.norm_pre, nn.Identity):
+        return model, "norm_pre"
+    if not isinstance(getattr(embedding.norm_owner, "norm", None), (type(None), nn.Identity)):
+        return embedding.norm_owner, "norm"
     return None
 
 
@@ -232,7 +327,7 @@ def _is_feature_tower(model) -> bool:
 
 
 def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
-    """What reads the stream after the last block: (the attribute of the LayerNorm it goes through
+    """What reads the stream after the last block: (the attribute of the norm it goes through
     first, or None where there is none; the Linears that read that norm's output, or the stream).
 
     A feature tower has none: (``"norm"`` or None, []); its rotation is undone after ``norm``
@@ -243,19 +338,18 @@ def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     average pooling, ``norm`` (every token) or ``fc_norm`` (after pooling) then ``head`` and
     ``head_dist``. Raises ``IsvitError`` for a head rotation cannot carry (it must not change the
     model's output, so one Linear at least must read the rotated stream)."""
+    kind = _norm_kind(model)
     if _is_feature_tower(model):
-        if not isinstance(model.norm, (nn.Identity, nn.LayerNorm)):
-            raise IsvitError(f"norm is a {type(model.norm).__name__}; rotation needs a LayerNorm (or none) there")
-        return ("norm" if isinstance(model.norm, nn.LayerNorm) else None), []
+        _require_norm(model.norm, "norm", kind, or_none=True)
+        return ("norm" if isinstance(model.norm, kind) else None), []
     pool = getattr(model, "attn_pool", None)
     norms = ("norm",) if pool is not None else ("norm", "fc_norm")  # fc_norm after a pool reads the pool's output
     for name in norms:
-        norm = getattr(model, name, None)
-        if norm is not None and not isinstance(norm, (nn.Identity, nn.LayerNorm)):
-            raise IsvitError(f"{name} is a {type(norm).__name__}; rotation needs a LayerNorm (or none) there")
-    found = [n for n in norms if isinstance(getattr(model, n, None), nn.LayerNorm)]
+        if getattr(model, name, None) is not None:
+            _require_norm(getattr(model, name), name, kind, or_none=True)
+    found = [n for n in norms if isinstance(getattr(model, n, None), kind)]
     if len(found) > 1:
-        raise IsvitError("rotation needs one LayerNorm at most (norm or fc_norm) between the last block and the head")
+        raise IsvitError(f"rotation needs one {kind.__name__} at most (norm or fc_norm) between the last block and the head")
     if pool is not None:
         if not isinstance(pool, AttentionPoolLatent):
             raise IsvitError(f"the model pools with {type(pool).__name__} (global_pool={model.global_pool!r}), "
@@ -269,58 +363,68 @@ def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     return (found[0] if found else None), heads
 
 
-def _check_rotation(model) -> None:
+def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
+    """The MLP's Linears that read the stream (through norm2): fc1, or a SwiGLU's fc1_g and fc1_x."""
+    return [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]
+
+
+def check_rotation(model, embedding: Embedding) -> None:
+    """Everything ``rotate_stream`` cannot carry, as a one-sentence ``IsvitError``; changes nothing."""
+    kind = _norm_kind(model)
     for name, block in numbered_blocks(model):
         check_block(name, block)
-        require_layernorm(block.norm1, f"{name}.norm1")
-        require_layernorm(block.norm2, f"{name}.norm2")
-        if not all(isinstance(getattr(block.mlp, n, None), nn.Linear) for n in ("fc1", "fc2")):
-            raise IsvitError(f"{name}.mlp is a {type(block.mlp).__name__}; rotation needs an MLP that reads the stream "
-                             "with fc1 and writes it with fc2")
+        _require_norm(block.norm1, f"{name}.norm1", kind)
+        _require_norm(block.norm2, f"{name}.norm2", kind)
         for ls in (block.ls1, block.ls2):
             if not isinstance(ls, nn.Identity) and not isinstance(getattr(ls, "gamma", None), nn.Parameter):
                 raise IsvitError(f"{name} has a {type(ls).__name__}; rotation folds LayerScale (a gamma per channel) only")
-    if not isinstance(model.norm_pre, (nn.Identity, nn.LayerNorm)):
-        raise IsvitError(f"norm_pre is a {type(model.norm_pre).__name__}; rotation needs a LayerNorm (or none) there")
-    embed_norm = getattr(model.patch_embed, "norm", None)  # before the stream where norm_pre is a LayerNorm
-    if isinstance(model.norm_pre, nn.Identity) and not isinstance(embed_norm, (type(None), nn.Identity, nn.LayerNorm)):
-        raise IsvitError(f"patch_embed.norm is a {type(embed_norm).__name__}; rotation needs a LayerNorm (or none) there")
+    _require_norm(model.norm_pre, "norm_pre", kind, or_none=True)
+    embed_norm = getattr(embedding.norm_owner, "norm", None)  # before the stream where norm_pre is a norm
+    if isinstance(model.norm_pre, nn.Identity) and embed_norm is not None:
+        owner = next(n for n, m in model.named_modules() if m is embedding.norm_owner)
+        _require_norm(embed_norm, f"{owner}.norm", kind, or_none=True)
     _head_readers(model)
 
 
-def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _check_rotation(model) -> None:
+    check_rotation(model, _vit_embedding(model))
+
+
+def rotate_stream(model, embedding: Embedding, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The recipe of the module docstring, in place (``check_rotation`` has passed)."""
     blocks = [block for _, block in numbered_blocks(model)]
-    q = orthogonal_like(model.embed_dim, generator, model.patch_embed.proj.weight)
+    q = orthogonal_like(embedding.dim, generator, embedding.proj.weight)
     head_norm, head_readers = _head_readers(model)
-    # Centred (RMSNorm) where every reader reads the stream through a LayerNorm; where one reads it
-    # raw (no final norm: final_norm=False, or fc_norm after an attention pool; a feature tower
-    # without norm, whose features are the stream), the stream's mean matters and every LayerNorm
-    # becomes a RotatedLayerNorm instead, as in Swin.
-    centre = head_norm is not None
+    # LayerNorms: the stream is centred (the LayerNorms become RMSNorms) where every reader reads
+    # it through a LayerNorm; where one reads it raw (no final norm: final_norm=False, or fc_norm
+    # after an attention pool; a feature tower without norm, whose features are the stream), the
+    # stream's mean matters and every LayerNorm becomes a RotatedLayerNorm instead, as in Swin.
+    # RmsNorms: never centred (an RmsNorm keeps the mean), each becomes an RMSNorm.
+    rms = _norm_kind(model) is RmsNorm
+    centre = head_norm is not None and not rms
+    as_rms = centre or rms  # what ``read`` calls centred: the norm it puts in is an RMSNorm
     for block in blocks:
         fold_layer_scale(block.ls1, block.attn.proj)
         fold_layer_scale(block.ls2, block.mlp.fc2)
-    # 1 + 3: the writers, centred and rotated
-    start = _stream_start(model)
-    if start is not None:  # a LayerNorm's output is the stream: its affine becomes a writer
-        owner, _, attribute = start.rpartition(".")
-        owner = model.get_submodule(owner)
+    # 1 + 3: the writers, centred (LayerNorms only) and rotated
+    start = _stream_start(model, embedding)
+    if start is not None:  # a norm's output is the stream: its affine becomes a writer
+        owner, attribute = start
         setattr(owner, attribute, norm_as_writer(getattr(owner, attribute), q, centre))
-    if start != "norm_pre":  # else the embeddings are normalised by norm_pre, outside the stream
-        for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
-            if isinstance(getattr(model, name, None), nn.Parameter):
-                write(getattr(model, name), q, -1, center=centre)
+    if start is None or start[1] != "norm_pre":  # else the embeddings are normalised by norm_pre, outside the stream
+        for token in embedding.tokens:
+            write(token, q, -1, center=centre)
     if start is None:
-        write_linear(model.patch_embed.proj, q, center=centre)
+        write_linear(embedding.proj, q, center=centre)
     for block in blocks:
         write_linear(block.attn.proj, q, center=centre)
         write_linear(block.mlp.fc2, q, center=centre)
-    # 2 + 3: the readers, each LayerNorm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
+    # 2 + 3: the readers, each norm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
     for block in blocks:
-        block.norm1 = read(block.norm1, [block.attn.qkv], q, centred=centre)
-        block.norm2 = read(block.norm2, [block.mlp.fc1], q, centred=centre)
+        block.norm1 = read(block.norm1, [block.attn.qkv], q, centred=as_rms)
+        block.norm2 = read(block.norm2, _mlp_readers(block.mlp), q, centred=as_rms)
     if not head_readers:  # a feature tower: the rotation undone right after norm (module docstring)
-        model.norm = unrotate(model.norm, q, centred=centre)
+        model.norm = unrotate(model.norm, q, centred=as_rms)
     elif head_norm is not None:
         setattr(model, head_norm, read(getattr(model, head_norm), head_readers, q, centred=True))
     else:  # the head (or the attention pool's kv) reads the stream itself
@@ -329,6 +433,10 @@ def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
     for block in blocks:
         rotate_heads(block.attn, generator)
     return {"stream": q}
+
+
+def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return rotate_stream(model, _vit_embedding(model), generator)
 
 
 # ---------------------------------------------------------------------------------------------
