@@ -14,6 +14,8 @@ from ..errors import IsvitError
 from .base import Family, Unit
 from .beit import BEiT
 from .eva import EVA
+from .hiera import Hiera
+from .hieradet import HieraDet
 from .swin import Swin
 from .swinv2 import SwinV2
 from .vit import ViT
@@ -21,7 +23,7 @@ from .vit import ViT
 __all__ = ["FAMILIES", "Family", "Unit", "family_of", "listing", "register_family"]
 
 # The registry: every family isvit supports, in the order a model is matched against them.
-FAMILIES: list[Family] = [ViT(), Swin(), SwinV2(), BEiT(), EVA()]
+FAMILIES: list[Family] = [ViT(), Swin(), SwinV2(), BEiT(), EVA(), Hiera(), HieraDet()]
 
 
 def register_family(family: Family) -> Family:
