@@ -7,9 +7,10 @@ and attn @ v quantized, within each mask unit or over every token, q max-pooled 
 dim-changing ``proj``; the head's ``fc``. The position embedding (absolute, or abs-win's window
 embedding tiled over the interpolated global one), the unroll and the max pooling stay floating point.
 
-Fold pairs (a LayerNorm whose output is read by one Linear only): each block's norm2 -> fc1, norm1 ->
-qkv where the block has no ``proj`` (norm1 there also feeds ``proj``, whose output is max-pooled into
-the next stage's stream: both read it per tensor, unfolded), and the head's norm -> fc.
+Fold pairs (a LayerNorm whose output is read by one Linear only): each block's norm2 -> fc1, and
+norm1 -> qkv where the block has no ``proj`` (norm1 there also feeds ``proj``, whose output is
+max-pooled into the next stage's stream: both read it per tensor, unfolded). The head's norm feeds its
+``fc`` alone too, but ``fc`` reads one pooled vector an image, as in the other families per tensor.
 
 Units: the patch embedding (with the position embedding and the unroll), every block, the head.
 
@@ -20,8 +21,8 @@ maximum does not commute with a rotation of the channels.
 Refused: a patch embedding other than a Conv2d (the video models' Conv3d), blocks of another kind,
 norms other than LayerNorm, a head other than timm's pool -> norm -> fc (without a hidden layer).
 
-``HieraDet`` (SAM 2's image encoder) is ``hieradet.py``; it shares ``check_head``, ``wrap_head``
-and ``head_pairs`` with this file.
+``HieraDet`` (SAM 2's image encoder) is ``hieradet.py``; it shares ``check_head`` and ``wrap_head``
+with this file.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Hiera(Family):
             if block_proj(block) is None:
                 pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
             pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
-        return pairs + head_pairs(model)
+        return pairs
 
 
 def block_proj(block: nn.Module) -> nn.Linear | None:
@@ -133,18 +134,10 @@ def check_head(model: nn.Module) -> None:
 
 
 def wrap_head(model: nn.Module, p: Placement) -> None:
-    """The head's ``fc`` quantized, post-LayerNorm where the head's norm is a LayerNorm."""
-    head = model.head
-    if isinstance(head.fc, nn.Linear):
-        head.fc = p.linear(head.fc, "post_ln" if isinstance(head.norm, nn.LayerNorm) else "tensor")
-
-
-def head_pairs(model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
-    """The head's norm -> fc, where both are there (the pooled tokens' norm feeds fc alone)."""
-    head = model.head
-    if isinstance(head.norm, nn.LayerNorm) and isinstance(head.fc, QuantLinear):
-        return [("head.norm", head.norm, head.fc)]
-    return []
+    """The head's ``fc`` quantized, its input per tensor: it reads one pooled vector an image, too few
+    samples a channel for a per-channel grid (so its norm -> fc is no fold pair)."""
+    if isinstance(model.head.fc, nn.Linear):
+        model.head.fc = p.linear(model.head.fc, "tensor")
 
 
 class QuantMaskUnitAttention(nn.Module):

@@ -10,7 +10,7 @@ Surgery: the patch embedding's Conv2d; each block's attention (as ``QuantMultiSc
 and attn @ v quantized, the q pooling in float), MLP and, where a stage begins, ``proj``; the head's
 ``fc``. The position embedding (the global one interpolated, the window one tiled) stays floating point.
 
-Fold pairs: each block's norm2 -> fc1, the head's norm -> fc, and norm1 -> qkv only in a global block
+Fold pairs: each block's norm2 -> fc1, and norm1 -> qkv only in a global block
 that keeps its width. A windowed block pads norm1's output with zeros wherever the grid is not a
 multiple of its window (SAM 2's own 1024-pixel input: a 64 x 64 grid in windows of 14; the grid is
 known only when the model runs), and zeros do not follow the fold's shift; a block that begins a stage feeds
@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import IsvitError
 from ..modules import QuantConv2d, QuantLinear, QuantMatMul
 from .base import Family, Head, Unit, check_layernorm, numbered_blocks, wrap_mlp
-from .hiera import block_proj, check_head, check_plain_mlp, head_pairs, wrap_head
+from .hiera import block_proj, check_head, check_plain_mlp, wrap_head
 
 try:  # timm 1.0.9 and later
     from timm.models.hieradet_sam2 import HieraDet as TimmHieraDet
@@ -95,7 +95,7 @@ class HieraDet(Family):
             if folds_norm1(block):
                 pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
             pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
-        return pairs + head_pairs(model)
+        return pairs
 
 
 def folds_norm1(block: nn.Module) -> bool:
