@@ -22,8 +22,9 @@ from .vit import ViT
 
 __all__ = ["FAMILIES", "Family", "Unit", "family_of", "listing", "register_family"]
 
-# The registry: every family isvit supports, in the order a model is matched against them.
-FAMILIES: list[Family] = [ViT(), Swin(), SwinV2(), BEiT(), EVA(), Hiera(), HieraDet()]
+# The registry: every family isvit supports, in the order a model is matched against them; a family
+# whose timm classes the installed timm lacks (HieraDet before timm 1.0.9) is left out.
+FAMILIES: list[Family] = [f for f in (ViT(), Swin(), SwinV2(), BEiT(), EVA(), Hiera(), HieraDet()) if f.model_types]
 
 
 def register_family(family: Family) -> Family:

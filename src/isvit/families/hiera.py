@@ -38,7 +38,7 @@ from ..errors import IsvitError
 from ..modules import QuantConv2d, QuantLinear, QuantMatMul
 from .base import Family, Head, Unit, check_layernorm, numbered_blocks, wrap_mlp
 
-try:  # timm 1.0.3 and later
+try:  # every timm 1.0 release the package index offers (1.0.3 on) has Hiera
     import timm.models.hiera as timm_hiera
     from timm.models.hiera import Hiera as TimmHiera
     from timm.models.hiera import HieraBlock, MaskUnitAttention
