@@ -10,11 +10,11 @@ Surgery: the patch embedding's Conv2d; each block's attention (as ``QuantMultiSc
 and attn @ v quantized, the q pooling in float), MLP and, where a stage begins, ``proj``; the head's
 ``fc``. The position embedding (the global one interpolated, the window one tiled) stays floating point.
 
-Fold pairs: each block's norm2 -> fc1, and norm1 -> qkv only in a global block
-that keeps its width. A windowed block pads norm1's output with zeros wherever the grid is not a
-multiple of its window (SAM 2's own 1024-pixel input: a 64 x 64 grid in windows of 14; the grid is
-known only when the model runs), and zeros do not follow the fold's shift; a block that begins a stage feeds
-norm1's output to ``proj`` as well. There qkv (and ``proj``) read their input per tensor, unfolded.
+Fold pairs: each block's norm2 -> fc1, and norm1 -> qkv only in a global block that keeps its width.
+A windowed block pads norm1's output with zeros wherever the grid is not a multiple of its window
+(SAM 2's own 1024-pixel input does, in its third stage: a 64 x 64 grid in windows of 14; the grid is
+known only when the model runs), and zeros do not follow the fold's shift; a block that begins a
+stage feeds norm1's output to ``proj`` as well. There qkv (and ``proj``) read per tensor, unfolded.
 
 Units: the patch embedding (with the position embedding), every block, the head.
 
@@ -57,7 +57,8 @@ class HieraDet(Family):
 
     def check(self, model: nn.Module) -> None:
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
-            raise IsvitError(f"patch_embed.proj is a {type(model.patch_embed.proj).__name__}; isvit needs a Conv2d there")
+            raise IsvitError(f"patch_embed.proj is a {type(model.patch_embed.proj).__name__}; "
+                             "isvit needs a Conv2d there")
         for name, block in numbered_blocks(model):
             if type(block) is not MultiScaleBlock or type(block.attn) is not MultiScaleAttention:
                 raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; "
