@@ -50,12 +50,15 @@ from family_examples import EXAMPLES  # noqa: E402  (the contract test's small m
 
 # family -> full-size timm models checked once (random initialisation, pretrained=False)
 FULL_SIZE = {
-    "vit": ["vit_small_patch16_224"],
+    "vit": ["vit_small_patch16_224", "aimv2_large_patch14_224"],
     "swin": ["swin_tiny_patch4_window7_224"],
     "swinv2": ["swinv2_tiny_window8_256"],
     "beit": ["beit_base_patch16_224"],
     "eva": ["eva02_small_patch14_224", "vit_small_patch16_dinov3", "vit_base_patch16_rope_224",
             "vit_small_patch16_rope_mixed_224", "vit_pe_core_small_patch16_384"],
+    "naflexvit": ["naflexvit_base_patch16_siglip"],
+    "hiera": ["hiera_tiny_224"],
+    "hieradet": ["sam2_hiera_tiny"],
 }
 
 

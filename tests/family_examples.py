@@ -57,6 +57,7 @@ EXAMPLES: dict[str, dict[str, Example]] = {
         "vit": Example("vit_tiny_patch16_224", SMALL),
         "deit-distilled": Example("deit_tiny_distilled_patch16_224", SMALL),
         "feature-tower": Example("vit_tiny_patch16_224", {**SMALL, "num_classes": 0}),
+        "aimv2": Example("aimv2_large_patch14_224", SMALL),  # SwiGLU, RmsNorm
     },
     "swin": {
         "swin": Example("swin_tiny_patch4_window7_224",
@@ -76,5 +77,18 @@ EXAMPLES: dict[str, dict[str, Example]] = {
         "dinov3": Example("vit_small_patch16_dinov3", SMALL),
         "rope-mixed": Example("vit_small_patch16_rope_mixed_224", SMALL),
         "pe-core": Example("vit_pe_core_small_patch16_384", SMALL),
+    },
+    "naflexvit": {
+        "naflex-siglip": Example("naflexvit_base_patch16_siglip", {**SMALL, "pos_embed_grid_size": [4, 4]}),
+    },
+    "hiera": {
+        "hiera": Example("hiera_tiny_224", {"img_size": [64, 64], "embed_dim": 16, "num_heads": 1, "stages": [1, 2, 2, 1],
+                                            "num_classes": 10}, img_size=64),
+    },
+    "hieradet": {
+        # 16 x 16 tokens in windows of 4, then 8 x 8 padded to windows of 6, 4 x 4 global, 2 x 2
+        "sam2-hiera": Example("sam2_hiera_tiny", {"embed_dim": 16, "num_heads": 1, "stages": [1, 2, 2, 1],
+                                                  "window_spec": [4, 6, 2, 1], "global_att_blocks": [4],
+                                                  "num_classes": 10}, img_size=64),
     },
 }

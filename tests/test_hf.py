@@ -185,7 +185,7 @@ def test_a_transformers_checkpoint_of_another_family_is_refused(tmp_path):
     with pytest.raises(IsvitError) as error:
         load_weights(model, saved(transformers.BertModel(config), tmp_path))
     message = one_sentence(error)
-    assert "not of a ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 model" in message
+    assert "not of a ViT, DeiT, DINOv2, SigLIP, Swin, DINOv3 or SigLIP 2 NaFlex model" in message
     assert "embeddings.LayerNorm.bias" in message
 
 

@@ -184,7 +184,7 @@ def images(n: int, seed: int) -> torch.Tensor:
 
 
 def test_an_unregistered_model_is_refused_naming_the_registered_families():
-    with pytest.raises(IsvitError, match="VisionTransformer.* models, not TinyNet"):
+    with pytest.raises(IsvitError, match="isvit supports timm VisionTransformer.* models, not TinyNet"):
         check_supported(tiny_net())
 
 

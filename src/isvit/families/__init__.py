@@ -14,6 +14,8 @@ from ..errors import IsvitError
 from .base import Family, Unit
 from .beit import BEiT
 from .eva import EVA
+from .hiera import Hiera
+from .hieradet import HieraDet
 from .naflexvit import NaFlex
 from .swin import Swin
 from .swinv2 import SwinV2
@@ -21,8 +23,11 @@ from .vit import ViT
 
 __all__ = ["FAMILIES", "Family", "Unit", "family_of", "listing", "register_family"]
 
-# The registry: every family isvit supports, in the order a model is matched against them.
-FAMILIES: list[Family] = [ViT(), Swin(), SwinV2(), BEiT(), EVA(), NaFlex()]
+# The registry: every family isvit supports, in the order a model is matched against them; a family
+# whose timm classes the installed timm lacks (HieraDet before timm 1.0.9, NaFlexVit before 1.0.16) is left out.
+FAMILIES: list[Family] = [
+    f for f in (ViT(), Swin(), SwinV2(), BEiT(), EVA(), NaFlex(), Hiera(), HieraDet()) if f.model_types
+]
 
 
 def register_family(family: Family) -> Family:

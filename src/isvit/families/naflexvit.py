@@ -49,10 +49,8 @@ from torch import nn
 
 try:
     from timm.models.naflexvit import NaFlexVit
-except ImportError:  # an older timm, without NaFlexVit
-
-    class NaFlexVit(nn.Module):
-        """Stands in for timm's NaFlexVit where timm has none: no model is one."""
+except ImportError:  # an older timm, without NaFlexVit: the family matches no model (and is not registered)
+    NaFlexVit = None
 
 from ..errors import IsvitError
 from ..modules import QuantConv2d, QuantLinear
@@ -81,7 +79,7 @@ class Embeds(nn.Module):
 class NaFlex(Family):
     name = "naflexvit"
     description = "NaFlexVit"
-    model_types = (NaFlexVit,)
+    model_types = tuple(t for t in (NaFlexVit,) if t is not None)
     block_types = (Block,)
     rotation_name = "NaFlexVit"
     # transformers' task models (Siglip2Model ...) and 4.x's saved Siglip2VisionModel: as SigLIP's
