@@ -32,11 +32,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from safetensors.torch import save_file
-
 import timm
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 import isvit
 from isvit.families import family_of
@@ -46,7 +45,7 @@ from isvit.wrap import Placement, wrap_model
 from record import ROOT, environment, run_cli, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
-from family_examples import EXAMPLES  # noqa: E402  (the contract test's small models)
+from family_examples import EXAMPLES  # the contract test's small models (tests/family_examples.py)
 
 # family -> full-size timm models checked once (random initialisation, pretrained=False)
 FULL_SIZE = {

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING
 
 import timm.layers
 import torch
-from timm.layers import AttentionPoolLatent, SwiGLU
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
@@ -61,7 +60,6 @@ from ..orthogonal import (
     random_orthogonal,
     read,
     require_layernorm,
-    unrotate,
     write,
     write_linear,
 )
@@ -75,6 +73,7 @@ from .base import (
     token_block_pairs,
     wrap_token_blocks,
 )
+from .vit import head_readers, mlp_readers, read_head
 
 if TYPE_CHECKING:
     from ..hf import Renaming
@@ -187,42 +186,6 @@ def _attention_readers(attn: nn.Module) -> list[nn.Linear]:
     return [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
 
 
-def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
-    """The Linears that read norm2's output: a SwiGLU's ``fc1_g`` and ``fc1_x``, else ``fc1``."""
-    return [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]
-
-
-def _head_readers(model: nn.Module) -> tuple[str | None, list[nn.Linear]]:
-    """What reads the stream after the last block: (the attribute of the LayerNorm it goes through
-    first, or None where there is none; the Linears that read that norm's output, or the stream).
-
-    With an attention pool (``global_pool='map'``) that is ``norm`` then the pool's ``kv`` (its
-    latent query, ``q``, ``proj``, norm and MLP never see the stream); else ``norm`` (every token)
-    or ``fc_norm`` (after pooling) then ``head``. A feature tower (``num_classes=0``) has no Linear
-    there: (``"norm"`` or None, []), its rotation undone after ``norm``. Raises ``IsvitError`` for a
-    head rotation cannot carry."""
-    pool = getattr(model, "attn_pool", None)  # not in the timm 1.0 releases before the Perception Encoder
-    norms = ("norm",) if pool is not None or not isinstance(model.head, nn.Linear) else ("norm", "fc_norm")
-    for name in norms:
-        if not isinstance(getattr(model, name), (nn.Identity, nn.LayerNorm)):
-            raise IsvitError(f"{name} is a {type(getattr(model, name)).__name__}; "
-                             "rotation needs a LayerNorm (or none) there")
-    found = [n for n in norms if isinstance(getattr(model, n), nn.LayerNorm)]
-    if not isinstance(model.head, nn.Linear):
-        return (found[0] if found else None), []
-    if len(found) > 1:
-        raise IsvitError("rotation needs one LayerNorm at most (norm or fc_norm) between the last block and the head")
-    if pool is not None:
-        if not isinstance(pool, AttentionPoolLatent) or pool.pos_embed is not None:
-            raise IsvitError(f"the model pools with {type(pool).__name__} reading the stream other than through one "
-                             "Linear kv, which rotation cannot carry")
-        return (found[0] if found else None), [pool.kv]
-    if model.global_pool not in ("token", "avg", ""):
-        raise IsvitError("rotation needs the class token, average or attention pooling before the head, "
-                         f"not {model.global_pool!r}")
-    return (found[0] if found else None), [model.head]
-
-
 def _check_rotation(model: nn.Module) -> None:
     for name, block in numbered_blocks(model):
         require_layernorm(block.norm1, f"{name}.norm1")
@@ -231,7 +194,7 @@ def _check_rotation(model: nn.Module) -> None:
         raise IsvitError(f"norm_pre is a {type(model.norm_pre).__name__}; rotation needs a LayerNorm (or none) there")
     if not isinstance(getattr(model.patch_embed, "norm", None), (type(None), nn.Identity)):
         raise IsvitError("the patch embedding has a norm of its own, which rotation does not carry for EVA")
-    _head_readers(model)
+    head_readers(model)
 
 
 def _fold_gamma(gamma: nn.Parameter | None, writer: nn.Linear) -> None:
@@ -287,7 +250,7 @@ def _rotate_values(attn: nn.Module, generator: torch.Generator) -> None:
 def _rotate(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
     blocks = [block for _, block in numbered_blocks(model)]
     q = orthogonal_like(model.embed_dim, generator, model.patch_embed.proj.weight)
-    head_norm, head_readers = _head_readers(model)
+    head_norm, readers = head_readers(model)
     # Centred (RMSNorm) where every reader reads the stream through a LayerNorm; where one reads
     # it raw (no final norm: the Perception Encoder's spatial tower), the stream's mean matters and
     # every LayerNorm becomes a RotatedLayerNorm instead.
@@ -309,14 +272,8 @@ def _rotate(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Ten
     # 2 + 3: the readers, each LayerNorm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
     for block in blocks:
         _read_attention_input(block, q, centre)
-        block.norm2 = read(block.norm2, _mlp_readers(block.mlp), q, centred=centre)
-    if not head_readers:  # a feature tower: the rotation undone right after norm
-        model.norm = unrotate(model.norm, q, centred=centre)
-    elif head_norm is not None:
-        setattr(model, head_norm, read(getattr(model, head_norm), head_readers, q, centred=True))
-    else:  # the head (or the attention pool's kv) reads the stream itself
-        for linear in head_readers:
-            linear.weight.copy_(linear.weight @ q)
+        block.norm2 = read(block.norm2, mlp_readers(block.mlp), q, centred=centre)
+    read_head(model, head_norm, readers, q, centred=centre)
     for block in blocks:
         _rotate_values(block.attn, generator)
     return {"stream": q}

@@ -326,7 +326,7 @@ def _is_feature_tower(model) -> bool:
     return not any(isinstance(getattr(model, h, None), nn.Linear) for h in ("head", "head_dist"))
 
 
-def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
+def head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     """What reads the stream after the last block: (the attribute of the norm it goes through
     first, or None where there is none; the Linears that read that norm's output, or the stream).
 
@@ -337,7 +337,8 @@ def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     (its latent query, ``q``, ``proj``, norm and MLP never see the stream); with the class token or
     average pooling, ``norm`` (every token) or ``fc_norm`` (after pooling) then ``head`` and
     ``head_dist``. Raises ``IsvitError`` for a head rotation cannot carry (it must not change the
-    model's output, so one Linear at least must read the rotated stream)."""
+    model's output, so one Linear at least must read the rotated stream). The EVA adapter's rotation
+    reads its head the same way (``read_head``)."""
     kind = _norm_kind(model)
     if _is_feature_tower(model):
         _require_norm(model.norm, "norm", kind, or_none=True)
@@ -363,7 +364,7 @@ def _head_readers(model) -> tuple[str | None, list[nn.Linear]]:
     return (found[0] if found else None), heads
 
 
-def _mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
+def mlp_readers(mlp: nn.Module) -> list[nn.Linear]:
     """The MLP's Linears that read the stream (through norm2): fc1, or a SwiGLU's fc1_g and fc1_x."""
     return [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]
 
@@ -383,7 +384,7 @@ def check_rotation(model, embedding: Embedding) -> None:
     if isinstance(model.norm_pre, nn.Identity) and embed_norm is not None:
         owner = next(n for n, m in model.named_modules() if m is embedding.norm_owner)
         _require_norm(embed_norm, f"{owner}.norm", kind, or_none=True)
-    _head_readers(model)
+    head_readers(model)
 
 
 def _check_rotation(model) -> None:
@@ -394,7 +395,7 @@ def rotate_stream(model, embedding: Embedding, generator: torch.Generator) -> di
     """The recipe of the module docstring, in place (``check_rotation`` has passed)."""
     blocks = [block for _, block in numbered_blocks(model)]
     q = orthogonal_like(embedding.dim, generator, embedding.proj.weight)
-    head_norm, head_readers = _head_readers(model)
+    head_norm, readers = head_readers(model)
     # LayerNorms: the stream is centred (the LayerNorms become RMSNorms) where every reader reads
     # it through a LayerNorm; where one reads it raw (no final norm: final_norm=False, or fc_norm
     # after an attention pool; a feature tower without norm, whose features are the stream), the
@@ -422,17 +423,22 @@ def rotate_stream(model, embedding: Embedding, generator: torch.Generator) -> di
     # 2 + 3: the readers, each norm swapped for an RMSNorm (a RotatedLayerNorm if not centred)
     for block in blocks:
         block.norm1 = read(block.norm1, [block.attn.qkv], q, centred=as_rms)
-        block.norm2 = read(block.norm2, _mlp_readers(block.mlp), q, centred=as_rms)
-    if not head_readers:  # a feature tower: the rotation undone right after norm (module docstring)
-        model.norm = unrotate(model.norm, q, centred=as_rms)
-    elif head_norm is not None:
-        setattr(model, head_norm, read(getattr(model, head_norm), head_readers, q, centred=True))
-    else:  # the head (or the attention pool's kv) reads the stream itself
-        for linear in head_readers:
-            linear.weight.copy_(linear.weight @ q)
+        block.norm2 = read(block.norm2, mlp_readers(block.mlp), q, centred=as_rms)
+    read_head(model, head_norm, readers, q, centred=as_rms)
     for block in blocks:
         rotate_heads(block.attn, generator)
     return {"stream": q}
+
+
+def read_head(model, head_norm: str | None, readers: list[nn.Linear], q: torch.Tensor, centred: bool) -> None:
+    """The readers after the last block (``head_readers``) rewritten for the stream rotated by ``q``."""
+    if not readers:  # a feature tower: the rotation undone right after norm (module docstring)
+        model.norm = unrotate(model.norm, q, centred=centred)
+    elif head_norm is not None:
+        setattr(model, head_norm, read(getattr(model, head_norm), readers, q, centred=True))
+    else:  # the head (or the attention pool's kv) reads the stream itself
+        for linear in readers:
+            linear.weight.copy_(linear.weight @ q)
 
 
 def _rotate(model, generator: torch.Generator) -> dict[str, torch.Tensor]:
