@@ -76,19 +76,7 @@ class Hiera(Family):
         check_head(model)
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
-        model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
-        for _, block in numbered_blocks(model):
-            # norm1 feeds qkv alone, or qkv and the block's proj: then neither input is folded
-            expands = block_proj(block) is not None
-            if expands:
-                block.proj = p.linear(block.proj, "tensor")
-            qk, av = p.matmuls()
-            block.attn = QuantMaskUnitAttention(
-                block.attn, p.linear(block.attn.qkv, "tensor" if expands else "post_ln"),
-                p.linear(block.attn.proj, "tensor"), qk, av,
-            )
-            wrap_mlp(block, p)
-        wrap_head(model, p)
+        wrap_blocks(model, p, QuantMaskUnitAttention, folds_norm1)
 
     def units(self, model: nn.Module) -> list[Unit]:
         def embed_tokens(x):  # forward_features without a mask
@@ -100,12 +88,37 @@ class Hiera(Family):
         return units
 
     def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
-        pairs = []
-        for name, block in numbered_blocks(model):
-            if block_proj(block) is None:
-                pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
-            pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
-        return pairs
+        return block_pairs(model, folds_norm1)
+
+
+def folds_norm1(block: nn.Module) -> bool:
+    """norm1 -> qkv is a fold pair: norm1 feeds qkv alone (no dim-changing ``proj`` reads it too)."""
+    return block_proj(block) is None
+
+
+def wrap_blocks(model: nn.Module, p: Placement, attention: type[nn.Module], folds) -> None:
+    """Hiera's and HieraDet's surgery: the patch embedding, each block's dim-changing ``proj`` (per
+    tensor), its attention as ``attention`` (qkv post-LayerNorm where ``folds(block)``, else
+    per tensor: norm1 then feeds more than qkv, or windows pad its output with zeros), its MLP, the head."""
+    model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
+    for _, block in numbered_blocks(model):
+        if block_proj(block) is not None:
+            block.proj = p.linear(block.proj, "tensor")
+        qk, av = p.matmuls()
+        block.attn = attention(block.attn, p.linear(block.attn.qkv, "post_ln" if folds(block) else "tensor"),
+                               p.linear(block.attn.proj, "tensor"), qk, av)
+        wrap_mlp(block, p)
+    wrap_head(model, p)
+
+
+def block_pairs(model: nn.Module, folds) -> list[tuple[str, nn.Module, QuantLinear]]:
+    """Each block's norm2 -> fc1, and norm1 -> qkv where ``folds(block)``."""
+    pairs = []
+    for name, block in numbered_blocks(model):
+        if folds(block):
+            pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
+        pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
+    return pairs
 
 
 def block_proj(block: nn.Module) -> nn.Linear | None:

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..errors import IsvitError
-from ..modules import QuantConv2d, QuantLinear, QuantMatMul
-from .base import Family, Head, Unit, check_layernorm, numbered_blocks, wrap_mlp
-from .hiera import block_proj, check_head, check_plain_mlp, wrap_head
+from ..modules import QuantLinear, QuantMatMul
+from .base import Family, Head, Unit, check_layernorm, numbered_blocks
+from .hiera import block_pairs, block_proj, check_head, check_plain_mlp, wrap_blocks
 
 try:  # timm 1.0.9 and later
     from timm.models.hieradet_sam2 import HieraDet as TimmHieraDet
@@ -72,17 +72,7 @@ class HieraDet(Family):
         check_head(model)
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
-        model.patch_embed.proj = QuantConv2d(model.patch_embed.proj, p.weight())
-        for _, block in numbered_blocks(model):
-            if block_proj(block) is not None:
-                block.proj = p.linear(block.proj, "tensor")
-            qk, av = p.matmuls()
-            block.attn = QuantMultiScaleAttention(
-                block.attn, p.linear(block.attn.qkv, "post_ln" if folds_norm1(block) else "tensor"),
-                p.linear(block.attn.proj, "tensor"), qk, av,
-            )
-            wrap_mlp(block, p)
-        wrap_head(model, p)
+        wrap_blocks(model, p, QuantMultiScaleAttention, folds_norm1)
 
     def units(self, model: nn.Module) -> list[Unit]:
         units = [Unit("patch_embed", model.patch_embed, post=model._pos_embed)]
@@ -91,12 +81,7 @@ class HieraDet(Family):
         return units
 
     def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
-        pairs = []
-        for name, block in numbered_blocks(model):
-            if folds_norm1(block):
-                pairs.append((f"{name}.norm1", block.norm1, block.attn.qkv))
-            pairs.append((f"{name}.norm2", block.norm2, block.mlp.fc1))
-        return pairs
+        return block_pairs(model, folds_norm1)
 
 
 def folds_norm1(block: nn.Module) -> bool:
