@@ -12,10 +12,11 @@ every parameter redrawn so that each part counts):
 and for each full-size model of ``FULL_SIZE`` (random initialisation, its own image size, two
 images): the wrapped model's features (``forward_features``: timm initialises the classifier to
 zero) with every quantizer off against the float model's, the surgery's rounding at full size:
-largest absolute difference and largest absolute feature. With ``--cli``, also the command line
-on each full-size model (its random weights in a file, eight random images to calibrate on and to
-evaluate): ``isvit quantize`` with the fast preset at W4/A4 (eight images, two iterations a unit,
-saved), then ``isvit export`` of the saved file to ONNX; their wall times.
+largest absolute difference and largest absolute feature. With ``--cli [MODEL ...]``, also the
+command line on those full-size models (on every one where no model is named), with their random
+weights in a file and eight random images to calibrate on and evaluate: ``isvit quantize`` with
+the fast preset at W4/A4 (eight images, two iterations a unit, saved), then ``isvit export`` of the
+saved file to ONNX; their wall times.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/families.py --out results/families.json
 """
@@ -137,7 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--families", nargs="*", help="only these families (default: all)")
-    parser.add_argument("--cli", action="store_true", help="also run the command line on each full-size model")
+    parser.add_argument("--cli", nargs="*", metavar="MODEL",
+                        help="also run the command line on these full-size models (all of them without a name)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     chosen = args.families or list(EXAMPLES)
@@ -153,7 +155,7 @@ def main() -> None:
                   f"argmax {m['argmax_agreement']:.2f}; fast W4/A4 rotated={row['fast_w4a4']['rotated']}", flush=True)
         for name in FULL_SIZE.get(family, []):
             row = full_size(name)
-            if args.cli:
+            if args.cli is not None and (not args.cli or name in args.cli):
                 row["command_line"] = command_line(name)
             result["full_size"][name] = row
             print(f"{name:<40} wrap (quantizers off) vs float: max |diff| {row['max_abs_difference']:.2e} "
