@@ -150,9 +150,31 @@ EXAMPLES: dict[str, dict[str, Example]] = {
 }
 
 
+# variant name -> its example (the names are unique across families)
+VARIANTS: dict[str, Example] = {variant: ex for variants in EXAMPLES.values() for variant, ex in variants.items()}
+assert len(VARIANTS) == sum(len(v) for v in EXAMPLES.values()), "a variant's name is taken twice"
+
+
+def small_model(variant: str, **overrides) -> torch.nn.Module:
+    """The example ``variant``'s model (its parameters redrawn), with ``overrides`` of its arguments."""
+    return VARIANTS[variant].model(**overrides)
+
+
+def runs_with(variant: str):
+    """Skipped where the installed timm lacks the variant's model (timm 1.0.3 has neither abs-win
+    Hiera nor HieraDet; NaFlexVit came with timm 1.0.16)."""
+    name = VARIANTS[variant].timm_name
+    return pytest.mark.skipif(not timm.is_model(name), reason=f"no {name} in this timm")
+
+
+def params(*variants: str) -> list:
+    """``variants`` as pytest parameters, each skipped where timm lacks its model."""
+    return [pytest.param(v, marks=runs_with(v)) for v in variants]
+
+
 def cases(as_one: bool = False) -> list:
     """(family, variant) of every example, skipped where the installed timm lacks its model; as
     one value, a tuple, for a fixture's params."""
     return [pytest.param(*([(family, variant)] if as_one else [family, variant]), id=f"{family}-{variant}",
-                         marks=pytest.mark.skipif(not timm.is_model(ex.timm_name), reason=f"no {ex.timm_name} in this timm"))
-            for family, variants in EXAMPLES.items() for variant, ex in variants.items()]
+                         marks=runs_with(variant))
+            for family, variants in EXAMPLES.items() for variant in variants]
