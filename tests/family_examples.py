@@ -17,6 +17,11 @@ import pytest
 import timm
 import torch
 
+import isvit
+from isvit.errors import IsvitError
+from isvit.modules import QuantLinear, QuantMatMul
+from isvit.wrap import Placement, wrap_model
+
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
 # the same 4 x 4 token grid from 64 x 64 images in 16 x 16 patches (the RoPE ViTs, AIMv2, NaFlexVit)
 SMALL64 = {**SMALL, "img_size": 64, "patch_size": 16}
@@ -61,6 +66,17 @@ def images(n: int, seed: int, size: int | tuple[int, int]) -> torch.Tensor:
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """The share of equal argmax."""
     return (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
+def refused_before_any_change(model: torch.nn.Module, images: torch.Tensor, message: str) -> None:
+    """What an adapter cannot carry: ``quantize`` and ``wrap_model`` refuse ``model`` in one
+    sentence matching ``message``, before any module is swapped."""
+    with pytest.raises(IsvitError, match=message) as refusal:
+        isvit.quantize(model, images, isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8), progress=False)
+    assert "\n" not in str(refusal.value)
+    with pytest.raises(IsvitError, match=message):
+        wrap_model(model, Placement(w_bits=8, a_bits=8))
+    assert not any(isinstance(m, (QuantLinear, QuantMatMul)) for m in model.modules())
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ import torch
 
 import isvit
 from isvit.errors import IsvitError
-from isvit.modules import QuantLinear, QuantMatMul
 from isvit.modules import RMSNorm, RotatedLayerNorm, Unrotate
 from isvit.pipeline import placement_for
 from isvit.rotate import is_rotated, rotate_model
@@ -28,7 +27,7 @@ from isvit.wrap import Placement, forward_units, post_layernorm_pairs, wrap_mode
 
 from family_examples import SMALL64 as SMALL
 from family_examples import VARIANTS as EXAMPLES
-from family_examples import agreement, small_model
+from family_examples import agreement, refused_before_any_change, small_model
 
 SIZE = SMALL["img_size"]
 FAMILIES = ["dinov3", "rope-mixed", "pe-core"]
@@ -164,8 +163,4 @@ def test_rotation_refuses_max_pooling_in_one_sentence_before_any_change():
 def test_a_post_norm_block_is_refused_in_one_sentence_before_any_change():
     model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL, use_post_norm=True).eval()
     message = "blocks.0 is a EvaBlockPostNorm with AttentionRope; isvit supports timm's pre-norm EvaBlock"
-    with pytest.raises(IsvitError, match=message):
-        isvit.quantize(model, images(4, seed=1), isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8), progress=False)
-    with pytest.raises(IsvitError, match=message):
-        wrap_model(model, Placement(w_bits=8, a_bits=8))
-    assert not any(isinstance(m, (QuantLinear, QuantMatMul)) for m in model.modules())
+    refused_before_any_change(model, images(4, seed=1), message)

@@ -21,7 +21,6 @@ import copy
 
 import pytest
 import timm
-
 import torch
 
 import isvit
@@ -30,7 +29,7 @@ from isvit.modules import QuantLinear, QuantMatMul
 from isvit.pipeline import placement_for
 from isvit.wrap import Placement, post_layernorm_pairs, wrap_model
 
-from family_examples import HIERA, HIERADET, images, params, runs_with, small_model
+from family_examples import HIERA, HIERADET, images, params, refused_before_any_change, runs_with, small_model
 
 IMG = 64
 
@@ -83,12 +82,7 @@ REFUSED = {
 def test_what_an_adapter_cannot_carry_is_one_sentence_before_any_change(case):
     name, args, message = REFUSED[case]
     model = timm.create_model(name, pretrained=False, **args).eval()
-    with pytest.raises(IsvitError, match=message):
-        isvit.quantize(model, images(4, seed=1, size=IMG), isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8),
-                       progress=False)
-    with pytest.raises(IsvitError, match=message):
-        wrap_model(model, Placement(w_bits=8, a_bits=8))
-    assert not any(isinstance(m, (QuantLinear, QuantMatMul)) for m in model.modules())
+    refused_before_any_change(model, images(4, seed=1, size=IMG), message)
 
 
 @pytest.mark.skipif(not hasattr(timm.layers, "ClNormMlpClassifierHead"), reason="timm before 1.0.9")
