@@ -110,7 +110,7 @@ def test_surgery_is_exact(family, variant):
         for unit in forward_units(wrapped):
             through_units = unit(through_units)
         assert close(wrapped(x), expected, 1e-5) and close(through_units, expected, 1e-5)
-    assert expected.std(1).min() > 0.3  # outputs that differ: the redraw made every part count
+    assert expected.std(1).min() > 0.5  # outputs that differ: the redraw made every part count
     # every Linear is quantized but those left float, and both products of every block's attention
     assert not [n for n, m in wrapped.named_modules() if type(m) is nn.Linear and not left_float(n)]
     blocks = sum(is_block(unit.body) for unit in forward_units(wrapped))
