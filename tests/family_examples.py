@@ -90,9 +90,8 @@ def redraw(model: torch.nn.Module) -> None:
         leaf = key.rsplit(".", 1)[-1]
         if leaf.startswith("gamma"):
             p.fill_(1.0)
-        elif leaf in ("q_bias", "v_bias", "relative_position_bias_table") or (p.dim() == 1 and leaf == "bias"):
-            p.normal_(0.0, 0.5)
-        elif leaf.startswith("pos_embed") or leaf in ("cls_token", "reg_token", "latent"):
+        elif (leaf in ("q_bias", "v_bias", "relative_position_bias_table", "cls_token", "reg_token", "latent")
+              or leaf.startswith("pos_embed") or (p.dim() == 1 and leaf == "bias")):
             p.normal_(0.0, 0.5)
         elif p.dim() == 1 and "norm" in key and leaf == "weight":
             p.normal_(1.0, 0.2)

@@ -32,9 +32,9 @@ from isvit.quantizers import UniformQuantizer
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import post_layernorm_pairs, wrap_model
 
-from family_examples import NAFLEX, SMALL64 as SMALL
+from family_examples import NAFLEX, refused_before_any_change, small_model
+from family_examples import SMALL64 as SMALL
 from family_examples import images as family_images
-from family_examples import refused_before_any_change, small_model
 
 VARIANTS = ["aimv2", "aimv2-tower", "naflex-siglip", "naflex-gap", "naflex-map", "naflex-token", "naflex-conv"]
 NAFLEX_VARIANTS = [v for v in VARIANTS if v.startswith("naflex")]
