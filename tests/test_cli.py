@@ -543,6 +543,24 @@ def test_missing_folders_of_the_outputs_are_created(tmp_path, capsys, image_fold
     assert files == ["a/b/q.safetensors", "c/r.json", "d/state/state.pt"]  # and no trial file
 
 
+def test_a_save_that_fails_while_writing_is_one_sentence_and_leaves_no_file(tmp_path, capsys, monkeypatch,
+                                                                           image_folder, tiny_weights):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")  # written in part, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    saved, out = tmp_path / "q.safetensors", tmp_path / "r.json"
+    err = error_of(capsys, [*command_writing(("quantize", "--save"), saved, image_folder, tiny_weights),
+                            "--json", str(out)])
+    assert err == f"isvit: error: cannot write {saved} ({os.strerror(errno.ENOSPC)})"
+    assert list(tmp_path.iterdir()) == []  # neither a half-written model nor the JSON of a run that failed
+
+
 @pytest.mark.parametrize("command", ["eval", "quantize", "export"])
 def test_help_states_the_rule_for_outputs(capsys, command):
     with pytest.raises(SystemExit):
