@@ -1,8 +1,11 @@
 """The CLI contract: options, JSON fields, one-sentence errors, no half-written outputs."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import isvit
@@ -355,8 +358,6 @@ def test_an_unknown_or_unavailable_device_is_one_sentence(tmp_path, capsys, monk
 @needs_shared
 @pytest.mark.parametrize("where", ["evaluation", "json"])
 def test_ctrl_c_exits_with_130_and_leaves_no_file(tmp_path, capsys, monkeypatch, where):
-    from pathlib import Path
-
     from isvit import cli
 
     if where == "evaluation":
@@ -422,3 +423,148 @@ def test_a_real_sigint_exits_with_130_without_a_traceback(tmp_path):
     text = err.decode()
     assert text.rstrip().endswith("isvit: interrupted") and "Traceback" not in text, text[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs that cannot be written: one sentence before any work, nothing left behind
+# ---------------------------------------------------------------------------------------------
+
+# Every output of every command: (command, option, kind) with kind "file" or "folder".
+OUTPUTS = [
+    ("eval", "--json", "file"),
+    ("quantize", "--save", "file"),
+    ("quantize", "--json", "file"),
+    ("quantize", "--resume", "folder"),
+    ("export", "--onnx", "file"),
+    pytest.param("export", "--openvino", "folder", marks=pytest.mark.openvino),
+]
+
+
+def command_writing(option_of, path, image_folder, tiny_weights) -> list[str]:
+    """The command of ``option_of`` = (command, option) on the tiny ViT with the output at ``path``."""
+    command, option = option_of
+    tiny = ["--model", TINY_VIT, "--weights", str(tiny_weights(TINY_VIT))]
+    if command == "eval":
+        argv = ["eval", *tiny, "--data", str(image_folder), "--quiet"]
+    elif command == "quantize":
+        argv = ["quantize", *tiny, "--calib", str(image_folder), "--data", str(image_folder), "--method", "minmax",
+                "--w-bits", "8", "--a-bits", "8", "--calib-size", "2", "--limit", "2", "--workers", "0", "--quiet"]
+    else:
+        argv = ["export", *tiny]
+    return [*argv, option, str(path)]
+
+
+@pytest.fixture
+def no_work(monkeypatch, tiny_weights):
+    """Fails the test if the command builds or reads a model: the start of its work."""
+    from isvit import cli
+
+    tiny_weights(TINY_VIT)  # written before timm is closed
+
+    def work(*args, **kwargs):
+        pytest.fail("the work started before the output was refused")
+
+    for name in ("load_model", "load_quantized", "load_onnx"):
+        monkeypatch.setattr(cli, name, work)
+    monkeypatch.setattr(timm, "create_model", work)
+
+
+def a_folder_or_a_file(tmp_path, kind):
+    """A folder where a file goes, a file where a folder goes."""
+    if kind == "file":
+        (tmp_path / "out").mkdir()
+        return tmp_path / "out", "is a folder: give the name of a file to write"
+    (tmp_path / "out").write_text("mine")
+    return tmp_path / "out", "is a file, not a folder"
+
+
+def under_a_file(tmp_path, kind):
+    (tmp_path / "notes.txt").write_text("mine")
+    return tmp_path / "notes.txt" / "new" / "out", f"{tmp_path / 'notes.txt'} is a file, not a folder"
+
+
+def in_a_read_only_folder(tmp_path, kind):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder (the /proc case refuses for root)")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    return tmp_path / "read-only" / "new" / "out", f"no file can be created in {tmp_path / 'read-only'}"
+
+
+def in_proc(tmp_path, kind):
+    # /proc takes no new file, root's neither
+    return Path("/proc/isvit-test/out"), "no file can be created in /proc ("
+
+
+PLACES = {"a folder or a file": a_folder_or_a_file, "under a file": under_a_file,
+          "read-only folder": in_a_read_only_folder, "in /proc": in_proc}
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+@pytest.mark.parametrize("command, option, kind", OUTPUTS)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, image_folder, tiny_weights,
+                                                                     no_work, command, option, kind, place):
+    path, message = PLACES[place](tmp_path, kind)
+    before = sorted(tmp_path.rglob("*"))
+    err = error_of(capsys, command_writing((command, option), path, image_folder, tiny_weights))
+    assert f"{option} {path}" in err and message in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created, no trial file left
+
+
+def test_a_resume_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, image_folder,
+                                                                          tiny_weights, no_work):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    (tmp_path / "state").mkdir(mode=0o500)  # exists, its files cannot be replaced
+    err = error_of(capsys, command_writing(("quantize", "--resume"), tmp_path / "state", image_folder, tiny_weights))
+    assert f"cannot write --resume {tmp_path / 'state'}: no file can be created in {tmp_path / 'state'}" in err
+
+
+@pytest.mark.openvino
+def test_an_openvino_folder_that_is_not_empty_is_refused_before_any_work(tmp_path, capsys, image_folder,
+                                                                        tiny_weights, no_work):
+    (tmp_path / "ir").mkdir()
+    (tmp_path / "ir" / "notes.txt").write_text("mine")
+    err = error_of(capsys, command_writing(("export", "--openvino"), tmp_path / "ir", image_folder, tiny_weights))
+    assert err == f"isvit: error: --openvino {tmp_path / 'ir'} is not empty: give a new or empty folder"
+
+
+def test_two_outputs_on_one_path_are_refused_before_any_work(tmp_path, capsys, image_folder, tiny_weights, no_work):
+    argv = command_writing(("quantize", "--save"), tmp_path / "q.out", image_folder, tiny_weights)
+    err = error_of(capsys, [*argv, "--json", str(tmp_path / "." / "q.out")])
+    assert f"--save and --json are both {tmp_path / 'q.out'}: give each its own path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_folders_of_the_outputs_are_created(tmp_path, capsys, image_folder, tiny_weights):
+    saved, out, state = tmp_path / "a" / "b" / "q.safetensors", tmp_path / "c" / "r.json", tmp_path / "d" / "state"
+    argv = command_writing(("quantize", "--save"), saved, image_folder, tiny_weights)
+    assert main([*argv, "--json", str(out), "--resume", str(state)]) == 0
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["a/b/q.safetensors", "c/r.json", "d/state/state.pt"]  # and no trial file
+
+
+def test_a_save_that_fails_while_writing_is_one_sentence_and_leaves_no_file(tmp_path, capsys, monkeypatch,
+                                                                           image_folder, tiny_weights):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")  # written in part, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    saved, out = tmp_path / "q.safetensors", tmp_path / "r.json"
+    err = error_of(capsys, [*command_writing(("quantize", "--save"), saved, image_folder, tiny_weights),
+                            "--json", str(out)])
+    assert err == f"isvit: error: cannot write {saved} ({os.strerror(errno.ENOSPC)})"
+    assert list(tmp_path.iterdir()) == []  # neither a half-written model nor the JSON of a run that failed
+
+
+@pytest.mark.parametrize("command", ["eval", "quantize", "export"])
+def test_help_states_the_rule_for_outputs(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "missing folders on an output's path are created (as mkdir -p)" in text
+    assert "cannot be written" in text and "is refused before any work" in text

@@ -260,6 +260,15 @@ def test_ranks_started_with_different_arguments_are_refused():
         assert "were started with different arguments (rank 1's differ from rank 0's)" in one_sentence(err)
 
 
+def test_an_output_rank_0_cannot_write_is_refused_on_every_rank():
+    """Rank 0 alone writes files, so it alone checks them; its sentence ends every rank (exit 2)."""
+    argv = ["-m", "isvit", "eval", "--model", "vit_tiny_patch16_224", "--data", "nowhere", "--quiet",
+            "--json", "/proc/isvit-test/r.json"]
+    for code, _, err in run_ranks([argv, argv], ISVIT_DIST_TIMEOUT="60"):
+        assert code == 2
+        assert "cannot write --json /proc/isvit-test/r.json: no file can be created in /proc" in one_sentence(err)
+
+
 @pytest.mark.real
 def test_a_rank_that_dies_stops_the_other_with_one_sentence_and_no_output(tmp_path):
     require_shared()

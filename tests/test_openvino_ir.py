@@ -269,8 +269,8 @@ def under_a_file(tmp_path: Path) -> Path:
 
 
 DESTINATIONS = {
-    "non-empty folder": (non_empty, "is not empty: give a new or empty folder for the OpenVINO IR"),
-    "a file": (lambda tmp_path: non_empty(tmp_path) / "notes.txt", "is a file: the OpenVINO IR is written as a folder"),
+    "non-empty folder": (non_empty, "is not empty: give a new or empty folder"),
+    "a file": (lambda tmp_path: non_empty(tmp_path) / "notes.txt", "notes.txt is a file, not a folder"),
     "under a file": (under_a_file, "file is a file, not a folder"),
 }
 
@@ -380,14 +380,16 @@ def test_cli_export_writes_the_ir_alone(saved, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--openvino", "{folder}", "--onnx", "{onnx}"], "is not empty: give a new or empty folder for the OpenVINO IR"),
+    (["--openvino", "{folder}", "--onnx", "{onnx}"], "is not empty: give a new or empty folder"),
     ([], "nothing would be written: give --onnx FILE, --openvino DIR or both"),
     (["--openvino", "{under_file}"], "notes.txt is a file, not a folder"),
-], ids=["non-empty folder", "no output", "under a file"])
+    (["--openvino", "{new}", "--onnx", "{inside_new}"], "is inside --openvino"),
+], ids=["non-empty folder", "no output", "under a file", "onnx inside"])
 def test_cli_export_refusals_are_one_sentence_before_the_work(tmp_path, capsys, argv, message):
     """Refused before the checkpoint is read: a missing checkpoint would be another sentence."""
     folder = non_empty(tmp_path)
-    names = {"folder": folder, "onnx": tmp_path / "m.onnx", "under_file": folder / "notes.txt" / "ir"}
+    names = {"folder": folder, "onnx": tmp_path / "m.onnx", "under_file": folder / "notes.txt" / "ir",
+             "new": tmp_path / "new", "inside_new": tmp_path / "new" / "m.onnx"}
     before = sorted(tmp_path.rglob("*"))
     err = error_of(capsys, ["export", "--quantized", str(tmp_path / "none.safetensors"),
                             *(a.format(**names) for a in argv)])

@@ -16,7 +16,8 @@ with onnxruntime or OpenVINO (``runtime.py``), and/or as that model's OpenVINO I
 ``quantize`` without ``--data`` quantizes and saves without evaluating.
 ``quantize --resume DIR`` saves the state after each finished step in DIR and, started again,
 carries on from there (``resume.py``). Bad input ends the program with one sentence on stderr and
-exit status 2.
+exit status 2; an output that cannot be written is refused so before any work (``check_outputs``),
+and missing folders on an output's path are created.
 
 ``eval`` and ``quantize`` run as they are under ``torchrun --nproc-per-node N -m isvit ...``: the
 processes share the work (``distributed.py``, docs/distributed.md); only rank 0 prints and writes
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import os
 import platform
 import resource
 import sys
@@ -54,6 +57,7 @@ from .data import (
 from .errors import IsvitError
 from .evaluate import evaluate
 from .export import export_onnx
+from .files import FILE, FOLDER, NEW_FOLDER, check_output
 from .models import load_model
 from .openvino_ir import check_destination, write_openvino
 from .pipeline import METHODS, PRESETS, QuantConfig, applied_config, quantize
@@ -96,6 +100,10 @@ PRESET_HELP = (
     "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
 )
 
+# The rule for every output (--json, --save, --resume, --onnx, --openvino), checked by check_outputs.
+OUTPUTS_HELP = ("Outputs: missing folders on an output's path are created (as mkdir -p); an output that cannot be "
+                "written (a folder where a file goes, a place without write permission) is refused before any work.")
+
 
 def _add_common(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_required: bool = True) -> None:
     p.add_argument("--weights", help="safetensors or PyTorch state dict, timm's or a Hugging Face transformers ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 (model.safetensors), or the folder save_pretrained wrote (shards too; its config.json's image size, activation and LayerNorm eps are applied); default: timm's pretrained download")
@@ -121,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"isvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="top-1/top-5 of a full-precision model or of a saved quantized one")
+    ev = sub.add_parser("eval", help="top-1/top-5 of a full-precision model or of a saved quantized one",
+                        epilog=OUTPUTS_HELP)
     which = ev.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help=MODEL_HELP)
     which.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save' "
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --runtime openvino: its inference precision (default: f32 for a file with post-Softmax "
                          "code arithmetic, activations below 8 bits; OpenVINO's own for any other; a CPU without bf16 runs f32)")
 
-    qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision")
+    qu = sub.add_parser("quantize", help="quantize a model and compare it with full precision", epilog=OUTPUTS_HELP)
     qu.add_argument("--model", required=True, help=MODEL_HELP + " of a supported family (docs/usage.md#supported-models)")
     _add_common(qu, data_help=DATA_HELP + "; without it the model is quantized (and saved with --save) but not evaluated",
                 data_required=False)
@@ -197,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "started again with the same command, carry on from there")
 
     ex = sub.add_parser("export", help="write a quantized model (or a full-precision one) as an ONNX model in QDQ form "
-                                       "and/or as its OpenVINO IR")
+                                       "and/or as its OpenVINO IR", epilog=OUTPUTS_HELP)
     source = ex.add_mutually_exclusive_group(required=True)
     source.add_argument("--quantized", metavar="FILE", help="a quantized model saved by 'isvit quantize --save'")
     source.add_argument("--model", help=MODEL_HELP + " of a supported family (exported in full precision)")
@@ -392,8 +401,6 @@ def run_export(args) -> dict:
     OpenVINO IR (built from the same ONNX graph), or both."""
     if not args.onnx and not args.openvino:
         raise IsvitError("nothing would be written: give --onnx FILE, --openvino DIR or both")
-    if args.openvino:
-        check_destination(args.openvino)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quantized:
@@ -499,6 +506,49 @@ def run_quantize(args) -> dict:
     return result
 
 
+def _outputs(args) -> list[tuple[str, str, str]]:
+    """(option, path, kind for files.check_output) of every output the command was given."""
+    if args.command == "export":
+        named = [("--onnx", args.onnx, FILE), ("--openvino", args.openvino, NEW_FOLDER)]
+    elif args.command == "quantize":
+        named = [("--save", args.save, FILE), ("--json", args.json, FILE), ("--resume", args.resume, FOLDER)]
+    else:  # eval: its --onnx is the model to read
+        named = [("--json", args.json, FILE)]
+    return [(option, path, kind) for option, path, kind in named if path is not None]
+
+
+def check_outputs(args) -> None:
+    """Refuse, in one sentence, an output the command could not write, before any work: each one on
+    its own (``files.check_output``; --openvino also needs the OpenVINO extra), two outputs on one
+    path, and a file inside the --openvino folder (which must be new or empty when the IR is moved in)."""
+    outputs = _outputs(args)
+    for option, path, kind in outputs:
+        if option == "--openvino":
+            check_destination(path, f"--openvino {path}")
+        else:
+            check_output(path, kind, f"{option} {path}")
+    for (option, path, _), (other, other_path, other_kind) in itertools.combinations(outputs, 2):
+        full, other_full = Path(os.path.abspath(path)), Path(os.path.abspath(other_path))
+        if full == other_full:
+            raise IsvitError(f"{option} and {other} are both {path}: give each its own path")
+        if other_kind == NEW_FOLDER and full.is_relative_to(other_full):
+            raise IsvitError(f"{option} {path} is inside {other} {other_path}, which must be new or empty: "
+                             "write it elsewhere")
+
+
+def _check_outputs_on_rank0(args) -> None:
+    """``check_outputs`` on rank 0, the one process that writes files; its sentence on every rank."""
+    error = None
+    if distributed.is_main():
+        try:
+            check_outputs(args)
+        except IsvitError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise IsvitError(error)
+
+
 def _launch_device(args) -> torch.device:
     """The device that picks the backend of torchrun's process group (NCCL for a GPU, gloo on the CPU)."""
     if args.command == "export":
@@ -519,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.launched_by_torchrun():
             started = distributed.start_from_env(_launch_device(args))
             _check_same_arguments(argv)
+        _check_outputs_on_rank0(args)  # before any model, weights or images are read
         if args.command == "eval":
             run_eval(args)
         elif args.command == "export":

@@ -40,6 +40,7 @@ from torch import nn
 
 from .errors import IsvitError
 from .export import export_onnx
+from .files import NEW_FOLDER, check_output
 from .pipeline import QuantConfig
 from .runtime import IR_FILE, metadata_props, require
 
@@ -54,24 +55,12 @@ NARROW_TYPES = (("u1", 1), ("u2", 2), ("u3", 3), ("u4", 4), ("u6", 6))
 # Where the IR goes: refused before any work
 # ---------------------------------------------------------------------------------------------
 
-def check_destination(folder: str | Path) -> Path:
-    """Refuse, in one sentence, a destination the IR cannot be written to: an existing file, a
-    folder that is not empty, or a place that cannot be created or written; and say how to install
-    OpenVINO where it is missing."""
+def check_destination(folder: str | Path, label: str | None = None) -> Path:
+    """Refuse, in one sentence, a destination the IR cannot be written to (``files.check_output``: an
+    existing file, a folder that is not empty, or a place that cannot be created or written); and say
+    how to install OpenVINO where it is missing. ``label`` names the folder in the sentence."""
     require("openvino", extra="openvino")
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise IsvitError(f"{folder} is a file: the OpenVINO IR is written as a folder (model.xml and model.bin)")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise IsvitError(f"folder {folder} is not empty: give a new or empty folder for the OpenVINO IR")
-    existing = folder.absolute().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise IsvitError(f"cannot create {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise IsvitError(f"cannot create {folder}: {existing} is not writable")
-    return folder
+    return check_output(folder, NEW_FOLDER, label or f"OpenVINO IR folder {folder}")
 
 
 # ---------------------------------------------------------------------------------------------

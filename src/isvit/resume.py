@@ -184,8 +184,4 @@ class ResumeState:
             "format": FORMAT, "identity": self.identity, "done": self.finished, "results": self.results,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "rng": rng,
         }
-        path = self.directory / STATE_FILE
-        try:
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
-        except OSError as exc:
-            raise IsvitError(f"cannot write the resume state {path} ({exc.strerror or exc})") from exc
+        atomic_write(self.directory / STATE_FILE, lambda tmp: torch.save(state, tmp))  # IsvitError if it cannot
