@@ -357,6 +357,25 @@ def test_a_siglip2_naflex_folder_loads_and_is_left_alone_by_the_siglip_renamer(t
         assert_close(model(images), source(**naflex_inputs(images)).pooler_output)
 
 
+@pytest.mark.parametrize("case", ["dinov3", "siglip2-naflex"])
+def test_a_family_reads_its_own_config_values_and_the_rebuilt_model_needs_no_more(case, tmp_path):
+    # DINOv3's rope_theta is timm's rope_temperature; SigLIP 2 NaFlex's num_patches its position grid
+    name, small, key, default, value, argument, check = {
+        "dinov3": ("vit_small_patch16_dinov3", {"embed_dim": 32, "depth": 1, "num_heads": 2}, "rope_theta", 100.0,
+                   10000.0, {"rope_temperature": 10000.0}, lambda m: m.rope.temperature == 10000.0),
+        "siglip2-naflex": ("naflexvit_base_patch16_siglip", {"embed_dim": 32, "depth": 1, "num_heads": 2}, "num_patches",
+                           256, 64, {"pos_embed_grid_size": [8, 8]}, lambda m: tuple(m.embeds.pos_embed.shape[1:3]) == (8, 8)),
+    }[case]
+    model = timm_model(name, **small)
+    assert hf.config_model_args({key: default}, model, name, tmp_path) == {}
+    assert hf.config_model_args({key: value}, model, name, tmp_path) == argument
+    rebuilt = timm_model(name, **small, **argument)
+    assert check(rebuilt) and hf.config_model_args({key: value}, rebuilt, name, tmp_path) == {}
+    with pytest.raises(IsvitError) as error:
+        hf.config_model_args({key: 20 if case == "siglip2-naflex" else "high"}, model, name, tmp_path)
+    assert key in one_sentence(error) and "config.json" in one_sentence(error)
+
+
 # ---------------------------------------------------------------------------------------------
 # save_pretrained folders: weights files, shards, config.json
 # ---------------------------------------------------------------------------------------------

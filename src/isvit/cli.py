@@ -106,7 +106,7 @@ OUTPUTS_HELP = ("Outputs: missing folders on an output's path are created (as mk
 
 
 def _add_common(p: argparse.ArgumentParser, data_help: str = DATA_HELP, data_required: bool = True) -> None:
-    p.add_argument("--weights", help="safetensors or PyTorch state dict, timm's or a Hugging Face transformers ViT, DeiT, DINOv2, SigLIP, Swin or DINOv3 (model.safetensors), or the folder save_pretrained wrote (shards too; its config.json's image size, activation and LayerNorm eps are applied); default: timm's pretrained download")
+    p.add_argument("--weights", help="safetensors or PyTorch state dict, timm's or a Hugging Face transformers ViT, DeiT, DINOv2, SigLIP, SigLIP 2 NaFlex, Swin or DINOv3 (model.safetensors), or the folder save_pretrained wrote (shards too; what its config.json says of the image size, activation, LayerNorm eps and position grid is applied); default: timm's pretrained download")
     p.add_argument("--data", required=data_required, help=data_help)
     p.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size (default 64)")

@@ -14,8 +14,9 @@ and timm can be told becomes keyword arguments of the timm model (``config_model
 size (``img_size``), the MLP's activation (``act_layer``) and the LayerNorm eps (``layer_norm_eps``,
 isvit's own: ``models.build_model`` sets it on every LayerNorm, as transformers gives one eps to all
 of them; its Swin alone keeps PyTorch's 1e-5 in the patch embedding's and merging's norms, and every
-published Swin config says 1e-5, timm's, so none is set there). They are recorded in a quantized
-model's ``model_args``, so that it rebuilds the same.
+published Swin config says 1e-5, timm's, so none is set there), and what a family reads itself
+(``Family.config_args``: DINOv3's ``rope_theta``, SigLIP 2 NaFlex's ``num_patches``). They are
+recorded in a quantized model's ``model_args``, so that it rebuilds the same.
 A single weights file comes without a config: its model is the timm model as named.
 
 isvit does not import transformers: the renamers use the names of its saved files (the same for
@@ -240,4 +241,4 @@ def config_model_args(config: dict, model: nn.Module, name: str, path) -> dict:
             raise IsvitError(f"{where} has layer_norm_eps {eps!r}, not a small non-negative number")
         if layernorm_eps(model) not in (None, eps):
             args["layer_norm_eps"] = float(eps)
-    return args
+    return {**args, **families.family_of(model).config_args(config, model, where)}

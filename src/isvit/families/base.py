@@ -103,6 +103,13 @@ class Family(ABC):
         """The checkpoint under ``model``'s timm names, or None where it is not of this family."""
         return None
 
+    def config_args(self, config: dict, model: nn.Module, where: str) -> dict:
+        """The timm keyword arguments, beyond the ones every family shares (``hf.config_model_args``:
+        image size, activation, LayerNorm eps), with which ``model`` (built with timm's defaults)
+        becomes what a transformers ``config`` describes; only what differs. A value no argument
+        expresses is refused in one sentence naming ``where`` (the config file). None by default."""
+        return {}
+
 
 # ---------------------------------------------------------------------------------------------
 # Pieces several families share

@@ -139,6 +139,15 @@ class EVA(Family):
     def from_transformers(self, keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor] | None:
         return _dinov3(keys, model, path) if keys.has("layer.0.layer_scale1.lambda1") else None
 
+    def config_args(self, config: dict, model: nn.Module, where: str) -> dict:
+        # DINOv3's rotary embedding: transformers' rope_theta is timm's rope_temperature
+        theta = config.get("rope_theta")
+        if theta is None or getattr(model, "rope", None) is None:
+            return {}
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+            raise IsvitError(f"{where} has rope_theta {theta!r}, not a positive number")
+        return {} if float(theta) == getattr(model.rope, "temperature", None) else {"rope_temperature": float(theta)}
+
     def check(self, model: nn.Module) -> None:
         for name, block in numbered_blocks(model):
             if type(block) is not EvaBlock or type(block.attn) not in ATTENTIONS:

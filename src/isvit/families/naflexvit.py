@@ -128,6 +128,17 @@ class NaFlex(Family):
             return None
         return _siglip2_naflex(keys, model, path)
 
+    def config_args(self, config: dict, model: nn.Module, where: str) -> dict:
+        # SigLIP 2 NaFlex's learned position embedding: num_patches on a square grid
+        patches = config.get("num_patches")
+        if patches is None:
+            return {}
+        side = math.isqrt(patches) if isinstance(patches, int) and not isinstance(patches, bool) and patches > 0 else 0
+        if side * side != patches:
+            raise IsvitError(f"{where} has num_patches {patches!r}, not a square grid, which timm's NaFlexVit needs")
+        grid = getattr(model.embeds, "pos_embed_grid_size", None)
+        return {} if grid is not None and tuple(grid) == (side, side) else {"pos_embed_grid_size": [side, side]}
+
 
 def _embedding(model: nn.Module) -> Embedding:
     """NaFlexVit's writers of the stream before the first block (``vit.Embedding``)."""
