@@ -325,7 +325,7 @@ def test_the_thorough_preset_is_the_fast_recipe_with_the_gpu_budget(bits, iters)
 
 @pytest.mark.parametrize("w_bits, a_bits, iters", [(3, 3, 100), (4, 4, 100), (4, 8, 100), (6, 6, 30), (8, 8, 30)])
 def test_the_fast_preset_trains_100_iterations_per_unit_at_low_bits_and_30_above(w_bits, a_bits, iters):
-    # 100 at <= 4 bits: the held-out screen of issue 21 (W3/A3 KL 2.25 -> 2.16, W4/A4 0.41 -> 0.37 vs 60)
+    # 100 at <= 4 bits: chosen on held-out images (docs/results.md#how-the-fast-preset-was-chosen)
     config = QuantConfig(method="isvit", preset="fast", w_bits=w_bits, a_bits=a_bits)
     assert config.recipe is PRESETS["fast"].recipe(w_bits, a_bits)
     assert config.reconstruction()["iters"] == config.to_dict()["iters"] == iters

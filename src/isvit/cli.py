@@ -88,16 +88,14 @@ def _floats3(text: str) -> tuple[float, float, float]:
 
 MODEL_HELP = "timm architecture name, e.g. vit_tiny_patch16_224"
 DATA_HELP = "evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG"
-# What each preset costs, for --help: measured on the shared ViT-Ti (benchmarks/isvit_accuracy.py,
-# benchmarks/recon_speed.py; docs/methods.md). No GPU run has been timed yet.
+# What each preset does, for --help; what each costs is measured in docs, not repeated here.
 PRESET_HELP = (
-    "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above; "
-    "ViT-Ti W4/A4 about 4.8 hours on 2 CPU cores (extrapolated from 0.62 s per block-iteration), on one GPU not "
-    "measured. fast: for CPUs, 100 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 bits "
-    "rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets; ViT-Ti on 2 CPU cores: "
-    "calibration 641 s at W3/A3, 315 s at W6/A6 (measured), on one GPU not measured. thorough: for GPUs, the fast "
-    "preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, training the latent weights (ste); ViT-Ti W4/A4 about 8.6 hours on 2 CPU "
-    "cores (extrapolated from 0.37 s per block-iteration), on one GPU not measured"
+    "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above "
+    "(hours on a CPU). fast: for CPUs, 100 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 "
+    "bits rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets (minutes "
+    "on a CPU). thorough: for GPUs, the fast preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, "
+    "training the latent weights (ste). On a CPU, paper and thorough print their expected duration after the first "
+    "steps; see docs/results.md#cost for measured times"
 )
 
 # The rule for every output (--json, --save, --resume, --onnx, --openvino), checked by check_outputs.

@@ -8,9 +8,9 @@ point) is not changed: GPTQ only chooses which code each weight gets.
 
 With ``QuantConfig(gptq=True)`` (``--gptq``) isvit uses it as the starting point of stage 3: a
 unit's weights are rounded by GPTQ on the unit's quantized inputs, then block reconstruction trains
-them further. Without training, at 3 bits it takes ViT-Ti's weight-only error from a KL divergence
-of 4.4 to 1.6 to the full-precision model (held-out calibration images); whether it helps after
-training is being measured (docs/results.md), so it is off by default.
+them further. It is off by default: it lowers the weights' error before training, but after the
+fast preset's training it did not help on held-out calibration images (docs/methods.md,
+docs/results.md#held-out-tuning).
 """
 
 from __future__ import annotations

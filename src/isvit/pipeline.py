@@ -73,9 +73,9 @@ DEFAULT_SOFTMAX_QUANTIZER = {"isvit": "sulq", "repq": "log2sqrt2", "minmax": "un
 # published algorithms); I&S-ViT's reconstruction absorbs the same error by training.
 DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
 # Outlier channels of per-tensor Linear inputs on a grid of their own (quantizers.search_split_range;
-# 0 = off): on for isvit, where it raised the held-out W4/A4 top-1 from 61.94 to 70.56 (KL divergence
-# 0.93 -> 0.55; benchmarks/tune_heldout.py, results/tune_heldout.jsonl); off for the training-free
-# peers, so that they stay the published algorithms.
+# 0 = off): on for isvit, chosen on held-out calibration images (docs/methods.md, outlier channels;
+# docs/results.md#how-the-fast-preset-was-chosen); off for the training-free peers, so that they
+# stay the published algorithms.
 DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
 
 
@@ -116,37 +116,24 @@ class Preset:
 # 3/4 bits, 200 at 6 bits, plain MSE).
 PAPER = Recipe(iters=200, batch_size=64, lr=4e-5, loss="mse", drop_prob=0.0, rounding="ste", adaround_lr=1e-2,
                offset_lr=1e-2, round_reg=0.1, scale_lr=5e-3)
-# "fast": for a CPU budget of minutes. Every choice was made on held-out calibration images
-# (benchmarks/tune_heldout.py, 640 calibration / 360 held-out images of imagenet-calib-1000,
-# results/tune_heldout.jsonl); "KL" is the held-out KL divergence from full precision:
-# - a larger learning rate and the token-normalised loss scored best of the settings tried at 16x
-#   fewer iterations than the paper's; learnt scales did not help;
-# - QDrop (drop_prob 0.5): W4/A4 KL 1.07 -> 0.93 (top-1 60.56 -> 61.94);
-# - round_lr and round_reg of the learnt roundings were chosen on one block (ViT-Ti's blocks.2 at
-#   W3/A3, 60 iterations, its loss on 128 calibration images it did not train on;
-#   benchmarks/unit_probe.py): AdaRound at lr 0.01 and regulariser 0.1 ended with 89% of its rounding
-#   variables undecided and a loss of 44.9, at 0.3 and 1000 with 27% and 33.7 (STE 32.0, offset at
-#   0.03: 29.9).
+# "fast": for a CPU budget of minutes. Every choice was made on held-out calibration images, never
+# on the evaluation set (benchmarks/tune_heldout.py; what each choice did:
+# docs/results.md#how-the-fast-preset-was-chosen): a larger learning rate and the token-normalised
+# loss to make up for 16x fewer iterations than the paper's, and QDrop. round_lr and round_reg of
+# the learnt roundings are larger than AdaRound's usual ones because at so few iterations the usual
+# ones leave most rounding variables undecided (chosen on one block with benchmarks/unit_probe.py:
+# docs/methods.md, --rounding).
 FAST = Recipe(iters=30, batch_size=32, lr=5e-4, loss="token", drop_prob=0.5, rounding="ste", adaround_lr=0.3,
               offset_lr=3e-2, round_reg=1000.0, scale_lr=5e-3)
-# The fast preset at <= 4 bits adds, one at a time (held-out W3/A3 and W4/A4 KL, top-1 in brackets;
-# 360 images: +-2.5 points of top-1 is noise):
-# - activation grids searched down to the 0.99 percentile: W3/A3 4.42 -> 3.40 (5.56 -> 17.78), W4/A4
-#   0.57 -> 0.47 (73.33 -> 74.44);
-# - the rotation: W3/A3 3.40 -> 2.94 (17.78 -> 24.44), W4/A4 0.47 -> 0.40 (74.44 -> 71.11);
-# - the token loss weighted by each output's Fisher importance: W3/A3 2.94 -> 2.47 (24.44 -> 27.50),
-#   W4/A4 0.397 -> 0.410, level;
-# - learnt rounding offsets: W3/A3 2.47 -> 2.25 (27.50 -> 36.11), W4/A4 0.410 -> 0.410, level; alone
-#   with 2 threads about as long as "ste" (602 vs 645 s at W3/A3, 607 vs 510 s at W4/A4);
-# - 100 iterations per unit instead of 60 (issue 21): W3/A3 2.25 -> 2.16 (36.11 -> 36.67), W4/A4
-#   0.410 -> 0.369 (72.22 -> 72.78); with 2 threads, alone on a 2-core Xeon, ViT-Ti's W3/A3
-#   calibration took 641 s (2026-12-05; goal: under 20 minutes).
+# At <= 4 bits the fast preset adds what lowered the held-out KL divergence there: activation grids
+# searched down to the 0.99 percentile, the rotation, the Fisher-weighted loss, learnt rounding
+# offsets and 100 iterations per unit, which still fit the preset's 20-minute CPU budget (measured
+# times: docs/results.md#cost).
 FAST_LOW_BITS = dataclasses.replace(FAST, iters=100, act_percentile=0.99, rotate=True, loss="fisher", rounding="offset")
 # "thorough": the fast recipe with the later methods' GPU budget (3000 iterations per unit at <= 4
-# bits, 1000 above), training the latent weights (on one block at 600 iterations they did better
-# than the offsets, 14.7 vs 16.5 with learnt scales) with the usual AdaRound settings; a longer
-# schedule kept lowering a block's held-out loss (ViT-Ti's blocks.2 at W3/A3, unit_probe.py: 31.9
-# after 60 iterations, 27.0 after 200, 24.4 after 600). Not run end to end here.
+# bits, 1000 above), training the latent weights, which did better than the offsets on one block at
+# long schedules, with the usual AdaRound settings; a longer schedule kept lowering a block's held-out
+# loss (docs/methods.md, presets and --rounding). Not run end to end.
 THOROUGH = dataclasses.replace(FAST, iters=1000, adaround_lr=1e-2, offset_lr=1e-2, round_reg=0.1)
 PRESETS = {
     "paper": Preset(above_4_bits=PAPER, low_bits=dataclasses.replace(PAPER, iters=1000)),
