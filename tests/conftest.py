@@ -1,5 +1,9 @@
 """Shared fixtures: where ../shared is, small random models, and the real ViT-Ti with its data.
 
+Also the one place for what several test modules use (``random_images``, ``unit_data``,
+``calibrated``, ``agreement``, ...): a test module imports from here, from ``family_examples`` or
+from ``export_examples``, never from another test module.
+
 The real model and data live in ``../shared`` beside the repository (CI clones the repository
 elsewhere with ``shared/`` beside it); tests that need them are skipped when it is absent.
 Real-data fixtures are session-scoped: the model is loaded once and the 200 validation images and
@@ -174,9 +178,88 @@ def error_of(capsys, argv) -> str:
     return err
 
 
-def random_images(n: int, size: int = 64, seed: int = 1) -> torch.Tensor:
-    """``n`` random (3, size, size) images, seeded."""
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+def random_images(n: int, size: int | tuple[int, int] = 64, seed: int = 1) -> torch.Tensor:
+    """``n`` random (3, h, w) images (``size`` is h = w or (h, w)), seeded by their own generator:
+    the one image helper of the tests, so that a test's data depends on its arguments only."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def activations_quantized(model, x, bits=4):
+    """Stage-1 starting point: wrapped, activation quantizers calibrated, weights full precision."""
+    import copy
+
+    from isvit.pipeline import QuantConfig, calibrate_activations, placement_for, set_quantizers
+    from isvit.wrap import wrap_model
+
+    fp = copy.deepcopy(model)
+    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=bits, a_bits=bits)))
+    set_quantizers(q, False, "weight")
+    calibrate_activations(q, x)
+    return fp, q
+
+
+def unit_data(fp, q, x, index, sequential=False):
+    """Inputs (full-precision or quantized-so-far) and full-precision targets of unit ``index``."""
+    from isvit.reconstruct import run_unit
+    from isvit.wrap import forward_units
+
+    fp_units, q_units = forward_units(fp), forward_units(q)
+    x_fp = x_q = x
+    for i in range(index):
+        x_fp = run_unit(fp_units[i], x_fp, "cpu", 64, torch.float32, "cpu")
+        x_q = run_unit(q_units[i], x_q, "cpu", 64, torch.float32, "cpu")
+    y = run_unit(fp_units[index], x_fp, "cpu", 64, torch.float32, "cpu")
+    return q_units[index], (x_q if sequential else x_fp), y
+
+
+def spread_layernorms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give the post-LayerNorm channels very different ranges and offsets, as trained ViTs have
+    (random LayerNorms are all gamma=1, beta=0): per-channel scales and zero points then differ a lot."""
+    from isvit.wrap import post_layernorm_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, norm, _ in post_layernorm_pairs(model):
+            c = norm.weight.numel()
+            norm.weight.mul_(torch.exp(torch.randn(c, generator=g)))
+            norm.bias.add_(torch.randn(c, generator=g) * 2)
+
+
+def calibrated(model: torch.nn.Module, size: int = 64) -> torch.nn.Module:
+    """``model`` wrapped at W4/A4 with per-channel post-LayerNorm quantizers, its LayerNorms spread
+    (``spread_layernorms``), and calibrated on 16 random images."""
+    from isvit.pipeline import calibrate_activations, calibrate_weights
+    from isvit.wrap import Placement, wrap_model
+
+    wrap_model(model, Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2", post_ln_per_channel=True))
+    spread_layernorms(model)
+    calibrate_weights(model)
+    calibrate_activations(model, random_images(16, size, seed=1))
+    return model
+
+
+@torch.no_grad()
+def logits(model, x, kind: str) -> torch.Tensor:
+    """Logits with 'none', 'activation' or 'all' quantizers enabled."""
+    import isvit
+
+    isvit.set_quantizers(model, False)
+    if kind != "none":
+        isvit.set_quantizers(model, True, kind)
+    return model(x)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of equal argmax."""
+    return (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
+def truncated(source: Path, target: Path) -> Path:
+    """The first half of file ``source`` written to ``target``: a damaged file of any format."""
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
 
 
 @pytest.fixture(scope="session")

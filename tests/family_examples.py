@@ -22,6 +22,8 @@ from isvit.errors import IsvitError
 from isvit.modules import QuantLinear, QuantMatMul
 from isvit.wrap import Placement, wrap_model
 
+from conftest import random_images
+
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
 # the same 4 x 4 token grid from 64 x 64 images in 16 x 16 patches (the RoPE ViTs, AIMv2, NaFlexVit)
 SMALL64 = {**SMALL, "img_size": 64, "patch_size": 16}
@@ -55,17 +57,7 @@ class Example:
         return model
 
     def images(self, n: int, seed: int, size: int | tuple[int, int] | None = None) -> torch.Tensor:
-        return images(n, seed, self.img_size if size is None else size)
-
-
-def images(n: int, seed: int, size: int | tuple[int, int]) -> torch.Tensor:
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The share of equal argmax."""
-    return (a.argmax(1) == b.argmax(1)).float().mean().item()
+        return random_images(n, self.img_size if size is None else size, seed=seed)
 
 
 def refused_before_any_change(model: torch.nn.Module, images: torch.Tensor, message: str) -> None:

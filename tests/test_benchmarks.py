@@ -223,16 +223,14 @@ def test_seeds_run_each_setting_once_per_seed_and_summarise_mean_and_std(tmp_pat
 def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
     import copy
 
-    import torch
-
-    from conftest import small_vit
+    from conftest import random_images, small_vit
     from isvit.pipeline import QuantConfig, placement_for, set_quantizers
     from isvit.wrap import wrap_model
 
     softmax_error = importlib.import_module("softmax_error")
     model = wrap_model(copy.deepcopy(small_vit()), placement_for(QuantConfig(method="isvit", w_bits=8, a_bits=8)))
     set_quantizers(model, False)
-    x = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = random_images(12, seed=0)
     result = softmax_error.measure(model.eval(), None, [3, 8], x[:4], x[4:])
     assert set(result) == {"sulq", "log2sqrt2", "uniform"}
     for kind, by_bits in result.items():
@@ -319,13 +317,13 @@ def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterat
 
 def test_postln_error_measures_each_post_layernorm_quantizer_alone_in_an_unchanged_model():
     import torch
-    from conftest import small_vit
+    from conftest import random_images, small_vit
 
     from isvit.pipeline import set_quantizers
 
     postln_error = importlib.import_module("postln_error")
     fp = small_vit()
-    x = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = random_images(12, seed=0)
     with torch.no_grad():
         reference = fp(x[4:])
     errors = {}

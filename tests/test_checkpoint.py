@@ -27,15 +27,11 @@ from isvit.cli import main
 from isvit.errors import IsvitError
 
 from conftest import CALIB_DIR as CALIB
-from conftest import SMALL_SWIN, SMALL_VIT, small_swin, small_vit, umask
+from conftest import SMALL_SWIN, SMALL_VIT, random_images, small_swin, small_vit, truncated, umask
 from conftest import VAL_DIR as VAL
 from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
 ARCHITECTURES = {"vit": SMALL_VIT, "swin": SMALL_SWIN}
-
-
-def images(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def small_model(arch: str) -> torch.nn.Module:
@@ -46,7 +42,7 @@ def quantized(arch: str, method: str, bits: int, **fields):
     config = isvit.QuantConfig(method=method, w_bits=bits, a_bits=bits, calib_size=16,
                                iters=2 if method == "isvit" else None, batch_size=8 if method == "isvit" else None,
                                **fields)
-    return isvit.quantize(small_model(arch), images(16, seed=1), config, progress=False), config
+    return isvit.quantize(small_model(arch), random_images(16, seed=1), config, progress=False), config
 
 
 def save(model, config, path, arch="vit"):
@@ -97,7 +93,7 @@ def test_rebuilt_model_gives_bit_identical_logits(tmp_path, arch, bits, method):
     path = save(model, config, tmp_path / "q.safetensors", arch)
     rebuilt, info = load_quantized(path)
     assert info["config"] == isvit.QuantConfig(**config.to_dict()) and info["model"] == ARCHITECTURES[arch][0]
-    x = images(4, seed=2)
+    x = random_images(4, seed=2)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
     for (name, layer), (_, original) in zip(quantized_layers(rebuilt), quantized_layers(model)):
@@ -113,7 +109,7 @@ def test_isvit_ablations_are_rebuilt_exactly(tmp_path, fields):
     assert info["config"].reparameterize == config.reparameterize
     # without the fold the post-LayerNorm grids were placed per tensor, and are rebuilt so
     assert all(block.attn.qkv.input_quantizer.per_channel == config.reparameterize for block in rebuilt.blocks)
-    x = images(4, seed=2)
+    x = random_images(4, seed=2)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
 
@@ -137,7 +133,7 @@ def vit_with_an_outlier_channel() -> torch.nn.Module:
 
 def test_a_split_grid_is_placed_on_linear_inputs_and_rebuilt_exactly(tmp_path):
     config = isvit.QuantConfig(method="minmax", w_bits=4, a_bits=4, calib_size=16, outlier_ratio=8.0)
-    model = isvit.quantize(vit_with_an_outlier_channel(), images(16, seed=1), config, progress=False)
+    model = isvit.quantize(vit_with_an_outlier_channel(), random_images(16, seed=1), config, progress=False)
     fc2_input = model.blocks[0].mlp.fc2.input_quantizer
     assert fc2_input.scale.shape == (fc2_input.scale.numel(),) and fc2_input.scale.unique().numel() == 2
     top = (fc2_input.levels - 1 - fc2_input.zero_point) * fc2_input.scale  # each channel's largest value
@@ -151,7 +147,7 @@ def test_a_split_grid_is_placed_on_linear_inputs_and_rebuilt_exactly(tmp_path):
     rebuilt, info = load_quantized(path)
     assert info["config"].resolved_outlier_ratio == 8.0
     assert torch.equal(rebuilt.blocks[0].mlp.fc2.input_quantizer.scale, fc2_input.scale)
-    x = images(4, seed=2)
+    x = random_images(4, seed=2)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
 
@@ -241,12 +237,6 @@ def rewrite(source, target, **metadata_changes):
         metadata = dict(f.metadata())
     metadata.update(metadata_changes)
     save_file(tensors, str(target), metadata=metadata)
-    return target
-
-
-def truncated(source, target):
-    data = source.read_bytes()
-    target.write_bytes(data[: len(data) // 2])
     return target
 
 

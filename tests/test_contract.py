@@ -37,7 +37,8 @@ from isvit.quantizers import Quantizer
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import Placement, forward_units, is_block, wrap_model
 
-from family_examples import CLASSES, EXAMPLES, agreement, cases
+from conftest import agreement
+from family_examples import CLASSES, EXAMPLES, cases
 
 CASES = cases()
 

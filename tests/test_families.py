@@ -17,7 +17,8 @@ import isvit
 from isvit.pipeline import placement_for
 from isvit.wrap import post_layernorm_pairs, wrap_model
 
-from family_examples import SMALL, images, refused_before_any_change, small_model
+from conftest import random_images
+from family_examples import SMALL, refused_before_any_change, small_model
 
 
 @pytest.mark.parametrize("variant", ["beit", "beit-swiglu", "eva02", "eva02-base", "swinv2"])
@@ -42,4 +43,4 @@ REFUSED = {
 def test_what_a_family_cannot_carry_is_one_sentence_before_any_change(case):
     name, extra, message = REFUSED[case]
     model = timm.create_model(name, pretrained=False, **{**SMALL, **extra}).eval()
-    refused_before_any_change(model, images(4, seed=1, size=SMALL["img_size"]), message)
+    refused_before_any_change(model, random_images(4, seed=1, size=SMALL["img_size"]), message)

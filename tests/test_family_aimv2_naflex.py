@@ -32,16 +32,12 @@ from isvit.quantizers import UniformQuantizer
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import post_layernorm_pairs, wrap_model
 
+from conftest import random_images
 from family_examples import NAFLEX, refused_before_any_change, small_model
 from family_examples import SMALL64 as SMALL
-from family_examples import images as family_images
 
 VARIANTS = ["aimv2", "aimv2-tower", "naflex-siglip", "naflex-gap", "naflex-map", "naflex-token", "naflex-conv"]
 NAFLEX_VARIANTS = [v for v in VARIANTS if v.startswith("naflex")]
-
-
-def images(n: int, seed: int, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
-    return family_images(n, seed, size)
 
 
 def naflex_batch(x: torch.Tensor, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -67,7 +63,7 @@ def naflex_batch(x: torch.Tensor, length: int, seed: int) -> dict[str, torch.Ten
 def test_the_post_layernorm_pairs(variant):
     wrapped = wrap_model(small_model(variant), placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
     calibrate_weights(wrapped)
-    calibrate_activations(wrapped, images(8, seed=2))  # the granularity of the input quantizers: their scales
+    calibrate_activations(wrapped, random_images(8, seed=2))  # the granularity of the input quantizers: their scales
     pairs = post_layernorm_pairs(wrapped)
     if variant == "aimv2":  # timm's RmsNorm has no bias: qkv and fc1 per tensor, nothing to fold
         assert pairs == []
@@ -85,11 +81,11 @@ def test_the_fold_of_a_rotated_model_leaves_the_function_unchanged(variant):
     rotate_model(start)
     wrapped = wrap_model(start, placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
     calibrate_weights(wrapped)
-    calibrate_activations(wrapped, images(8, seed=2))
+    calibrate_activations(wrapped, random_images(8, seed=2))
     isvit.set_quantizers(wrapped, False)
     pairs = post_layernorm_pairs(wrapped)
     fold_post_layernorm(wrapped)
-    x = images(4, seed=3)
+    x = random_images(4, seed=3)
     with torch.no_grad():
         assert torch.allclose(wrapped(x), model(x), atol=1e-4, rtol=1e-4)
     assert len(pairs) == 2 * SMALL["depth"]
@@ -102,7 +98,7 @@ def test_rotation_is_exact(variant):
     rotate_model(rotated)
     rotated.double()
     assert is_rotated(rotated) and not any(isinstance(m, RmsNorm) for m in rotated.modules())
-    x = images(4, seed=10).double()
+    x = random_images(4, seed=10).double()
     with torch.no_grad():
         expected = model(x)
         assert torch.allclose(rotated(x), expected, atol=1e-9, rtol=1e-9)
@@ -123,10 +119,10 @@ def test_a_padded_naflex_batch_gives_what_its_images_give(variant):
     still get weight in the quantized attention."""
     model = small_model(variant)
     config = isvit.QuantConfig(method="repq", w_bits=8, a_bits=8, calib_size=16, softmax_quantizer="sulq")
-    quantized = isvit.quantize(model, images(16, seed=4), config, progress=False)
+    quantized = isvit.quantize(model, random_images(16, seed=4), config, progress=False)
     with torch.no_grad():
         for size, seed in (((64, 64), 12), ((48, 64), 13)):
-            x = images(4, seed=seed, size=size)
+            x = random_images(4, seed=seed, size=size)
             expected = quantized(x)
             for length, junk in ((20, 0), (24, 1)):
                 got = quantized(naflex_batch(x, length, seed=junk))
@@ -137,7 +133,7 @@ def test_the_quantized_attention_honours_a_mask():
     """A block given a key-padding mask: the valid tokens' output is the block's on those tokens alone."""
     model = small_model("naflex-siglip")
     config = isvit.QuantConfig(method="minmax", w_bits=4, a_bits=4, calib_size=8, softmax_quantizer="sulq")
-    quantized = isvit.quantize(model, images(8, seed=4), config, progress=False)
+    quantized = isvit.quantize(model, random_images(8, seed=4), config, progress=False)
     block = quantized.blocks[0]
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(14))
     padded = torch.cat([x, 5 * torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(15))], 1)
@@ -153,9 +149,9 @@ def test_the_fast_preset_keeps_a_naflex_batch_independent_of_its_padding(variant
     """After rotation and reconstruction (the isvit fast preset at W4/A4) too."""
     model = small_model(variant)
     config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
-    quantized = isvit.quantize(model, images(8, seed=6), config, progress=False)
+    quantized = isvit.quantize(model, random_images(8, seed=6), config, progress=False)
     assert is_rotated(quantized)
-    x = images(4, seed=8)
+    x = random_images(4, seed=8)
     with torch.no_grad():
         assert torch.allclose(quantized(naflex_batch(x, 20, seed=2)), quantized(x), atol=1e-5, rtol=1e-5)
 
@@ -178,7 +174,7 @@ REFUSED = {
 def test_what_the_families_cannot_carry_is_one_sentence_before_any_change(case):
     name, args, message = REFUSED[case]
     model = timm.create_model(name, pretrained=False, **args).eval()
-    refused_before_any_change(model, images(4, seed=1), message)
+    refused_before_any_change(model, random_images(4, seed=1), message)
 
 
 def test_rotation_refuses_mixed_norms_before_any_change():

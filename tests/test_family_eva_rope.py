@@ -25,17 +25,14 @@ from isvit.pipeline import placement_for
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
 
+from conftest import agreement, random_images
 from family_examples import SMALL64 as SMALL
 from family_examples import VARIANTS as EXAMPLES
-from family_examples import agreement, refused_before_any_change, small_model
+from family_examples import refused_before_any_change, small_model
 
 SIZE = SMALL["img_size"]
 FAMILIES = ["dinov3", "rope-mixed", "pe-core"]
 VARIANTS = [*FAMILIES, "dinov3-qkvb", "rope-axial", "rope-ape", "pe-spatial", "rope-gqa"]
-
-
-def images(n: int, seed: int, size: int | tuple[int, int] = SIZE) -> torch.Tensor:
-    return EXAMPLES["dinov3"].images(n, seed, size)
 
 
 def through_units(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +48,9 @@ def test_dinov3_wrapped_runs_at_other_image_sizes_through_the_model_and_its_unit
     isvit.set_quantizers(wrapped, False)
     with torch.no_grad():
         for size in ((96, 80), 48):
-            x = images(2, seed=2, size=size)
+            x = random_images(2, size, seed=2)
             assert torch.allclose(wrapped(x), model(x), atol=1e-5, rtol=1e-5)
-        x = images(2, seed=3, size=96)
+        x = random_images(2, 96, seed=3)
         assert torch.allclose(through_units(wrapped, x), model(x), atol=1e-5, rtol=1e-5)
 
 
@@ -69,8 +66,8 @@ def test_the_post_layernorm_pairs(variant):
 def test_dinov3_quantized_at_one_size_runs_close_to_full_precision_at_another(rotate):
     model = small_model("dinov3")
     config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=rotate)
-    quantized = isvit.quantize(copy.deepcopy(model), images(16, seed=4), config, progress=False)
-    x = images(32, seed=5, size=(96, 80))
+    quantized = isvit.quantize(copy.deepcopy(model), random_images(16, SIZE, seed=4), config, progress=False)
+    x = random_images(32, (96, 80), seed=5)
     with torch.no_grad():
         got, fp = quantized(x), model(x)
     assert got.shape == (32, 10) and torch.isfinite(got).all()
@@ -99,13 +96,13 @@ def test_rotation_leaves_the_full_precision_function_unchanged(variant):
     model = small_model(variant)
     rotated = copy.deepcopy(model)
     q = rotate_model(rotated, seed=0)["stream"].float()
-    x = images(4, seed=1)
+    x = random_images(4, SIZE, seed=1)
     before, inputs = block_inputs(model, x)
     after, rotated_inputs = block_inputs(rotated, x)
     # measured: 2e-7 to 1.3e-6 of the largest logit
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
     if variant.startswith("dinov3"):  # another image size: the rotary embedding built for it
-        other = images(2, seed=2, size=(96, 80))
+        other = random_images(2, (96, 80), seed=2)
         with torch.no_grad():
             assert (rotated(other) - model(other)).abs().max() <= 1e-4 * model(other).abs().max()
     # each block reads the stream rotated, centred first unless a reader needs its mean (no final
@@ -133,7 +130,7 @@ def test_a_rotated_feature_tower_gives_the_unrotated_models_features(variant):
     rotated = copy.deepcopy(model)
     rotate_model(rotated, seed=0)
     assert sum(isinstance(m, Unrotate) for m in rotated.modules()) == 1
-    x = images(2, seed=1)
+    x = random_images(2, SIZE, seed=1)
     with torch.no_grad():
         for forward in ("forward", "forward_features"):
             before, after = getattr(model, forward)(x), getattr(rotated, forward)(x)
@@ -144,9 +141,9 @@ def test_a_rotated_feature_tower_gives_the_unrotated_models_features(variant):
 def test_rotated_w8a8_minmax_agrees_with_full_precision(family):
     model = small_model(family)
     config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=True)
-    quantized = isvit.quantize(model, images(16, seed=4), config, progress=False)
+    quantized = isvit.quantize(model, random_images(16, SIZE, seed=4), config, progress=False)
     assert is_rotated(quantized)
-    x = images(32, seed=5)
+    x = random_images(32, SIZE, seed=5)
     with torch.no_grad():
         assert agreement(quantized(x), model(x)) >= 0.8
 
@@ -163,4 +160,4 @@ def test_rotation_refuses_max_pooling_in_one_sentence_before_any_change():
 def test_a_post_norm_block_is_refused_in_one_sentence_before_any_change():
     model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL, use_post_norm=True).eval()
     message = "blocks.0 is a EvaBlockPostNorm with AttentionRope; isvit supports timm's pre-norm EvaBlock"
-    refused_before_any_change(model, images(4, seed=1), message)
+    refused_before_any_change(model, random_images(4, SIZE, seed=1), message)

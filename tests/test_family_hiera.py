@@ -29,7 +29,8 @@ from isvit.modules import QuantLinear, QuantMatMul
 from isvit.pipeline import placement_for
 from isvit.wrap import Placement, post_layernorm_pairs, wrap_model
 
-from family_examples import HIERA, HIERADET, images, params, refused_before_any_change, runs_with, small_model
+from conftest import random_images
+from family_examples import HIERA, HIERADET, params, refused_before_any_change, runs_with, small_model
 
 IMG = 64
 
@@ -51,7 +52,7 @@ def test_sam2_multi_scale_features_come_from_the_quantized_blocks():
     model = small_model("sam2-features")
     wrapped = wrap_model(copy.deepcopy(model), Placement(w_bits=8, a_bits=8))
     isvit.set_quantizers(wrapped, False)
-    x = images(2, seed=1, size=IMG)
+    x = random_images(2, seed=1, size=IMG)
     with torch.no_grad():
         expected = model.forward_intermediates(x, intermediates_only=True)
         got = wrapped.forward_intermediates(x, intermediates_only=True)
@@ -82,7 +83,7 @@ REFUSED = {
 def test_what_an_adapter_cannot_carry_is_one_sentence_before_any_change(case):
     name, args, message = REFUSED[case]
     model = timm.create_model(name, pretrained=False, **args).eval()
-    refused_before_any_change(model, images(4, seed=1, size=IMG), message)
+    refused_before_any_change(model, random_images(4, seed=1, size=IMG), message)
 
 
 @pytest.mark.skipif(not hasattr(timm.layers, "ClNormMlpClassifierHead"), reason="timm before 1.0.9")

@@ -22,8 +22,7 @@ from isvit.quantizers import UniformQuantizer, fake_quant_uniform
 from isvit.reconstruct import reconstruction_loss
 from isvit.wrap import forward_units, wrap_model
 
-from conftest import small_swin, small_vit
-from test_isvit import images, unit_data
+from conftest import random_images, small_swin, small_vit, unit_data
 
 
 def grid(weight, bits):
@@ -77,9 +76,9 @@ def test_gptq_output_error_is_lower_than_round_to_nearest(bits):
 
 
 def test_conv_rows_are_what_its_weight_multiplies():
-    model = isvit.quantize(small_vit(), images(8), QuantConfig(method="minmax", w_bits=8, a_bits=8), progress=False)
+    model = isvit.quantize(small_vit(), random_images(8), QuantConfig(method="minmax", w_bits=8, a_bits=8), progress=False)
     conv = model.patch_embed.proj
-    x = images(2)
+    x = random_images(2)
     rows = _as_rows(conv, x)
     expected = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)  # (N, out, h, w)
     expected = expected.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
@@ -91,7 +90,7 @@ def test_conv_rows_are_what_its_weight_multiplies():
 # random ViT block's loss must drop (measured 0.958).
 @pytest.mark.parametrize("make, ratio", [(small_vit, 0.97), (small_swin, 1.01)])
 def test_gptq_unit_rounds_every_weight_and_lowers_the_unit_loss(make, ratio):
-    x = images()
+    x = random_images(48)
     model = make()
     fp = copy.deepcopy(model)
     q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=3, a_bits=8)))
@@ -125,7 +124,7 @@ def test_isvit_runs_gptq_in_stage3_only_when_asked(monkeypatch):
 
     monkeypatch.setattr(pipeline, "gptq_unit", counting)
     config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
-    isvit.quantize(small_vit(), images(16), config, progress=False)
+    isvit.quantize(small_vit(), random_images(16), config, progress=False)
     assert calls == []  # off by default: the paper's round-to-nearest start
-    isvit.quantize(small_vit(), images(16), dataclasses.replace(config, gptq=True), progress=False)
+    isvit.quantize(small_vit(), random_images(16), dataclasses.replace(config, gptq=True), progress=False)
     assert calls == [u.name for u in forward_units(wrap_model(small_vit(), placement_for(config)))]

@@ -22,34 +22,10 @@ from isvit.pipeline import (
     set_quantizers,
 )
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
-from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, run_unit, token_errors
+from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, token_errors
 from isvit.wrap import forward_units, wrap_model
 
-from conftest import SHARED, same_state, small_swin, small_vit, state_copy
-
-
-def images(n=48, seed=1):
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def activations_quantized(model, x, bits=4):
-    """Stage-1 starting point: wrapped, activation quantizers calibrated, weights full precision."""
-    fp = copy.deepcopy(model)
-    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=bits, a_bits=bits)))
-    set_quantizers(q, False, "weight")
-    calibrate_activations(q, x)
-    return fp, q
-
-
-def unit_data(fp, q, x, index, sequential=False):
-    """Inputs (full-precision or quantized-so-far) and full-precision targets of unit ``index``."""
-    fp_units, q_units = forward_units(fp), forward_units(q)
-    x_fp = x_q = x
-    for i in range(index):
-        x_fp = run_unit(fp_units[i], x_fp, "cpu", 64, torch.float32, "cpu")
-        x_q = run_unit(q_units[i], x_q, "cpu", 64, torch.float32, "cpu")
-    y = run_unit(fp_units[index], x_fp, "cpu", 64, torch.float32, "cpu")
-    return q_units[index], (x_q if sequential else x_fp), y
+from conftest import SHARED, activations_quantized, random_images, same_state, small_swin, small_vit, state_copy, unit_data
 
 
 SETTINGS = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4)
@@ -59,7 +35,7 @@ SETTINGS = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4)
 # checked at 3 bits.
 @pytest.mark.parametrize("make, bits, lr", [(small_vit, 4, 3e-4), (small_swin, 3, 1e-3)])
 def test_stage1_lowers_the_reconstruction_loss(make, bits, lr):
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(make(), x, bits)
     unit, inputs, targets = unit_data(fp, q, x, 1)  # the first transformer block
     before = reconstruction_loss(unit, inputs, targets, "cpu")
@@ -70,7 +46,7 @@ def test_stage1_lowers_the_reconstruction_loss(make, bits, lr):
 
 @pytest.mark.parametrize("make, ratio", [(small_vit, 0.8), (small_swin, 0.95)])
 def test_stage3_lowers_the_reconstruction_loss(make, ratio):
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(make(), x)
     fold_post_layernorm(q)
     set_quantizers(q, True, "weight")
@@ -88,7 +64,7 @@ def test_stage3_lowers_the_reconstruction_loss(make, ratio):
 # 0.0004 -> 0.0011; blocks 0.125 -> 0.088 ...).
 @pytest.mark.parametrize("lr, all_restored", [(1.0, True), (3e-3, False)])
 def test_every_unit_whose_loss_rose_is_put_back_as_it_was(training, lr, all_restored):
-    x = images()
+    x = random_images(48)
     model = small_swin()
     fp = copy.deepcopy(model)
     q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
@@ -112,7 +88,7 @@ def test_every_unit_whose_loss_rose_is_put_back_as_it_was(training, lr, all_rest
 
 
 def test_learning_scales_lowers_the_loss_and_freezes_them_after():
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(small_vit(), x)
     set_quantizers(q, True, "weight")
     calibrate_weights(q)
@@ -138,7 +114,7 @@ POST_LN_SCALES = ("attn.qkv.input_quantizer.scale", "mlp.fc1.input_quantizer.sca
 def quantize_small_vit(**fields):
     config = QuantConfig(**{"method": "isvit", "w_bits": 4, "a_bits": 4, "iters": 2, "batch_size": 8,
                             "calib_size": 16, **fields})
-    return isvit.quantize(small_vit(), images(16), config, progress=False)
+    return isvit.quantize(small_vit(), random_images(16), config, progress=False)
 
 
 def block_calls(training, stage):
@@ -211,7 +187,7 @@ def activation_codes(q, x):
 
 @pytest.mark.parametrize("make", [small_vit, small_swin])
 def test_stage2_leaves_the_quantized_model_unchanged(make):
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(make(), x)
     # After stage-1 training the LayerNorms and Linears are no longer the pretrained ones.
     unit, inputs, targets = unit_data(fp, q, x, 1)
@@ -230,7 +206,7 @@ def test_stage2_leaves_the_quantized_model_unchanged(make):
 
 
 def test_quantize_isvit_runs_every_stage_on_swin_and_improves_on_no_training():
-    x = images(32)
+    x = random_images(32)
     model = small_swin()
     reference = model(x)
     untrained = isvit.quantize(model, x, QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=1, lr=1e-12), progress=False)
@@ -244,7 +220,7 @@ def test_quantize_isvit_runs_every_stage_on_swin_and_improves_on_no_training():
 def test_reconstruction_puts_back_each_modules_mode():
     """The Unit wrapper is a fresh module in training mode: training a unit must not switch its
     block's drop-path on (Swin's default rate is 0.1) for the stages that follow."""
-    x = images(8)
+    x = random_images(8)
     fp, q = activations_quantized(small_swin(), x)
     unit, inputs, targets = unit_data(fp, q, x, 1)
     before = [m.training for m in unit.body.modules()]
@@ -255,7 +231,7 @@ def test_reconstruction_puts_back_each_modules_mode():
 def test_quantize_isvit_leaves_every_module_in_eval_mode():
     """Reconstruction must not leave drop-path on (Swin's default rate is 0.1): the quantized model
     is deterministic."""
-    x = images(8)
+    x = random_images(8)
     q = isvit.quantize(small_swin(), x, QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=1, batch_size=4), progress=False)
     assert not any(m.training for m in q.modules())
     with torch.no_grad():
@@ -288,7 +264,7 @@ def test_token_loss_is_each_tokens_error_relative_to_its_variance():
 
 
 def test_token_loss_lowers_its_own_objective():
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(small_vit(), x)
     unit, inputs, targets = unit_data(fp, q, x, 1)
     before = reconstruction_loss(unit, inputs, targets, "cpu", loss="token")
@@ -354,7 +330,7 @@ def test_presets_set_qdrop_and_an_explicit_value_wins():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_cache_on_a_named_device_trains_as_well_as_float32(training, dtype):
-    x, held_out = images(16), images(32, seed=5)
+    x, held_out = random_images(16), random_images(32, seed=5)
     fp = small_vit()
     errors = {}
     for cache in ("float32", dtype):
@@ -376,7 +352,7 @@ def test_quant_config_rejects_a_bad_cache_device():
 
 
 def test_micro_batches_give_the_same_training_as_whole_batches():
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(small_vit(), x)
     unit, inputs, targets = unit_data(fp, q, x, 1)
     runs = []
@@ -420,10 +396,10 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
     assert q._drop_pool is None and torch.equal(q(x), quantized)
 
     # reconstruct_unit sets it on the unit's activation quantizers for its training steps only
-    fp, model = activations_quantized(small_vit(), images())
+    fp, model = activations_quantized(small_vit(), random_images(48))
     set_quantizers(model, True, "weight")
     calibrate_weights(model)
-    unit, inputs, targets = unit_data(fp, model, images(), 1)
+    unit, inputs, targets = unit_data(fp, model, random_images(48), 1)
     fc2 = unit.body.mlp.fc2
     seen = {"input": [], "weight": []}
     hooks = [
@@ -472,16 +448,16 @@ def test_reconstruction_steps_count_the_units_of_each_stage():
 def test_quantize_isvit_reports_the_estimate_once_and_other_methods_never():
     reported = []
     config = QuantConfig(method="isvit", w_bits=4, a_bits=4, calib_size=4, iters=3, batch_size=2)
-    isvit.quantize(small_vit(), images(4), config, progress=False, on_estimate=reported.append)
+    isvit.quantize(small_vit(), random_images(4), config, progress=False, on_estimate=reported.append)
     assert len(reported) == 1 and reported[0] > 0
-    isvit.quantize(small_vit(), images(4), QuantConfig(method="repq", calib_size=4), progress=False,
+    isvit.quantize(small_vit(), random_images(4), QuantConfig(method="repq", calib_size=4), progress=False,
                    on_estimate=reported.append)
     assert len(reported) == 1
 def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
     """QDrop's masks and the batches drawn come from seeded generators, so a run repeats exactly on
     one machine with the same thread count (another thread count sums in another order: other
     rounding, another trained model)."""
-    x = images(16)
+    x = random_images(16)
     config = QuantConfig(method="isvit", w_bits=4, a_bits=4, preset="fast", iters=3, batch_size=8)
     assert config.reconstruction()["drop_prob"] == 0.5
     first = state_copy(isvit.quantize(small_vit(), x, config, progress=False))
@@ -495,14 +471,14 @@ def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
 def test_quantize_reports_each_stages_losses_when_asked():
     losses = {}
     config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
-    isvit.quantize(small_vit(), images(16), config, progress=False, losses=losses)
+    isvit.quantize(small_vit(), random_images(16), config, progress=False, losses=losses)
     assert list(losses) == ["stage1", "stage3"]
     assert list(losses["stage1"]) == VIT_UNITS[1:] and list(losses["stage3"]) == VIT_UNITS
     for before, after, restored in [*losses["stage1"].values(), *losses["stage3"].values()]:
         assert before > 0 and (after <= before or restored)
     losses = {}
-    isvit.quantize(small_vit(), images(16), dataclasses.replace(config, stage1=False), progress=False, losses=losses)
+    isvit.quantize(small_vit(), random_images(16), dataclasses.replace(config, stage1=False), progress=False, losses=losses)
     assert list(losses) == ["stage3"]
     losses = {}
-    isvit.quantize(small_vit(), images(16), QuantConfig(method="repq", calib_size=16), progress=False, losses=losses)
+    isvit.quantize(small_vit(), random_images(16), QuantConfig(method="repq", calib_size=16), progress=False, losses=losses)
     assert losses == {}

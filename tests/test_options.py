@@ -21,14 +21,13 @@ from isvit.reconstruct import (
 )
 from isvit.wrap import forward_units, wrap_model
 
-from conftest import SMALL_SWIN, SMALL_VIT, small_swin, small_vit
-from test_isvit import activations_quantized, images, unit_data
+from conftest import SMALL_SWIN, SMALL_VIT, activations_quantized, random_images, small_swin, small_vit, unit_data
 
 
 def stage3_unit(make, bits=3, index=1):
     """A unit of ``make()`` ready for stage 3 (folded, weights calibrated) with its quantized inputs
     and full-precision targets."""
-    x = images()
+    x = random_images(48)
     fp, q = activations_quantized(make(), x, bits)
     fold_post_layernorm(q)
     set_quantizers(q, True, "weight")
@@ -123,7 +122,7 @@ def test_a_unit_put_back_after_learnt_rounding_also_ends_on_its_grid(rounding):
     # at learning rate 10 every unit ends worse than it started and is put back as it was
     config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=3, calib_size=16, lr=10.0,
                          rounding=rounding, round_lr=10.0, stage1=False, rotate=False)
-    qmodel = isvit.quantize(small_vit(), images(16), config, progress=False)
+    qmodel = isvit.quantize(small_vit(), random_images(16), config, progress=False)
     layers = [m for m in qmodel.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled]
     assert layers and all(on_grid(m) for m in layers)
 
@@ -135,7 +134,7 @@ def test_a_unit_put_back_after_learnt_rounding_also_ends_on_its_grid(rounding):
 ])
 def test_learnt_rounding_is_saved_as_its_codes_and_reloads_exactly(tmp_path, spec, make, fields, rounding):
     model = make()
-    x = images(32)
+    x = random_images(32)
     config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=8, calib_size=32, **fields)
     qmodel = isvit.quantize(model, x, config, progress=False)
     layers = [m for m in qmodel.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled]
@@ -199,7 +198,7 @@ def test_learnt_activation_scales_lower_the_loss_and_only_activations_move_with_
 @pytest.mark.parametrize("make", [small_vit, small_swin])
 def test_output_importance_is_positive_finite_mean_one_and_shaped_like_a_unit_output(make):
     model = make()
-    x = images(24)
+    x = random_images(24)
     units = forward_units(model)
     maps = output_importance(units, x, "cpu", 8, seed=0)
     assert len(maps) == len(units)
@@ -242,7 +241,7 @@ def test_the_fisher_loss_is_the_token_loss_when_every_importance_is_one():
 @pytest.mark.parametrize("make", [small_vit, small_swin])
 def test_the_fisher_loss_lowers_its_unit_loss(make):
     fp, _, unit, inputs, targets = stage3_unit(make)
-    weight = output_importance(forward_units(fp), images(), "cpu", 16, seed=0)[1]
+    weight = output_importance(forward_units(fp), random_images(48), "cpu", 16, seed=0)[1]
     before = reconstruction_loss(unit, inputs, targets, "cpu", loss="fisher", importance=weight)
     settings = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4, loss="fisher")
     reconstruct_unit(unit, inputs, targets, settings, "cpu", importance=weight, progress=False)

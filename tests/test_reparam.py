@@ -15,32 +15,7 @@ from isvit.quantizers import UniformQuantizer
 from isvit.reparam import reparameterize_layernorm
 from isvit.wrap import Placement, post_layernorm_pairs, wrap_model
 
-from conftest import small_swin, small_vit
-
-PLACEMENT = Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2", post_ln_per_channel=True)
-
-
-def images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def spread_layernorms(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give the post-LayerNorm channels very different ranges and offsets, as trained ViTs have
-    (random LayerNorms are all gamma=1, beta=0): per-channel scales and zero points then differ a lot."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, norm, _ in post_layernorm_pairs(model):
-            c = norm.weight.numel()
-            norm.weight.mul_(torch.exp(torch.randn(c, generator=g)))
-            norm.bias.add_(torch.randn(c, generator=g) * 2)
-
-
-def calibrated(model: torch.nn.Module, size: int = 64) -> torch.nn.Module:
-    wrap_model(model, PLACEMENT)
-    spread_layernorms(model)
-    calibrate_weights(model)
-    calibrate_activations(model, images(16, size, seed=1))
-    return model
+from conftest import calibrated, logits, random_images, small_swin, small_vit
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +28,6 @@ def vit():
 @pytest.fixture
 def model(vit):
     return copy.deepcopy(vit)
-
-
-@torch.no_grad()
-def logits(model, x, kind: str) -> torch.Tensor:
-    """Logits with 'none', 'activation' or 'all' quantizers enabled."""
-    isvit.set_quantizers(model, False)
-    if kind != "none":
-        isvit.set_quantizers(model, True, kind)
-    return model(x)
 
 
 def block_input(model, x, index: int = 0) -> torch.Tensor:
@@ -84,7 +50,7 @@ def test_the_calibrated_post_layernorm_grids_really_differ_per_channel(vit):
 
 
 def test_fold_keeps_the_full_precision_function(model):
-    x = images(8, seed=2)
+    x = random_images(8, seed=2)
     before = logits(model, x, "none")
     fold_post_layernorm(model)
     after = logits(model, x, "none")
@@ -93,7 +59,7 @@ def test_fold_keeps_the_full_precision_function(model):
 
 
 def test_fold_keeps_the_quantized_function(model):
-    x = images(8, seed=2)
+    x = random_images(8, seed=2)
     reference = logits(model, x, "none")
     before = logits(model, x, "activation")
     assert (before - reference).abs().max() > 1e-2  # the activation quantization does matter here
@@ -110,7 +76,7 @@ def test_fold_keeps_the_quantized_function(model):
 def test_fold_keeps_every_integer_code(model, pair):
     _, norm, linear = post_layernorm_pairs(model)[pair]
     # realistic tokens (for norm2 the block input stands in for the mid-block residual stream)
-    tokens = block_input(model, images(8, seed=3), index=pair // 2)
+    tokens = block_input(model, random_images(8, seed=3), index=pair // 2)
     q = linear.input_quantizer
     d, z = q.scale.clone(), q.zero_point.clone()
     weight = linear.weight.detach().clone()
@@ -162,7 +128,7 @@ def test_dequantized_activation_mapped_back(model, round_zero_point):
     """Pair level: the folded quantizer's output, mapped back to the original domain, equals the
     per-channel quantizer's output exactly with an integer z', and not with the authors' mean(z)."""
     _, norm, linear = post_layernorm_pairs(model)[0]
-    tokens = block_input(model, images(8, seed=3))
+    tokens = block_input(model, random_images(8, seed=3))
     q = linear.input_quantizer
     with torch.no_grad():
         before = q(norm(tokens))
@@ -180,7 +146,7 @@ def test_a_fractional_target_zero_point_changes_the_quantized_function(model):
     function but not the quantized one, and the same tolerance as above sees it."""
     pairs = post_layernorm_pairs(model)
     assert all(p[2].input_quantizer.zero_point.mean().item() % 1 != 0 for p in pairs)
-    x = images(8, seed=2)
+    x = random_images(8, seed=2)
     fp_before, q_before = logits(model, x, "none"), logits(model, x, "activation")
     for _, norm, linear in pairs:
         fold_by_hand(norm, linear, round_zero_point=False)
@@ -217,7 +183,7 @@ def test_fold_resets_only_the_folded_weight_quantizers(model):
 def test_fold_refuses_a_per_tensor_quantizer():
     model = wrap_model(small_vit(), Placement(w_bits=4, a_bits=4, post_ln_per_channel=False))
     calibrate_weights(model)
-    calibrate_activations(model, images(2))
+    calibrate_activations(model, random_images(2, seed=0))
     _, norm, linear = post_layernorm_pairs(model)[0]
     with pytest.raises(ValueError):
         reparameterize_layernorm(norm, linear)
@@ -231,7 +197,7 @@ def test_fold_refuses_a_per_tensor_quantizer():
 
 def _swin_fold_changes(window_size: int) -> tuple[float, float, float]:
     model = calibrated(small_swin(window_size=window_size))
-    x = images(8, seed=2)
+    x = random_images(8, seed=2)
     fp_before, q_before = logits(model, x, "none"), logits(model, x, "activation")
     fold_post_layernorm(model)
     fp_after, q_after = logits(model, x, "none"), logits(model, x, "activation")

@@ -18,7 +18,7 @@ from isvit.pipeline import calibrate_activations, calibrate_weights
 from isvit.quantizers import LogSqrt2Quantizer, Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
 
-from conftest import small_swin, small_vit
+from conftest import random_images, small_swin, small_vit
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +34,6 @@ def vit_tiny() -> nn.Module:
 def deit_distilled() -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
-
-
-def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 W4A4 = Placement(w_bits=4, a_bits=4)
@@ -56,7 +52,7 @@ W4A4 = Placement(w_bits=4, a_bits=4)
 def test_disabled_quantizers_give_the_original_logits(make, size):
     model = make()
     original = copy.deepcopy(model)
-    x = images(2, size)
+    x = random_images(2, size, seed=0)
     with torch.no_grad():
         expected = original(x)
         wrap_model(model, W4A4)
@@ -91,7 +87,7 @@ def test_swin_shifted_windows_pass_their_mask_through_the_wrapped_attention():
 
     handles = [b.attn.register_forward_pre_hook(record, with_kwargs=True) for stage in model.layers for b in stage.blocks]
     with torch.no_grad():
-        model(images(1, 64))
+        model(random_images(1, 64, seed=0))
     for h in handles:
         h.remove()
     assert [m is not None for m in seen] == [False, True, False, True]
@@ -160,7 +156,7 @@ def test_every_linear_is_quantized_swin():
 def test_post_layernorm_granularity_after_calibration(make, size, per_channel):
     model = wrap_model(make(), Placement(w_bits=4, a_bits=4, post_ln_per_channel=per_channel))
     calibrate_weights(model)
-    calibrate_activations(model, images(2, size))
+    calibrate_activations(model, random_images(2, size, seed=0))
     blocks = model.blocks if hasattr(model, "blocks") else [b for stage in model.layers for b in stage.blocks]
     for block in blocks:
         dim = block.norm1.normalized_shape[0]
@@ -222,7 +218,7 @@ def test_wrapped_attention_accepts_attn_mask():
 
 @pytest.mark.parametrize("method", ["repq", "minmax"])
 def test_quantized_state_dict_loads_into_a_fresh_wrap(method):
-    calib = images(8, 64, seed=1)
+    calib = random_images(8, 64, seed=1)
     config = isvit.QuantConfig(method=method, w_bits=4, a_bits=4, calib_size=8)
     quantized = isvit.quantize(small_vit(seed=0), calib, config, progress=False)
     placement = Placement(
@@ -230,7 +226,7 @@ def test_quantized_state_dict_loads_into_a_fresh_wrap(method):
         post_ln_per_channel=method == "repq",
     )
     fresh = wrap_model(small_vit(seed=123), placement)  # other random weights, uncalibrated quantizers
-    x = images(4, 64, seed=2)
+    x = random_images(4, 64, seed=2)
     with torch.no_grad():
         expected = quantized(x)
         fresh.load_state_dict(quantized.state_dict(), strict=True)
@@ -248,11 +244,11 @@ def test_quantized_state_dict_loads_into_a_fresh_wrap(method):
 
 
 def _swin_round_trip(config: isvit.QuantConfig) -> None:
-    calib = images(4, 64, seed=3)
+    calib = random_images(4, 64, seed=3)
     quantized = isvit.quantize(small_swin(0), calib, config, progress=False)
     fresh = wrap_model(small_swin(7), Placement(w_bits=4, a_bits=4, softmax_quantizer=config.resolved_softmax_quantizer))
     fresh.load_state_dict(quantized.state_dict(), strict=True)
-    x = images(2, 64, seed=4)
+    x = random_images(2, 64, seed=4)
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized(x))
 
@@ -267,10 +263,10 @@ def test_quantized_swin_state_dict_round_trip_with_bias_correction():
 
 def test_quantized_vit_without_qkv_bias_state_dict_round_trip():
     config = isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4, bias_correction=False)
-    quantized = isvit.quantize(small_vit(seed=0, qkv_bias=False), images(4, 64, seed=5), config, progress=False)
+    quantized = isvit.quantize(small_vit(seed=0, qkv_bias=False), random_images(4, 64, seed=5), config, progress=False)
     fresh = wrap_model(small_vit(seed=1, qkv_bias=False), Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2"))
     fresh.load_state_dict(quantized.state_dict(), strict=True)
-    x = images(2, 64, seed=6)
+    x = random_images(2, 64, seed=6)
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized(x))
 
@@ -285,7 +281,7 @@ def test_unsupported_model_is_refused():
     with pytest.raises(isvit.IsvitError, match="ResNet"):
         wrap_model(resnet, W4A4)
     with pytest.raises(isvit.IsvitError):
-        isvit.quantize(resnet, images(2, 32), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
+        isvit.quantize(resnet, random_images(2, 32, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
     assert not any(isinstance(m, Quantizer) for m in resnet.modules())
     # before any other work: the (empty) calibration data is not even looked at
     with pytest.raises(isvit.IsvitError, match="not ResNet"):
@@ -302,7 +298,7 @@ def test_a_vit_with_a_swiglu_sub_norm_is_refused_in_one_sentence_before_any_chan
     assert not any(isinstance(m, (Quantizer, QuantLinear)) for m in model.modules())
     config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=2)
     with pytest.raises(isvit.IsvitError, match="SwiGLU"):
-        isvit.quantize(model, images(2, 32), config, progress=False)
+        isvit.quantize(model, random_images(2, 32, seed=0), config, progress=False)
 
 
 def test_wrapping_twice_is_refused():
@@ -311,6 +307,6 @@ def test_wrapping_twice_is_refused():
     with pytest.raises(isvit.IsvitError, match="already quantized"):
         wrap_model(model, W4A4)
     assert len(isvit.quantizers(model)) == count
-    quantized = isvit.quantize(small_vit(), images(2, 64), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
+    quantized = isvit.quantize(small_vit(), random_images(2, 64, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
     with pytest.raises(isvit.IsvitError):
-        isvit.quantize(quantized, images(2, 64), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
+        isvit.quantize(quantized, random_images(2, 64, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
