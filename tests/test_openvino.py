@@ -28,8 +28,8 @@ from isvit.errors import IsvitError
 from isvit.export import folded_tables
 from isvit.runtime import OpenVinoModel, load_onnx
 
-from conftest import error_of, torch_threads
-from test_export import BAD_ONNX, data_config, export_settings, export_tiny_fp32, images, small_model
+from conftest import error_of, random_images, torch_threads
+from export_examples import BAD_ONNX, data_config, export_settings, export_tiny_fp32, img_size, small_model
 
 pytestmark = pytest.mark.openvino  # scripts/test.sh runs this file in a process of its own (conftest.py)
 
@@ -77,7 +77,7 @@ def test_openvino_computes_what_pytorch_computes(exported, setting):
     # no second, dynamic quantization of the file's quantized activations (OpenVINO's default on
     # CPUs with VNNI or AMX: there it took swin-repq-w8 to 1.1x the quantization error from PyTorch)
     assert ov_model.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
-    x = images(arch, 16, seed=3)
+    x = random_images(16, img_size(arch), seed=3)
     with torch.no_grad(), folded_tables(model):  # what the file computes: the post-Softmax tables folded
         expected, fp = model(x), small_model(arch)(x)
         got = ov_model(x)
@@ -122,7 +122,7 @@ def test_the_precision_reported_is_the_one_compiled(vit_w4a4):
     ov_model, _ = load_onnx(path, threads=1, runtime="openvino", precision="bf16")
     assert ov_model.precision == ov_model.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     assert ov_model.precision == ("bf16" if CPU_HAS_BF16 else "f32")
-    x = images("vit", 4, seed=3)
+    x = random_images(4, img_size("vit"), seed=3)
     got = ov_model(x)
     assert got.shape == (4, 10) and torch.isfinite(got).all()
     if not CPU_HAS_BF16:  # the same f32 model as precision="f32"

@@ -30,8 +30,8 @@ from isvit.openvino_ir import export_openvino, write_openvino
 from isvit.quantizers import UniformQuantizer
 from isvit.runtime import load_onnx
 
-from conftest import error_of, torch_threads
-from test_export import ARCHITECTURES, TINY, VIT, data_config, export_settings, images
+from conftest import error_of, random_images, torch_threads
+from export_examples import ARCHITECTURES, TINY, VIT, data_config, export_settings, img_size
 
 pytestmark = pytest.mark.openvino  # scripts/test.sh runs this file in a process of its own (conftest.py)
 
@@ -174,7 +174,7 @@ def test_the_ir_round_trips(exported, setting):
     """The IR, given as its folder or its model.xml, computes what the ONNX file computes on OpenVINO,
     and carries its metadata."""
     path, ir = exported[setting].onnx, exported[setting].ir
-    x = images(setting[0], 16, seed=3)
+    x = random_images(16, img_size(setting[0]), seed=3)
     onnx_model, onnx_info = load_onnx(path, threads=1, runtime="openvino", precision="f32")
     expected = onnx_model(x)
     for given in (ir, ir / "model.xml", str(ir)):
@@ -228,7 +228,7 @@ def test_a_full_precision_model_exports_too(tmp_path):
     assert result["integer"] == result["float"] == 0 and weight_storage(tmp_path / "ir") == []
     ir_model, info = load_onnx(tmp_path / "ir", threads=1, runtime="openvino", precision="f32")
     assert info["config"] is None and info["model_args"] == TINY
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x = random_images(4, 32, seed=3)
     with torch.no_grad():
         assert torch.allclose(ir_model(x), model(x), atol=1e-4)
 
