@@ -115,13 +115,19 @@ def write_linear(layer: nn.Module, q: torch.Tensor, center: bool) -> None:
 
 
 def fold_layer_scale(ls: nn.Module, writer: nn.Linear) -> None:
-    """``ls(W a + b)`` with LayerScale ``ls(y) = y * g``: the writer's output rows times g, g <- 1."""
-    if isinstance(ls, nn.Identity):
+    """``ls(W a + b)`` with timm's LayerScale module ``ls(y) = y * g`` (or Identity): ``fold_gamma``."""
+    fold_gamma(None if isinstance(ls, nn.Identity) else ls.gamma, writer)
+
+
+def fold_gamma(gamma: nn.Parameter | None, writer: nn.Linear) -> None:
+    """``gamma * (W a + b)`` (LayerScale as a bare parameter, EVA's ``gamma_1``; None: none): the
+    writer's output rows times gamma, gamma <- 1."""
+    if gamma is None:
         return
-    writer.weight.mul_(ls.gamma.view(-1, 1))
+    writer.weight.mul_(gamma.view(-1, 1))
     if writer.bias is not None:
-        writer.bias.mul_(ls.gamma)
-    ls.gamma.fill_(1.0)
+        writer.bias.mul_(gamma)
+    gamma.fill_(1.0)
 
 
 def norm_as_writer(norm: nn.Module, q: torch.Tensor, center: bool) -> nn.Sequential:
@@ -221,11 +227,27 @@ def rotate_heads(attn: nn.Module, generator: torch.Generator) -> None:
         rotate_rows(0, r)
         rotate_rows(1, r)
     if isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-        s = rotations()
-        rotate_rows(2, s)
-        # proj reads (attn @ v_h S_h) through its columns of head h: W[:, h] <- W[:, h] S_h
-        proj = attn.proj.weight.view(attn.proj.out_features, heads, head_dim)
-        proj.copy_(torch.einsum("ohj,hji->ohi", proj, s))
+        v_rows = slice(2 * heads * head_dim, None)
+        v_bias = attn.qkv.bias[v_rows] if attn.qkv.bias is not None else None
+        rotate_values(attn.qkv.weight[v_rows], v_bias, attn.proj, heads, generator)
+
+
+def rotate_values(weight: torch.Tensor, bias: torch.Tensor | None, proj: nn.Linear, kv_heads: int,
+                  generator: torch.Generator) -> None:
+    """Each of ``kv_heads`` heads' v turned by a random orthogonal ``S_h``, in place: the rows of v's
+    ``weight`` (kv_heads * head_dim, d) and ``bias`` (views into the Linear that computes v), and the
+    columns of ``proj`` that read it. With grouped-query attention (fewer k/v heads than proj reads)
+    head h of proj reads v head ``h // group`` and so the same ``S``."""
+    head_dim = weight.shape[0] // kv_heads
+    heads = proj.in_features // head_dim
+    s = torch.stack([random_orthogonal(head_dim, generator) for _ in range(kv_heads)]).to(weight.device, weight.dtype)
+    # v_h S_h = x (S_h^T W_h)^T + b_h S_h: rows W_h <- S_h^T W_h, bias b_h <- b_h S_h
+    weight.copy_(torch.einsum("hji,hjc->hic", s, weight.view(kv_heads, head_dim, -1)).reshape(weight.shape))
+    if bias is not None:
+        bias.copy_(torch.einsum("hji,hj->hi", s, bias.view(kv_heads, head_dim)).reshape(bias.shape))
+    # proj reads (attn @ v_h S_h) through its columns of head h: W[:, h] <- W[:, h] S_h
+    columns = proj.weight.view(proj.out_features, heads, head_dim)
+    columns.copy_(torch.einsum("ohj,hji->ohi", columns, s.repeat_interleave(heads // kv_heads, dim=0)))
 
 
 def orthogonal_like(n: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -55,11 +55,12 @@ from torch import nn
 from ..errors import IsvitError
 from ..modules import QuantLinear, QuantMatMul, additive_mask
 from ..orthogonal import (
+    fold_gamma,
     norm_as_writer,
     orthogonal_like,
-    random_orthogonal,
     read,
     require_layernorm,
+    rotate_values,
     write,
     write_linear,
 )
@@ -206,16 +207,6 @@ def _check_rotation(model: nn.Module) -> None:
     head_readers(model)
 
 
-def _fold_gamma(gamma: nn.Parameter | None, writer: nn.Linear) -> None:
-    """LayerScale ``gamma * (W a + b)`` into the writer: its output rows times gamma, gamma <- 1."""
-    if gamma is None:
-        return
-    writer.weight.mul_(gamma.view(-1, 1))
-    if writer.bias is not None:
-        writer.bias.mul_(gamma)
-    gamma.fill_(1.0)
-
-
 def _read_attention_input(block: nn.Module, q: torch.Tensor, centred: bool) -> None:
     """norm1 swapped for the norm ``read`` makes, its affine in qkv. EvaAttention's fused qkv with
     separate biases ignores ``qkv.bias``: what ``read`` put there moves into ``q_bias``, ``k_bias``
@@ -232,11 +223,10 @@ def _read_attention_input(block: nn.Module, q: torch.Tensor, centred: bool) -> N
 
 
 def _rotate_values(attn: nn.Module, generator: torch.Generator) -> None:
-    """Each k/v head's v turned by a random orthogonal ``S_h`` (rows of its weight and bias), the
-    columns of ``proj`` that read it by the same (``orthogonal.rotate_heads``' v and proj; q and k
-    are not rotated: the rotary embedding turns pairs of their channels by position-dependent
-    angles, which a rotation of the head's channels does not commute with). Skipped where the
-    attention output is normalised (``attn.norm``)."""
+    """Each k/v head's v and the columns of ``proj`` that read it turned by a random orthogonal
+    ``S_h`` (``orthogonal.rotate_values``); q and k are not rotated: the rotary embedding turns pairs
+    of their channels by position-dependent angles, which a rotation of the head's channels does not
+    commute with. Skipped where the attention output is normalised (``attn.norm``)."""
     if not isinstance(attn.norm, nn.Identity):
         return
     heads, head_dim = attn.num_heads, attn.proj.in_features // attn.num_heads
@@ -247,13 +237,7 @@ def _rotate_values(attn: nn.Module, generator: torch.Generator) -> None:
         bias = bias[-kv_heads * head_dim:] if bias is not None else None
     else:
         weight, bias = attn.v_proj.weight, attn.v_proj.bias
-    s = torch.stack([random_orthogonal(head_dim, generator) for _ in range(kv_heads)]).to(weight.device, weight.dtype)
-    weight.copy_(torch.einsum("hji,hjc->hic", s, weight.view(kv_heads, head_dim, -1)).reshape(weight.shape))
-    if bias is not None:
-        bias.copy_(torch.einsum("hji,hj->hi", s, bias.view(kv_heads, head_dim)).reshape(bias.shape))
-    # proj reads head h (which reads k/v head h // group) through its columns: W[:, h] <- W[:, h] S
-    proj = attn.proj.weight.view(attn.proj.out_features, heads, head_dim)
-    proj.copy_(torch.einsum("ohj,hji->ohi", proj, s.repeat_interleave(heads // kv_heads, dim=0)))
+    rotate_values(weight, bias, attn.proj, kv_heads, generator)
 
 
 def _rotate(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -265,8 +249,8 @@ def _rotate(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Ten
     # every LayerNorm becomes a RotatedLayerNorm instead.
     centre = head_norm is not None
     for block in blocks:
-        _fold_gamma(block.gamma_1, block.attn.proj)
-        _fold_gamma(block.gamma_2, block.mlp.fc2)
+        fold_gamma(block.gamma_1, block.attn.proj)
+        fold_gamma(block.gamma_2, block.mlp.fc2)
     # 1 + 3: the writers, centred and rotated
     if isinstance(model.norm_pre, nn.LayerNorm):  # its output is the stream: its affine becomes a writer
         model.norm_pre = norm_as_writer(model.norm_pre, q, centre)
