@@ -66,13 +66,7 @@ class Hiera(Family):
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
             raise IsvitError(f"patch_embed.proj is a {type(model.patch_embed.proj).__name__}; isvit supports "
                              "image Hiera models (a Conv2d patch embedding), not video ones")
-        for name, block in numbered_blocks(model):
-            if type(block) is not HieraBlock or type(block.attn) is not MaskUnitAttention:
-                raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; "
-                                 "isvit supports timm's HieraBlock with MaskUnitAttention")
-            check_layernorm(block.norm1, f"{name}.norm1")
-            check_layernorm(block.norm2, f"{name}.norm2")
-            check_plain_mlp(name, block.mlp)
+        check_blocks(model, HieraBlock, MaskUnitAttention)
         check_head(model)
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
@@ -126,6 +120,20 @@ def block_proj(block: nn.Module) -> nn.Linear | None:
     keeps its width, or, with ``use_expand_proj=False``, pools the stream itself)."""
     proj = getattr(block, "proj", None)
     return proj if isinstance(proj, nn.Linear) else None
+
+
+def check_blocks(model: nn.Module, block_type: type, attention_type: type, check_attention=None) -> None:
+    """Every block is a ``block_type`` with an ``attention_type`` (then ``check_attention(name, attn)``,
+    if given), LayerNorms and timm's plain Mlp: what Hiera's and HieraDet's surgery carries."""
+    for name, block in numbered_blocks(model):
+        if type(block) is not block_type or type(block.attn) is not attention_type:
+            raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; "
+                             f"isvit supports timm's {block_type.__name__} with {attention_type.__name__}")
+        if check_attention is not None:
+            check_attention(name, block.attn)
+        check_layernorm(block.norm1, f"{name}.norm1")
+        check_layernorm(block.norm2, f"{name}.norm2")
+        check_plain_mlp(name, block.mlp)
 
 
 def check_plain_mlp(name: str, mlp: nn.Module) -> None:

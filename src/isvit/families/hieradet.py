@@ -34,8 +34,8 @@ from torch import nn
 
 from ..errors import IsvitError
 from ..modules import QuantLinear, QuantMatMul
-from .base import Family, Head, Unit, check_layernorm, numbered_blocks
-from .hiera import block_pairs, block_proj, check_head, check_plain_mlp, wrap_blocks
+from .base import Family, Head, Unit, numbered_blocks
+from .hiera import block_pairs, block_proj, check_blocks, check_head, wrap_blocks
 
 try:  # timm 1.0.9 and later
     from timm.models.hieradet_sam2 import HieraDet as TimmHieraDet
@@ -59,16 +59,7 @@ class HieraDet(Family):
         if not isinstance(model.patch_embed.proj, nn.Conv2d):
             raise IsvitError(f"patch_embed.proj is a {type(model.patch_embed.proj).__name__}; "
                              "isvit needs a Conv2d there")
-        for name, block in numbered_blocks(model):
-            if type(block) is not MultiScaleBlock or type(block.attn) is not MultiScaleAttention:
-                raise IsvitError(f"{name} is a {type(block).__name__} with {type(block.attn).__name__}; "
-                                 "isvit supports timm's MultiScaleBlock with MultiScaleAttention")
-            if block.attn.q_pool is not None and type(block.attn.q_pool) is not nn.MaxPool2d:
-                raise IsvitError(f"{name}.attn pools q with a {type(block.attn.q_pool).__name__}; "
-                                 "isvit supports MaxPool2d there")
-            check_layernorm(block.norm1, f"{name}.norm1")
-            check_layernorm(block.norm2, f"{name}.norm2")
-            check_plain_mlp(name, block.mlp)
+        check_blocks(model, MultiScaleBlock, MultiScaleAttention, _check_q_pool)
         check_head(model)
 
     def wrap(self, model: nn.Module, p: Placement) -> None:
@@ -82,6 +73,11 @@ class HieraDet(Family):
 
     def post_layernorm_pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, QuantLinear]]:
         return block_pairs(model, folds_norm1)
+
+
+def _check_q_pool(name: str, attn: nn.Module) -> None:
+    if attn.q_pool is not None and type(attn.q_pool) is not nn.MaxPool2d:
+        raise IsvitError(f"{name}.attn pools q with a {type(attn.q_pool).__name__}; isvit supports MaxPool2d there")
 
 
 def folds_norm1(block: nn.Module) -> bool:
