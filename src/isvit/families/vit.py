@@ -583,7 +583,7 @@ def _siglip(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
 
 
 def siglip_tower(keys: Renaming, model: nn.Module, path) -> dict[str, torch.Tensor]:
-    """What follows SigLIP's embeddings, the same in SigLIP 2's NaFlex model (``families/naflexvit_hf.py``
+    """What follows SigLIP's embeddings, the same in SigLIP 2's NaFlex model (``families/naflexvit.py``
     uses it): the blocks, ``post_layernorm``, the attention-pool head or a classifier (``_siglip``)."""
     p = keys.prefix
     keys.drop(f"{p}embeddings.position_ids")  # a buffer older releases saved
