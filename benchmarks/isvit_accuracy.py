@@ -30,8 +30,8 @@ setting's own flag comes after and wins).
 it reruns an ablation of an earlier preset, e.g. --iters 60 the fast preset of 2026-12-04.
 
 --save-dir DIR keeps each quantized model as DIR/SETTING_sSEED.safetensors (for
-benchmarks/softmax_error.py). --resume-from FILE ... takes the rows of earlier outputs whose command
-line is the one this run would use (where a model was saved aside; the iterations per unit compared
+benchmarks/studies/softmax_error.py). --resume-from FILE ... takes the rows of earlier outputs whose
+command line is the one this run would use (where a model was saved aside; the iterations per unit compared
 as the row recorded them, so a row run when the preset trained 60 matches --iters 60 and not a plain
 command now) instead of running them again;
 without it every setting and seed asked for is run. With --resumed-only nothing is run: the table

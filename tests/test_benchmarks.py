@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS / "studies")]  # the table scripts and record.py; the studies
 
 import record
 
@@ -218,7 +219,7 @@ def test_seeds_run_each_setting_once_per_seed_and_summarise_mean_and_std(tmp_pat
     assert set(data) == {"fast/w3a3", "summary"} and data["summary"]["fast/w3a3"]["top1_std"] == 0.0
 
 
-# benchmarks/softmax_error.py: the post-Softmax quantizers' error on a model's attention maps
+# benchmarks/studies/softmax_error.py: the post-Softmax quantizers' error on a model's attention maps
 
 def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
     import copy

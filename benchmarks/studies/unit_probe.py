@@ -1,7 +1,7 @@
 """One block of the shared ViT-Ti trained alone with various reconstruction settings: its loss on
 calibration images it did not train on. Cheap (minutes), so options are compared here first.
 
-    python benchmarks/unit_probe.py --block 2 --bits 3 --threads 1 \
+    python benchmarks/studies/unit_probe.py --block 2 --bits 3 --threads 1 \
         --set '{}' --set '{"rounding": "offset", "round_lr": 0.03}' --set '{"iters": 600, "learn_scales": true}'
 
 The model is quantized as isvit does before stage 1 (activation grids on 64 images, the fold, weight
@@ -18,7 +18,7 @@ activations quantized and its weights float (latent weights, the same lr, loss a
 the fold and the weight grids; ``before`` is then the loss at the start of stage 3 after it. E.g.
 the paper preset with and without stage 1, and without it but with its steps in stage 3:
 
-    python benchmarks/unit_probe.py --block 2 --bits 3 \
+    python benchmarks/studies/unit_probe.py --block 2 --bits 3 \
         --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0, "stage1_iters": 1000}' \
         --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}' \
         --set '{"iters": 2000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}'
@@ -27,7 +27,7 @@ A setting with ``"refit_softmax": true`` (issue 21) fits the block's post-Softma
 before the training of stage 3, on the block's first 64 inputs as it computes them then (after stage
 1, if any, the fold and the weight grids), instead of keeping the grids fitted on the untrained
 block with float weights: a trained model's own SULQ grids err more on its maps than grids fitted
-to them (benchmarks/softmax_error.py).
+to them (benchmarks/studies/softmax_error.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ import copy
 import dataclasses
 import datetime
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,7 @@ from isvit.quantizers import UniformQuantizer
 from isvit.reconstruct import ReconstructionSettings, output_importance, reconstruct_unit, reconstruction_loss, run_unit
 from isvit.wrap import forward_units
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from record import untrained_isvit  # benchmarks/record.py
 from tune_heldout import SHARED, heldout_split  # benchmarks/tune_heldout.py
 

@@ -1,7 +1,7 @@
 """Which quantizers cost the accuracy? One group switched on at a time, the rest full precision.
 
-    python benchmarks/quantizer_groups.py [--bits 3] [--iters 1] [--outlier-ratio R] [--threads 2] [--seed 0]
-        [--out results/quantizer_groups.json]
+    python benchmarks/studies/quantizer_groups.py [--bits 3] [--iters 1] [--outlier-ratio R] [--threads 2] [--seed 0]
+        [--out results/studies/quantizer_groups.json]
 
 Quantizes the shared ViT-Ti with `isvit` (W{bits}/A{bits}, fast preset, ``--iters`` reconstruction
 iterations per unit: 1 by default, i.e. the quantizers' initialisation with a barely trained model)
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 import isvit
 from isvit.quantizers import named_quantizers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from record import MODEL, ROOT, WEIGHTS, environment, write_json
 from tune_heldout import heldout_split, logits_of  # benchmarks/tune_heldout.py
 
@@ -68,7 +71,7 @@ def main() -> None:
     parser.add_argument("--outlier-ratio", type=float, help="outlier ratio (default: the method's; 0 is one grid per tensor)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="optimisation seed (default 0)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "quantizer_groups.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "studies" / "quantizer_groups.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

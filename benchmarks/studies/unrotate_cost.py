@@ -5,7 +5,7 @@ timed as it is and with its ``Unrotate`` swapped for an Identity, interleaved, o
 for (1 by default); also the ``Unrotate`` alone on the tokens it gets. Prints one line a model;
 writes no file.
 
-    OMP_NUM_THREADS=1 python benchmarks/unrotate_cost.py --models vit_small_patch16_224 vit_base_patch16_224
+    OMP_NUM_THREADS=1 python benchmarks/studies/unrotate_cost.py --models vit_small_patch16_224 vit_base_patch16_224
 """
 
 from __future__ import annotations

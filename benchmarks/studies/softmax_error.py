@@ -1,8 +1,8 @@
 """The post-Softmax quantizers' error on real attention maps of the shared ViT-Ti: SULQ vs
 log-sqrt2 vs uniform at 3 and 4 bits, before and after training (issue 21).
 
-    python benchmarks/softmax_error.py [--bits 3 4] [--trained FILE ...] [--threads 1]
-                                       [--out results/softmax_error.json]
+    python benchmarks/studies/softmax_error.py [--bits 3 4] [--trained FILE ...] [--threads 1]
+                                               [--out results/studies/softmax_error.json]
 
 Where the maps come from (``source`` in the output):
 - "full precision": the full-precision model's own maps (the quantizer alone);
@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,7 @@ from isvit.pipeline import QuantConfig, placement_for, set_quantizers
 from isvit.quantizers import SOFTMAX_QUANTIZERS, make_softmax_quantizer
 from isvit.wrap import wrap_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from record import MODEL, ROOT, WEIGHTS, environment, first_calib_images, write_json
 from record import untrained_isvit  # benchmarks/record.py
 
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--trained", nargs="*", default=[], help="quantized models saved by isvit quantize --save")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "results" / "softmax_error.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "studies" / "softmax_error.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -4,7 +4,7 @@ real images of the shared ViT-Ti, per-channel grids folded into the LayerNorm (`
 I&S-ViT's stage 2) vs one per-tensor grid (``--no-reparam``), with and without the Hadamard
 rotation, at 3 and 4 bits (issue 21: the fold is worth 3.8 points at W3/A3 and none at W4/A4).
 
-    python benchmarks/postln_error.py [--bits 3 4] [--threads 1] [--out results/postln_error.json]
+    python benchmarks/studies/postln_error.py [--bits 3 4] [--threads 1] [--out results/studies/postln_error.json]
 
 For each setting the model is built as isvit builds it before training (the fast preset's
 activation grids at that bit-width, fitted in one pass on the first 64 images of
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,7 @@ from isvit.pipeline import QuantConfig, set_quantizers
 from isvit.rotate import rotate_model
 from isvit.wrap import post_layernorm_pairs
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from record import MODEL, ROOT, WEIGHTS, environment, first_calib_images, untrained_isvit, write_json  # benchmarks/record.py
 
 FIT_IMAGES, MEASURE_IMAGES, BATCH = 64, 128, 32
@@ -77,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "results" / "postln_error.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "studies" / "postln_error.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -1,7 +1,7 @@
 """Seconds per block-iteration of the I&S-ViT reconstruction on the shared ViT-Ti (stage 3, W4/A4).
 
-    python benchmarks/recon_speed.py [--threads 2] [--batch-sizes 64 32] [--iters 10] [--qdrop 0 0.5]
-        [--out results/recon_speed.json]
+    python benchmarks/studies/recon_speed.py [--threads 2] [--batch-sizes 64 32] [--iters 10] [--qdrop 0 0.5]
+        [--out results/studies/recon_speed.json]
 
 Times `reconstruct_unit` on one transformer block with its inputs cached, after warm-up, and
 prints the median seconds per iteration (the authors' code: 0.61 s at batch 64 on these 2 cores),
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,7 @@ from isvit.pipeline import QuantConfig
 from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
 from isvit.wrap import forward_units
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from record import CALIB, MODEL, ROOT, WEIGHTS, environment, untrained_isvit, write_json
 
 
@@ -36,7 +39,7 @@ def main() -> None:
     parser.add_argument("--learn-scales", action="store_true")
     parser.add_argument("--qdrop", type=float, nargs="+", default=[0.0], help="QDrop probabilities to time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "recon_speed.json"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "studies" / "recon_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Which quantizers cost the accuracy of a *trained* low-bit model? One group raised to 8 bits at a time.
 
-    python benchmarks/bit_groups.py [--bits 3] [--set preset=fast] [--model-cache /tmp/w3a3.safetensors]
-                                    [--out results/bit_groups_w3a3.json]
+    python benchmarks/studies/bit_groups.py [--bits 3] [--set preset=fast] [--model-cache /tmp/w3a3.safetensors]
+                                            [--out results/studies/bit_groups_w3a3.json]
 
 Quantizes the shared ViT-Ti with ``isvit`` at W{bits}/A{bits} (QuantConfig fields from ``--set``,
 the fast preset by default) on the calibration part of tune_heldout.py's held-out split of
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -39,11 +40,12 @@ from isvit.quantizers import UniformQuantizer, named_quantizers
 from isvit.reconstruct import reconstruction_loss, run_unit
 from isvit.wrap import forward_units
 
-from quantizer_groups import GROUPS, only, score  # benchmarks/quantizer_groups.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
+from quantizer_groups import GROUPS, only, score  # benchmarks/studies/quantizer_groups.py
 from record import untrained_isvit  # benchmarks/record.py
 from tune_heldout import SHARED, heldout_split, logits_of, parse_setting  # benchmarks/tune_heldout.py
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 MODEL = "vit_tiny_patch16_224"
 
 
@@ -133,7 +135,7 @@ def main() -> None:
             "config": config.to_dict(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "blocks": per_block_errors(model, calib, config),
         }
-        out = args.out or ROOT / "results" / f"bit_groups_w{args.bits}a{args.bits}_per_block.json"
+        out = args.out or ROOT / "results" / "studies" / f"bit_groups_w{args.bits}a{args.bits}_per_block.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"JSON in {out}")
@@ -166,7 +168,7 @@ def main() -> None:
         "groups": rows,
         "torch": torch.__version__,
     }
-    out = args.out or ROOT / "results" / f"bit_groups_w{args.bits}a{args.bits}.json"
+    out = args.out or ROOT / "results" / "studies" / f"bit_groups_w{args.bits}a{args.bits}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"JSON in {out}")

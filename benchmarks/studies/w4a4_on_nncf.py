@@ -8,7 +8,7 @@ times both, interleaved, at bf16 and f32, batch 1 and 32, 1 thread, so that the 
 be the runtime's cost of that arithmetic on any int8 graph (docs/onnx.md#latency). The grid's
 parameters are representative (eta 0.01, 16 levels): the cost does not depend on their values.
 
-    python benchmarks/w4a4_on_nncf.py --nncf int8_cache/vit_tiny_patch16_224_nncf_int8_300img_seed0.xml
+    python benchmarks/studies/w4a4_on_nncf.py --nncf int8_cache/vit_tiny_patch16_224_nncf_int8_300img_seed0.xml
 
 Needs the bench extra (OpenVINO). Prints a table; writes nothing.
 """
