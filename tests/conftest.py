@@ -185,15 +185,27 @@ def random_images(n: int, size: int | tuple[int, int] = 64, seed: int = 1) -> to
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def method_config(method: str = "repq", **fields):
+    """The config of ``method`` with ``fields`` (None values left out: the method's defaults); for
+    isvit ``IsvitConfig.from_preset``, so that the reconstruction's fields can be given flat."""
+    from isvit.config import CONFIGS, IsvitConfig
+
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if method == "isvit":
+        return IsvitConfig.from_preset(**fields)
+    return CONFIGS[method](**fields)
+
+
 def activations_quantized(model, x, bits=4):
     """Stage-1 starting point: wrapped, activation quantizers calibrated, weights full precision."""
     import copy
 
-    from isvit.pipeline import QuantConfig, calibrate_activations, placement_for, set_quantizers
+    from isvit.config import IsvitConfig
+    from isvit.pipeline import calibrate_activations, set_quantizers
     from isvit.wrap import wrap_model
 
     fp = copy.deepcopy(model)
-    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=bits, a_bits=bits)))
+    q = wrap_model(model, IsvitConfig(w_bits=bits, a_bits=bits).placement())
     set_quantizers(q, False, "weight")
     calibrate_activations(q, x)
     return fp, q
@@ -330,7 +342,7 @@ def real_w8a8(real_vit, calib32):
 
     def get(method: str, outlier_ratio: float | None = None):
         if (method, outlier_ratio) not in cache:
-            config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8, outlier_ratio=outlier_ratio)
+            config = method_config(method=method, w_bits=8, a_bits=8, outlier_ratio=outlier_ratio)
             cache[method, outlier_ratio] = (isvit.quantize(real_vit, calib32, config, progress=False), config)
         return cache[method, outlier_ratio]
 
@@ -351,7 +363,7 @@ def real_exported(real_vit, calib32, tmp_path_factory):
 
     def get(w_bits: int, a_bits: int):
         if (w_bits, a_bits) not in cache:
-            config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=w_bits, a_bits=a_bits, iters=1,
+            config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=w_bits, a_bits=a_bits, iters=1,
                                        calib_size=CALIB_IMAGES)
             model = isvit.quantize(real_vit, calib32, config, progress=False)
             path = folder / f"vit_tiny_w{w_bits}a{a_bits}.onnx"

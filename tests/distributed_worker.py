@@ -24,16 +24,15 @@ from isvit.checkpoint import load_quantized
 from isvit.export import load_onnx
 from isvit.resume import tensors_digest
 
-from conftest import VIT_TINY_WEIGHTS, small_swin, small_vit
+from conftest import VIT_TINY_WEIGHTS, method_config, random_images, small_swin, small_vit
 
 EVAL_IMAGES = 13  # neither 2 nor the batch size divides it
 CALIB_IMAGES = 11
 
 
 def eval_data():
-    g = torch.Generator().manual_seed(3)
-    images = torch.randn(EVAL_IMAGES, 3, 64, 64, generator=g)
-    labels = torch.randint(0, 10, (EVAL_IMAGES,), generator=g)
+    images = random_images(EVAL_IMAGES, seed=3)
+    labels = torch.randint(0, 10, (EVAL_IMAGES,), generator=torch.Generator().manual_seed(4))
     return images, labels
 
 
@@ -62,17 +61,17 @@ def eval_cases(inputs: Path) -> dict:
 
 
 def calib_images() -> torch.Tensor:
-    return torch.randn(CALIB_IMAGES, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return random_images(CALIB_IMAGES, seed=1)
 
 
 def probe() -> torch.Tensor:
-    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    return random_images(4, seed=2)
 
 
-def isvit_config(**overrides) -> isvit.QuantConfig:
+def isvit_config(**overrides) -> isvit.IsvitConfig:
     settings = {"method": "isvit", "w_bits": 4, "a_bits": 4, "calib_size": CALIB_IMAGES, "iters": 3,
-                "batch_size": 6, "lr": 1e-4, "drop_prob": 0.0, "init_size": CALIB_IMAGES}
-    return isvit.QuantConfig(**{**settings, **overrides})
+                "batch_size": 6, "lr": 1e-4, "qdrop": 0.0, "init_size": CALIB_IMAGES}
+    return method_config(**{**settings, **overrides})
 
 
 def real_vit():
@@ -89,11 +88,11 @@ def quantize_cases(inputs: Path | None) -> dict[str, tuple]:
     cases = {
         "vit isvit": (small_vit, calib_images, isvit_config()),
         "swin isvit": (small_swin, calib_images, isvit_config()),
-        "vit isvit qdrop": (small_vit, calib_images, isvit_config(drop_prob=0.5)),
+        "vit isvit qdrop": (small_vit, calib_images, isvit_config(qdrop=0.5)),
     }
     if inputs is not None and (inputs / "real_calib.pt").is_file():
         cases["vit-ti repq"] = (real_vit, lambda: torch.load(inputs / "real_calib.pt"),
-                                isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=8))
+                                isvit.RepqConfig(w_bits=4, a_bits=4, calib_size=8))
     return cases
 
 
@@ -117,9 +116,9 @@ def quantize_all(out: Path, inputs: Path | None) -> dict:
     return results
 
 
-def resume_config() -> isvit.QuantConfig:
+def resume_config() -> isvit.IsvitConfig:
     """Long enough units (60 steps) to be killed in the middle of one, QDrop on."""
-    return isvit_config(iters=60, drop_prob=0.5)
+    return isvit_config(iters=60, qdrop=0.5)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import isvit
 from isvit.export import export_onnx
 
-from conftest import random_images, truncated
+from conftest import method_config, random_images, truncated
 
 # One block each where one suffices: tracing for ONNX costs seconds per block.
 VIT = ("vit_tiny_patch16_224", {"depth": 1, "img_size": 64, "num_classes": 10})
@@ -42,8 +42,7 @@ def data_config(arch: str) -> dict:
 
 
 def quantized(arch: str, method: str, bits: int):
-    config = isvit.QuantConfig(method=method, w_bits=bits, a_bits=bits, calib_size=16,
-                               iters=1 if method == "isvit" else None, batch_size=8 if method == "isvit" else None)
+    config = method_config(method=method, w_bits=bits, a_bits=bits, calib_size=16, iters=1 if method == "isvit" else None, batch_size=8 if method == "isvit" else None)
     return isvit.quantize(small_model(arch), random_images(16, img_size(arch), seed=1), config, progress=False), config
 
 

@@ -64,7 +64,7 @@ def refused_before_any_change(model: torch.nn.Module, images: torch.Tensor, mess
     """What an adapter cannot carry: ``quantize`` and ``wrap_model`` refuse ``model`` in one
     sentence matching ``message``, before any module is swapped."""
     with pytest.raises(IsvitError, match=message) as refusal:
-        isvit.quantize(model, images, isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8), progress=False)
+        isvit.quantize(model, images, isvit.MinmaxConfig(w_bits=8, a_bits=8), progress=False)
     assert "\n" not in str(refusal.value)
     with pytest.raises(IsvitError, match=message):
         wrap_model(model, Placement(w_bits=8, a_bits=8))

@@ -180,7 +180,7 @@ def isvit_accuracy():
 
 
 def test_without_stage1_the_same_steps_go_to_stage3(isvit_accuracy):
-    from isvit.pipeline import PRESETS
+    from isvit.config import PRESETS
 
     # ViT-Ti: stage 1 trains 13 units (all but the patch embedding), stage 3 all 14
     iters = PRESETS["fast"].low_bits.iters
@@ -224,12 +224,14 @@ def test_seeds_run_each_setting_once_per_seed_and_summarise_mean_and_std(tmp_pat
 def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
     import copy
 
-    from conftest import random_images, small_vit
-    from isvit.pipeline import QuantConfig, placement_for, set_quantizers
+    from isvit.config import IsvitConfig
+    from isvit.pipeline import set_quantizers
     from isvit.wrap import wrap_model
 
+    from conftest import random_images, small_vit
+
     softmax_error = importlib.import_module("softmax_error")
-    model = wrap_model(copy.deepcopy(small_vit()), placement_for(QuantConfig(method="isvit", w_bits=8, a_bits=8)))
+    model = wrap_model(copy.deepcopy(small_vit()), IsvitConfig(w_bits=8, a_bits=8).placement())
     set_quantizers(model, False)
     x = random_images(12, seed=0)
     result = softmax_error.measure(model.eval(), None, [3, 8], x[:4], x[4:])
@@ -318,9 +320,10 @@ def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterat
 
 def test_postln_error_measures_each_post_layernorm_quantizer_alone_in_an_unchanged_model():
     import torch
-    from conftest import random_images, small_vit
 
     from isvit.pipeline import set_quantizers
+
+    from conftest import random_images, small_vit
 
     postln_error = importlib.import_module("postln_error")
     fp = small_vit()
@@ -351,16 +354,17 @@ def test_postln_error_measures_each_post_layernorm_quantizer_alone_in_an_unchang
 
 def test_unit_probe_refits_only_the_post_softmax_grids_to_the_maps_the_block_computes_now():
     import torch
-    from conftest import small_vit
 
-    from isvit.pipeline import QuantConfig
+    from isvit.config import IsvitConfig
     from isvit.quantizers import SULQuantizer
     from isvit.wrap import forward_units
+
+    from conftest import small_vit
 
     unit_probe = importlib.import_module("unit_probe")
     torch.manual_seed(0)
     images = torch.randn(8, 3, 64, 64)
-    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, rotate=False)
+    config = IsvitConfig(w_bits=3, a_bits=3, rotate=False)
     units = forward_units(record.untrained_isvit(small_vit(), config, images))
     block, x = units[1], units[0](images)
     attn = block.body.attn

@@ -27,7 +27,7 @@ from isvit.cli import main
 from isvit.errors import IsvitError
 
 from conftest import CALIB_DIR as CALIB
-from conftest import SMALL_SWIN, SMALL_VIT, random_images, small_swin, small_vit, truncated, umask
+from conftest import SMALL_SWIN, SMALL_VIT, method_config, random_images, small_swin, small_vit, truncated, umask
 from conftest import VAL_DIR as VAL
 from conftest import VIT_TINY_WEIGHTS as WEIGHTS
 
@@ -39,9 +39,7 @@ def small_model(arch: str) -> torch.nn.Module:
 
 
 def quantized(arch: str, method: str, bits: int, **fields):
-    config = isvit.QuantConfig(method=method, w_bits=bits, a_bits=bits, calib_size=16,
-                               iters=2 if method == "isvit" else None, batch_size=8 if method == "isvit" else None,
-                               **fields)
+    config = method_config(method=method, w_bits=bits, a_bits=bits, calib_size=16, iters=2 if method == "isvit" else None, batch_size=8 if method == "isvit" else None, **fields)
     return isvit.quantize(small_model(arch), random_images(16, seed=1), config, progress=False), config
 
 
@@ -92,7 +90,7 @@ def test_rebuilt_model_gives_bit_identical_logits(tmp_path, arch, bits, method):
     model, config = quantized(arch, method, bits)
     path = save(model, config, tmp_path / "q.safetensors", arch)
     rebuilt, info = load_quantized(path)
-    assert info["config"] == isvit.QuantConfig(**config.to_dict()) and info["model"] == ARCHITECTURES[arch][0]
+    assert info["config"] == isvit.config_from_dict(config.to_dict()) and info["model"] == ARCHITECTURES[arch][0]
     x = random_images(4, seed=2)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
@@ -101,14 +99,14 @@ def test_rebuilt_model_gives_bit_identical_logits(tmp_path, arch, bits, method):
         assert torch.equal(q.codes(layer.weight), original.weight_quantizer.codes(original.weight)), name
 
 
-@pytest.mark.parametrize("fields", [{"stage1": False}, {"reparameterize": False}], ids=["no-stage1", "no-reparam"])
+@pytest.mark.parametrize("fields", [{"stage1": False}, {"fold": False}], ids=["no-stage1", "no-fold"])
 def test_isvit_ablations_are_rebuilt_exactly(tmp_path, fields):
     model, config = quantized("vit", "isvit", 4, **fields)
     rebuilt, info = load_quantized(save(model, config, tmp_path / "q.safetensors"))
-    assert info["config"] == isvit.QuantConfig(**config.to_dict()) and info["config"].stage1 == config.stage1
-    assert info["config"].reparameterize == config.reparameterize
+    assert info["config"] == isvit.config_from_dict(config.to_dict()) and info["config"].stage1 == config.stage1
+    assert info["config"].fold == config.fold
     # without the fold the post-LayerNorm grids were placed per tensor, and are rebuilt so
-    assert all(block.attn.qkv.input_quantizer.per_channel == config.reparameterize for block in rebuilt.blocks)
+    assert all(block.attn.qkv.input_quantizer.per_channel == config.fold for block in rebuilt.blocks)
     x = random_images(4, seed=2)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
@@ -132,7 +130,7 @@ def vit_with_an_outlier_channel() -> torch.nn.Module:
 
 
 def test_a_split_grid_is_placed_on_linear_inputs_and_rebuilt_exactly(tmp_path):
-    config = isvit.QuantConfig(method="minmax", w_bits=4, a_bits=4, calib_size=16, outlier_ratio=8.0)
+    config = isvit.MinmaxConfig(w_bits=4, a_bits=4, calib_size=16, outlier_ratio=8.0)
     model = isvit.quantize(vit_with_an_outlier_channel(), random_images(16, seed=1), config, progress=False)
     fc2_input = model.blocks[0].mlp.fc2.input_quantizer
     assert fc2_input.scale.shape == (fc2_input.scale.numel(),) and fc2_input.scale.unique().numel() == 2
@@ -145,7 +143,7 @@ def test_a_split_grid_is_placed_on_linear_inputs_and_rebuilt_exactly(tmp_path):
     assert model.blocks[0].attn.proj.input_quantizer.outlier_ratio == 8.0
     path = save(model, config, tmp_path / "q.safetensors")
     rebuilt, info = load_quantized(path)
-    assert info["config"].resolved_outlier_ratio == 8.0
+    assert info["config"].outlier_ratio == 8.0
     assert torch.equal(rebuilt.blocks[0].mlp.fc2.input_quantizer.scale, fc2_input.scale)
     x = random_images(4, seed=2)
     with torch.no_grad():
@@ -307,7 +305,7 @@ def test_a_file_from_before_act_percentile_reads_as_the_grids_it_was_made_with(t
 
     with safe_open(str(older), framework="pt") as f:
         read = metadata_config(f.metadata(), older)
-    assert read.act_percentile == lowest and read.resolved_act_percentile == lowest
+    assert read.act_percentile == lowest and read.resolved().act_percentile == lowest
 
 
 def test_eval_quantized_refuses_weights(tmp_path, capsys, saved_files):

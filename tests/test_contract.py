@@ -32,12 +32,12 @@ from isvit.checkpoint import load_quantized, save_quantized
 from isvit.errors import IsvitError
 from isvit.export import export_onnx, folded_tables, load_onnx
 from isvit.modules import QuantLinear, QuantMatMul
-from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for
+from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm
 from isvit.quantizers import Quantizer
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import Placement, forward_units, is_block, wrap_model
 
-from conftest import agreement
+from conftest import agreement, method_config
 from family_examples import CLASSES, EXAMPLES, cases
 
 CASES = cases()
@@ -123,7 +123,7 @@ def test_surgery_is_exact(family, variant):
 def test_the_fold_is_exact(family, variant):
     ex = example(family, variant)
     model = ex.model()
-    wrapped = wrap_model(copy.deepcopy(model), placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
+    wrapped = wrap_model(copy.deepcopy(model), isvit.RepqConfig(w_bits=8, a_bits=8).placement())
     calibrate_weights(wrapped)
     calibrate_activations(wrapped, ex.images(8, seed=2))
     isvit.set_quantizers(wrapped, False)
@@ -160,7 +160,7 @@ def test_rotation_is_exact_or_refused_with_the_reason(family, variant):
 def test_w8a8_agrees_with_full_precision(family, variant, method):
     ex = example(family, variant)
     model = ex.model()
-    config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8, calib_size=16)
+    config = method_config(method=method, w_bits=8, a_bits=8, calib_size=16)
     quantized = isvit.quantize(copy.deepcopy(model), ex.images(16, seed=4), config, progress=False)
     x = ex.images(32, seed=5)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def fast_w4a4(request):
     ex = example(family, variant)
     model = ex.model()
     adapter = families.family_of(model)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantized = isvit.quantize(copy.deepcopy(model), ex.images(8, seed=6), config, progress=False)

@@ -577,7 +577,7 @@ def test_exported_file_has_packed_integer_weights_and_metadata(exported, setting
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["format"] == FORMAT and metadata["model"] == ARCHITECTURES[arch][0]
     assert json.loads(metadata["model_args"]) == ARCHITECTURES[arch][1]
-    assert isvit.QuantConfig(**json.loads(metadata["config"])) == isvit.QuantConfig(**config.to_dict())
+    assert isvit.config_from_dict(json.loads(metadata["config"])) == isvit.config_from_dict(config.to_dict())
     assert json.loads(metadata["data_config"]) == data_config(arch)
     _, info = load_onnx(path, threads=1)
     assert info["config"].method == method and info["config"].w_bits == bits and info["model"] == ARCHITECTURES[arch][0]

@@ -14,7 +14,6 @@ import pytest
 import timm
 
 import isvit
-from isvit.pipeline import placement_for
 from isvit.wrap import post_layernorm_pairs, wrap_model
 
 from conftest import random_images
@@ -23,7 +22,7 @@ from family_examples import SMALL, refused_before_any_change, small_model
 
 @pytest.mark.parametrize("variant", ["beit", "beit-swiglu", "eva02", "eva02-base", "swinv2"])
 def test_the_post_layernorm_pairs(variant):
-    wrapped = wrap_model(small_model(variant), placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
+    wrapped = wrap_model(small_model(variant), isvit.RepqConfig(w_bits=8, a_bits=8).placement())
     pairs = post_layernorm_pairs(wrapped)
     if variant == "swinv2":
         assert pairs == []  # post-norm: the fold has nothing to do

@@ -27,7 +27,7 @@ from torch import nn
 import isvit
 from isvit.errors import IsvitError
 from isvit.modules import QuantLinear
-from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm, placement_for
+from isvit.pipeline import calibrate_activations, calibrate_weights, fold_post_layernorm
 from isvit.quantizers import UniformQuantizer
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import post_layernorm_pairs, wrap_model
@@ -61,7 +61,7 @@ def naflex_batch(x: torch.Tensor, length: int, seed: int) -> dict[str, torch.Ten
 
 @pytest.mark.parametrize("variant", ["aimv2", "naflex-siglip", "naflex-gap"])
 def test_the_post_layernorm_pairs(variant):
-    wrapped = wrap_model(small_model(variant), placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
+    wrapped = wrap_model(small_model(variant), isvit.RepqConfig(w_bits=8, a_bits=8).placement())
     calibrate_weights(wrapped)
     calibrate_activations(wrapped, random_images(8, seed=2))  # the granularity of the input quantizers: their scales
     pairs = post_layernorm_pairs(wrapped)
@@ -79,7 +79,7 @@ def test_the_fold_of_a_rotated_model_leaves_the_function_unchanged(variant):
     model = small_model(variant)
     start = copy.deepcopy(model)
     rotate_model(start)
-    wrapped = wrap_model(start, placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
+    wrapped = wrap_model(start, isvit.RepqConfig(w_bits=8, a_bits=8).placement())
     calibrate_weights(wrapped)
     calibrate_activations(wrapped, random_images(8, seed=2))
     isvit.set_quantizers(wrapped, False)
@@ -118,7 +118,7 @@ def test_a_padded_naflex_batch_gives_what_its_images_give(variant):
     to the same length. SULQ's lowest level is not 0: without ``attended_keys`` the padding would
     still get weight in the quantized attention."""
     model = small_model(variant)
-    config = isvit.QuantConfig(method="repq", w_bits=8, a_bits=8, calib_size=16, softmax_quantizer="sulq")
+    config = isvit.RepqConfig(w_bits=8, a_bits=8, calib_size=16, softmax_quantizer="sulq")
     quantized = isvit.quantize(model, random_images(16, seed=4), config, progress=False)
     with torch.no_grad():
         for size, seed in (((64, 64), 12), ((48, 64), 13)):
@@ -132,7 +132,7 @@ def test_a_padded_naflex_batch_gives_what_its_images_give(variant):
 def test_the_quantized_attention_honours_a_mask():
     """A block given a key-padding mask: the valid tokens' output is the block's on those tokens alone."""
     model = small_model("naflex-siglip")
-    config = isvit.QuantConfig(method="minmax", w_bits=4, a_bits=4, calib_size=8, softmax_quantizer="sulq")
+    config = isvit.MinmaxConfig(w_bits=4, a_bits=4, calib_size=8, softmax_quantizer="sulq")
     quantized = isvit.quantize(model, random_images(8, seed=4), config, progress=False)
     block = quantized.blocks[0]
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(14))
@@ -148,7 +148,7 @@ def test_the_quantized_attention_honours_a_mask():
 def test_the_fast_preset_keeps_a_naflex_batch_independent_of_its_padding(variant):
     """After rotation and reconstruction (the isvit fast preset at W4/A4) too."""
     model = small_model(variant)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
     quantized = isvit.quantize(model, random_images(8, seed=6), config, progress=False)
     assert is_rotated(quantized)
     x = random_images(4, seed=8)

@@ -21,7 +21,6 @@ import torch
 import isvit
 from isvit.errors import IsvitError
 from isvit.modules import RMSNorm, RotatedLayerNorm, Unrotate
-from isvit.pipeline import placement_for
 from isvit.rotate import is_rotated, rotate_model
 from isvit.wrap import Placement, forward_units, post_layernorm_pairs, wrap_model
 
@@ -56,7 +55,7 @@ def test_dinov3_wrapped_runs_at_other_image_sizes_through_the_model_and_its_unit
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_post_layernorm_pairs(variant):
-    wrapped = wrap_model(small_model(variant), placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
+    wrapped = wrap_model(small_model(variant), isvit.RepqConfig(w_bits=8, a_bits=8).placement())
     # norm1 -> qkv and norm2 -> fc1 in every block, and the sub-LayerNorms where there are
     inner = 2 if variant == "rope-gqa" else 0
     assert len(post_layernorm_pairs(wrapped)) == (2 + inner) * SMALL["depth"]
@@ -65,7 +64,7 @@ def test_the_post_layernorm_pairs(variant):
 @pytest.mark.parametrize("rotate", [False, True])
 def test_dinov3_quantized_at_one_size_runs_close_to_full_precision_at_another(rotate):
     model = small_model("dinov3")
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=rotate)
+    config = isvit.MinmaxConfig(w_bits=8, a_bits=8, calib_size=16, rotate=rotate)
     quantized = isvit.quantize(copy.deepcopy(model), random_images(16, SIZE, seed=4), config, progress=False)
     x = random_images(32, (96, 80), seed=5)
     with torch.no_grad():
@@ -140,7 +139,7 @@ def test_a_rotated_feature_tower_gives_the_unrotated_models_features(variant):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotated_w8a8_minmax_agrees_with_full_precision(family):
     model = small_model(family)
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=True)
+    config = isvit.MinmaxConfig(w_bits=8, a_bits=8, calib_size=16, rotate=True)
     quantized = isvit.quantize(model, random_images(16, SIZE, seed=4), config, progress=False)
     assert is_rotated(quantized)
     x = random_images(32, SIZE, seed=5)

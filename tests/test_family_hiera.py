@@ -26,7 +26,6 @@ import torch
 import isvit
 from isvit.errors import IsvitError
 from isvit.modules import QuantLinear, QuantMatMul
-from isvit.pipeline import placement_for
 from isvit.wrap import Placement, post_layernorm_pairs, wrap_model
 
 from conftest import random_images
@@ -62,7 +61,7 @@ def test_sam2_multi_scale_features_come_from_the_quantized_blocks():
 
 @pytest.mark.parametrize("variant", params("hiera", "hiera-abswin", "sam2-hiera", "sam2-features"))
 def test_the_post_layernorm_pairs(variant):
-    wrapped = wrap_model(small_model(variant), placement_for(isvit.QuantConfig(method="repq", w_bits=8, a_bits=8)))
+    wrapped = wrap_model(small_model(variant), isvit.RepqConfig(w_bits=8, a_bits=8).placement())
     # norm2 -> fc1 in every block; norm1 -> qkv where norm1 feeds qkv alone (Hiera: no proj;
     # HieraDet: the global block that keeps its width, windows pad with zeros)
     names = [name for name, _, _ in post_layernorm_pairs(wrapped)]

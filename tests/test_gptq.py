@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import isvit
+from isvit.config import IsvitConfig, MinmaxConfig
 from isvit.gptq import _as_rows, gptq_round, gptq_unit
 from isvit.pipeline import (
-    QuantConfig,
     calibrate_activations,
     calibrate_weights,
     fold_post_layernorm,
-    placement_for,
     set_quantizers,
 )
 from isvit.quantizers import UniformQuantizer, fake_quant_uniform
@@ -76,7 +75,7 @@ def test_gptq_output_error_is_lower_than_round_to_nearest(bits):
 
 
 def test_conv_rows_are_what_its_weight_multiplies():
-    model = isvit.quantize(small_vit(), random_images(8), QuantConfig(method="minmax", w_bits=8, a_bits=8), progress=False)
+    model = isvit.quantize(small_vit(), random_images(8), MinmaxConfig(w_bits=8, a_bits=8), progress=False)
     conv = model.patch_embed.proj
     x = random_images(2)
     rows = _as_rows(conv, x)
@@ -93,7 +92,7 @@ def test_gptq_unit_rounds_every_weight_and_lowers_the_unit_loss(make, ratio):
     x = random_images(48)
     model = make()
     fp = copy.deepcopy(model)
-    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=3, a_bits=8)))
+    q = wrap_model(model, IsvitConfig(w_bits=3, a_bits=8).placement())
     set_quantizers(q, False, "weight")
     calibrate_activations(q, x)
     fold_post_layernorm(q)
@@ -123,8 +122,8 @@ def test_isvit_runs_gptq_in_stage3_only_when_asked(monkeypatch):
         return 0
 
     monkeypatch.setattr(pipeline, "gptq_unit", counting)
-    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
+    config = IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
     isvit.quantize(small_vit(), random_images(16), config, progress=False)
     assert calls == []  # off by default: the paper's round-to-nearest start
     isvit.quantize(small_vit(), random_images(16), dataclasses.replace(config, gptq=True), progress=False)
-    assert calls == [u.name for u in forward_units(wrap_model(small_vit(), placement_for(config)))]
+    assert calls == [u.name for u in forward_units(wrap_model(small_vit(), config.placement()))]

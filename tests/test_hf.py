@@ -436,7 +436,7 @@ def test_config_json_sets_image_size_activation_and_layernorm_eps_and_a_quantize
     images = random_images(2, 96)
     with torch.no_grad(), torch_threads(1):
         assert (model(images) - source(pixel_values=images).logits).abs().max().item() < 1e-5
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=8)
+    config = isvit.MinmaxConfig(w_bits=8, a_bits=8, calib_size=8)
     with torch_threads(1):
         qmodel = isvit.quantize(model, random_images(8, 96), config, progress=False)
     path = tmp_path / "q.safetensors"

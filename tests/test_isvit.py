@@ -8,27 +8,34 @@ import torch
 
 import isvit
 from isvit import pipeline
+from isvit.config import PRESETS, IsvitConfig, Reconstruction, RepqConfig
 from isvit.pipeline import (
     ESTIMATE_STEPS,
     DurationEstimate,
-    PRESETS,
-    QuantConfig,
     calibrate_activations,
     calibrate_weights,
     fold_post_layernorm,
-    placement_for,
     quantizers,
     reconstruction_steps,
     set_quantizers,
 )
 from isvit.quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer
-from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, reconstruction_loss, token_errors
+from isvit.reconstruct import reconstruct_unit, reconstruction_loss, token_errors
 from isvit.wrap import forward_units, wrap_model
 
-from conftest import SHARED, activations_quantized, random_images, same_state, small_swin, small_vit, state_copy, unit_data
+from conftest import (
+    SHARED,
+    activations_quantized,
+    method_config,
+    random_images,
+    same_state,
+    small_swin,
+    small_vit,
+    state_copy,
+    unit_data,
+)
 
-
-SETTINGS = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4)
+SETTINGS = Reconstruction(iters=40, batch_size=16, lr=3e-4)
 
 
 # Random small models have small quantization errors at 4 bits; Swin's is smallest, so it is
@@ -39,7 +46,7 @@ def test_stage1_lowers_the_reconstruction_loss(make, bits, lr):
     fp, q = activations_quantized(make(), x, bits)
     unit, inputs, targets = unit_data(fp, q, x, 1)  # the first transformer block
     before = reconstruction_loss(unit, inputs, targets, "cpu")
-    reconstruct_unit(unit, inputs, targets, ReconstructionSettings(iters=40, batch_size=16, lr=lr), "cpu", progress=False)
+    reconstruct_unit(unit, inputs, targets, Reconstruction(iters=40, batch_size=16, lr=lr), "cpu", progress=False)
     after = reconstruction_loss(unit, inputs, targets, "cpu")
     assert after < 0.9 * before, (before, after)
 
@@ -54,7 +61,7 @@ def test_stage3_lowers_the_reconstruction_loss(make, ratio):
     for index in (1, 2):  # the first two blocks, on the quantized model's own inputs
         unit, inputs, targets = unit_data(fp, q, x, index, sequential=True)
         before = reconstruction_loss(unit, inputs, targets, "cpu")
-        reconstruct_unit(unit, inputs, targets, ReconstructionSettings(iters=40, batch_size=16, lr=1e-4), "cpu", progress=False)
+        reconstruct_unit(unit, inputs, targets, Reconstruction(iters=40, batch_size=16, lr=1e-4), "cpu", progress=False)
         after = reconstruction_loss(unit, inputs, targets, "cpu")
         assert after < ratio * before, (index, before, after)
 
@@ -67,10 +74,10 @@ def test_every_unit_whose_loss_rose_is_put_back_as_it_was(training, lr, all_rest
     x = random_images(48)
     model = small_swin()
     fp = copy.deepcopy(model)
-    q = wrap_model(model, placement_for(QuantConfig(method="isvit", w_bits=4, a_bits=4)))
+    q = wrap_model(model, IsvitConfig(w_bits=4, a_bits=4).placement())
     calibrate_weights(q)
     calibrate_activations(q, x)
-    settings = ReconstructionSettings(iters=5, batch_size=16, lr=lr)
+    settings = Reconstruction(iters=5, batch_size=16, lr=lr)
     report = pipeline.reconstruct_blocks(q, fp, x, settings, sequential=True, device=torch.device("cpu"), progress=False)
     units = {u.name: u for u in forward_units(q)}
     assert training.units("stage 3") == list(units) == list(report)
@@ -95,12 +102,12 @@ def test_learning_scales_lowers_the_loss_and_freezes_them_after():
     unit, inputs, targets = unit_data(fp, q, x, 1)
     scale = unit.body.mlp.fc1.weight_quantizer.scale.clone()
     before = reconstruction_loss(unit, inputs, targets, "cpu")
-    settings = ReconstructionSettings(iters=30, batch_size=16, lr=1e-3, learn_scales=True, scale_lr=1e-3)
+    settings = Reconstruction(iters=30, batch_size=16, lr=1e-3, learn_scales=True, scale_lr=1e-3)
     reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
     learnt = unit.body.mlp.fc1.weight_quantizer.scale
     assert not isinstance(learnt, torch.nn.Parameter) and not torch.equal(learnt, scale)
     assert reconstruction_loss(unit, inputs, targets, "cpu") < 0.9 * before
-    assert set(q.state_dict()) == set(wrap_model(small_vit(), placement_for(QuantConfig(method="isvit"))).state_dict())
+    assert set(q.state_dict()) == set(wrap_model(small_vit(), IsvitConfig().placement()).state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +119,7 @@ POST_LN_SCALES = ("attn.qkv.input_quantizer.scale", "mlp.fc1.input_quantizer.sca
 
 
 def quantize_small_vit(**fields):
-    config = QuantConfig(**{"method": "isvit", "w_bits": 4, "a_bits": 4, "iters": 2, "batch_size": 8,
+    config = method_config(**{"method": "isvit", "w_bits": 4, "a_bits": 4, "iters": 2, "batch_size": 8,
                             "calib_size": 16, **fields})
     return isvit.quantize(small_vit(), random_images(16), config, progress=False)
 
@@ -133,20 +140,20 @@ def test_stage1_trains_every_unit_with_float_weights_and_no_stage1_skips_it(trai
     assert all(c["weights_quantized"] for c in training.calls)
 
 
-@pytest.mark.parametrize("reparameterize", [True, False])
-def test_reparameterisation_folds_the_per_channel_post_layernorm_grids(training, reparameterize):
+@pytest.mark.parametrize("fold", [True, False])
+def test_the_fold_turns_the_per_channel_post_layernorm_grids_per_tensor(training, fold):
     """With the fold, stage 1 trains per-channel post-LayerNorm grids (192 channels) and stage 2
     turns them per tensor by rescaling the LayerNorms and the Linears after them; without it they
     are per tensor from the start and nothing touches the LayerNorms between the stages."""
-    quantize_small_vit(reparameterize=reparameterize)
+    quantize_small_vit(fold=fold)
     stage1, stage3 = block_calls(training, "stage 1"), block_calls(training, "stage 3")
     assert len(stage1) == len(stage3) == 2
     for end_of_stage1, start_of_stage3 in zip(stage1, stage3):
-        assert [end_of_stage1["before"][k].numel() for k in POST_LN_SCALES] == [192 if reparameterize else 1] * 2
+        assert [end_of_stage1["before"][k].numel() for k in POST_LN_SCALES] == [192 if fold else 1] * 2
         assert [start_of_stage3["before"][k].numel() for k in POST_LN_SCALES] == [1, 1]
         for key in ("norm1.weight", "norm2.bias", "attn.qkv.weight", "mlp.fc1.weight"):
             unchanged = torch.equal(end_of_stage1["after"][key], start_of_stage3["before"][key])
-            assert unchanged != reparameterize, key
+            assert unchanged != fold, key
 
 
 @pytest.mark.parametrize("learn_scales", [False, True])
@@ -209,8 +216,8 @@ def test_quantize_isvit_runs_every_stage_on_swin_and_improves_on_no_training():
     x = random_images(32)
     model = small_swin()
     reference = model(x)
-    untrained = isvit.quantize(model, x, QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=1, lr=1e-12), progress=False)
-    trained = isvit.quantize(model, x, QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=40, batch_size=16, lr=1e-3), progress=False)
+    untrained = isvit.quantize(model, x, IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=1, lr=1e-12), progress=False)
+    trained = isvit.quantize(model, x, IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=40, batch_size=16, lr=1e-3), progress=False)
     with torch.no_grad():
         err_untrained = (untrained(x) - reference).pow(2).mean()
         err_trained = (trained(x) - reference).pow(2).mean()
@@ -224,7 +231,7 @@ def test_reconstruction_puts_back_each_modules_mode():
     fp, q = activations_quantized(small_swin(), x)
     unit, inputs, targets = unit_data(fp, q, x, 1)
     before = [m.training for m in unit.body.modules()]
-    reconstruct_unit(unit, inputs, targets, ReconstructionSettings(iters=1, batch_size=4), "cpu", progress=False)
+    reconstruct_unit(unit, inputs, targets, Reconstruction(iters=1, batch_size=4), "cpu", progress=False)
     assert [m.training for m in unit.body.modules()] == before
 
 
@@ -232,7 +239,7 @@ def test_quantize_isvit_leaves_every_module_in_eval_mode():
     """Reconstruction must not leave drop-path on (Swin's default rate is 0.1): the quantized model
     is deterministic."""
     x = random_images(8)
-    q = isvit.quantize(small_swin(), x, QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=1, batch_size=4), progress=False)
+    q = isvit.quantize(small_swin(), x, IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=1, batch_size=4), progress=False)
     assert not any(m.training for m in q.modules())
     with torch.no_grad():
         assert torch.equal(q(x), q(x))
@@ -240,7 +247,7 @@ def test_quantize_isvit_leaves_every_module_in_eval_mode():
 @pytest.mark.real
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared is not present")
 def test_isvit_w8a8_on_real_images_within_a_point(real_vit, val_batches, calib32):
-    config = QuantConfig(method="isvit", w_bits=8, a_bits=8, preset="fast", iters=5, batch_size=16, calib_size=32)
+    config = IsvitConfig.from_preset(w_bits=8, a_bits=8, preset="fast", iters=5, batch_size=16, calib_size=32)
     qmodel = isvit.quantize(real_vit, calib32, config, progress=False)
     labels = torch.cat([y for _, y in val_batches])
     with torch.inference_mode():
@@ -268,64 +275,67 @@ def test_token_loss_lowers_its_own_objective():
     fp, q = activations_quantized(small_vit(), x)
     unit, inputs, targets = unit_data(fp, q, x, 1)
     before = reconstruction_loss(unit, inputs, targets, "cpu", loss="token")
-    settings = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4, loss="token")
+    settings = Reconstruction(iters=40, batch_size=16, lr=3e-4, loss="token")
     reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
     assert reconstruction_loss(unit, inputs, targets, "cpu", loss="token") < 0.95 * before
 
 
 def test_quant_config_rejects_an_unknown_loss():
     with pytest.raises(isvit.IsvitError, match="unknown reconstruction loss 'l1'"):
-        QuantConfig(method="isvit", loss="l1")
+        IsvitConfig.from_preset(loss="l1")
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0])
-def test_quant_config_rejects_a_drop_probability_outside_0_1(p):
-    with pytest.raises(isvit.IsvitError, match="drop_prob must be in"):
-        QuantConfig(method="isvit", drop_prob=p)
+def test_the_config_rejects_a_qdrop_probability_outside_0_1(p):
+    with pytest.raises(isvit.IsvitError, match="qdrop must be in"):
+        IsvitConfig.from_preset(qdrop=p)
 
 
 @pytest.mark.parametrize("bits, iters", [(3, 3000), (4, 3000), (6, 1000), (8, 1000)])
 def test_the_thorough_preset_is_the_fast_recipe_with_the_gpu_budget(bits, iters):
-    thorough = QuantConfig(method="isvit", preset="thorough", w_bits=bits, a_bits=bits)
-    fast = QuantConfig(method="isvit", preset="fast", w_bits=bits, a_bits=bits)
+    thorough = IsvitConfig(preset="thorough", w_bits=bits, a_bits=bits)
+    fast = IsvitConfig(preset="fast", w_bits=bits, a_bits=bits)
     # the same recipe, but for its iterations, its rounding (the latent weights: on one block at 600
     # iterations they beat the offsets the fast preset learns at <= 4 bits) and learnt rounding's step
     # sizes (made for a long schedule)
     long = {"iters": iters, "rounding": "ste", "round_lr": None, "round_reg": 0.1}
-    assert thorough.reconstruction() == {**fast.reconstruction(), **long}
+    assert thorough.resolved().reconstruction == dataclasses.replace(fast.resolved().reconstruction, **long)
     for rounding in ("adaround", "offset"):
-        assert dataclasses.replace(thorough, rounding=rounding).reconstruction()["round_lr"] == 1e-2
-    assert thorough.activation_percentiles == fast.activation_percentiles
-    assert QuantConfig(method="isvit", preset="thorough", iters=5).reconstruction()["iters"] == 5
+        assert PRESETS["thorough"].at(bits, bits, rounding=rounding).round_lr == 1e-2
+    assert thorough.placement().activation_percentiles == fast.placement().activation_percentiles
+    assert thorough.wants_rotation() == fast.wants_rotation() == (bits <= 4)
+    assert IsvitConfig.from_preset("thorough", iters=5).resolved().reconstruction.iters == 5
 
 
 @pytest.mark.parametrize("w_bits, a_bits, iters", [(3, 3, 100), (4, 4, 100), (4, 8, 100), (6, 6, 30), (8, 8, 30)])
 def test_the_fast_preset_trains_100_iterations_per_unit_at_low_bits_and_30_above(w_bits, a_bits, iters):
     # 100 at <= 4 bits: chosen on held-out images (docs/results.md#how-the-fast-preset-was-chosen)
-    config = QuantConfig(method="isvit", preset="fast", w_bits=w_bits, a_bits=a_bits)
-    assert config.recipe is PRESETS["fast"].recipe(w_bits, a_bits)
-    assert config.reconstruction()["iters"] == config.to_dict()["iters"] == iters
+    config = IsvitConfig(preset="fast", w_bits=w_bits, a_bits=a_bits)
+    assert config.resolved().reconstruction == PRESETS["fast"].at(w_bits, a_bits)
+    assert config.resolved().reconstruction.iters == config.to_dict()["reconstruction"]["iters"] == iters
 
 
 def test_a_presets_recipes_are_frozen_and_the_config_fields_override_them():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["fast"].low_bits.iters = 1
-    config = QuantConfig(method="isvit", preset="fast", w_bits=3, a_bits=3, iters=7, loss="mse", rounding="ste",
+    config = IsvitConfig.from_preset(preset="fast", w_bits=3, a_bits=3, iters=7, loss="mse", rounding="ste",
                          act_percentile=0.999, rotate=False)
-    assert config.reconstruction()["iters"] == 7 and config.reconstruction()["loss"] == "mse"
-    assert config.reconstruction()["round_lr"] is None  # "ste" learns no rounding
-    assert config.resolved_act_percentile == 0.999 and config.resolved_rotate is False
-    assert PRESETS["fast"].low_bits.rotate and PRESETS["fast"].low_bits.act_percentile == 0.99  # untouched
-    # the recipe's low-bit entries are I&S-ViT's: the training-free peers neither rotate nor clip lower
-    peer = QuantConfig(method="repq", preset="fast", w_bits=3, a_bits=3)
-    assert peer.resolved_rotate is False and peer.resolved_act_percentile is None
+    assert config.resolved().reconstruction.iters == 7 and config.resolved().reconstruction.loss == "mse"
+    assert config.resolved().reconstruction.round_lr is None  # "ste" learns no rounding
+    assert config.resolved().act_percentile == 0.999 and config.wants_rotation() is False
+    assert PRESETS["fast"].low_bits_rotate and PRESETS["fast"].low_bits_act_percentile == 0.99  # untouched
+    # the presets are I&S-ViT's: the training-free peers have none, and neither rotate nor clip lower
+    with pytest.raises(TypeError):
+        RepqConfig(preset="fast", w_bits=3, a_bits=3)
+    peer = RepqConfig(w_bits=3, a_bits=3)
+    assert peer.wants_rotation() is False and peer.act_percentile == 0.999
 
 
 def test_presets_set_qdrop_and_an_explicit_value_wins():
-    assert QuantConfig(method="isvit", preset="paper").reconstruction()["drop_prob"] == 0.0
-    assert QuantConfig(method="isvit", preset="fast").reconstruction()["drop_prob"] == 0.5
-    assert QuantConfig(method="isvit", preset="fast", drop_prob=0.0).reconstruction()["drop_prob"] == 0.0
-    assert QuantConfig(method="isvit", preset="fast").to_dict()["drop_prob"] == 0.5
+    assert IsvitConfig(preset="paper").resolved().reconstruction.qdrop == 0.0
+    assert IsvitConfig(preset="fast").resolved().reconstruction.qdrop == 0.5
+    assert IsvitConfig.from_preset(preset="fast", qdrop=0.0).resolved().reconstruction.qdrop == 0.0
+    assert IsvitConfig(preset="fast").to_dict()["reconstruction"]["qdrop"] == 0.5
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -335,7 +345,7 @@ def test_half_precision_cache_on_a_named_device_trains_as_well_as_float32(traini
     errors = {}
     for cache in ("float32", dtype):
         training.calls.clear()
-        config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=3, batch_size=8, cache_dtype=cache, cache_device="cpu")
+        config = IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=3, batch_size=8, cache_dtype=cache, cache_device="cpu")
         qmodel = isvit.quantize(small_vit(), x, config, progress=False)
         assert {(c["inputs_dtype"], c["inputs_device"].type) for c in training.calls} == {(getattr(torch, cache), "cpu")}
         with torch.no_grad():
@@ -348,7 +358,7 @@ def test_half_precision_cache_on_a_named_device_trains_as_well_as_float32(traini
 
 def test_quant_config_rejects_a_bad_cache_device():
     with pytest.raises(isvit.IsvitError, match="cache_device must name a torch device"):
-        QuantConfig(method="isvit", cache_device="gpu0")
+        IsvitConfig.from_preset(cache_device="gpu0")
 
 
 def test_micro_batches_give_the_same_training_as_whole_batches():
@@ -358,7 +368,7 @@ def test_micro_batches_give_the_same_training_as_whole_batches():
     runs = []
     for micro_batch in (16, 5):
         trained = copy.deepcopy(unit)
-        settings = ReconstructionSettings(iters=5, batch_size=16, lr=3e-4, micro_batch=micro_batch)
+        settings = Reconstruction(iters=5, batch_size=16, lr=3e-4, micro_batch=micro_batch)
         losses = reconstruct_unit(trained, inputs, targets, settings, "cpu", progress=False)
         runs.append(losses)
     losses_a, losses_b = runs
@@ -373,7 +383,7 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
     q = UniformQuantizer(3)
     q.calibrate(x)
     quantized = q(x)
-    q.drop_prob = 0.5
+    q.qdrop = 0.5
     torch.manual_seed(0)
     mixed = q(x)
     kept = mixed == x
@@ -392,7 +402,7 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
     assert clipped.sum() > 100 and (clipped & kept).sum() > 50
     assert torch.all(wide.grad[clipped & kept] == 1) and torch.all(wide.grad[clipped & ~kept] == 0)
     assert torch.all(wide.grad[~clipped] == 1)
-    q.drop_prob = 0.0
+    q.qdrop = 0.0
     assert q._drop_pool is None and torch.equal(q(x), quantized)
 
     # reconstruct_unit sets it on the unit's activation quantizers for its training steps only
@@ -403,15 +413,15 @@ def test_qdrop_keeps_float_values_with_its_probability_and_only_while_training()
     fc2 = unit.body.mlp.fc2
     seen = {"input": [], "weight": []}
     hooks = [
-        fc2.input_quantizer.register_forward_hook(lambda m, i, o: seen["input"].append(m.drop_prob)),
-        fc2.weight_quantizer.register_forward_hook(lambda m, i, o: seen["weight"].append(m.drop_prob)),
+        fc2.input_quantizer.register_forward_hook(lambda m, i, o: seen["input"].append(m.qdrop)),
+        fc2.weight_quantizer.register_forward_hook(lambda m, i, o: seen["weight"].append(m.qdrop)),
     ]
-    settings = ReconstructionSettings(iters=2, batch_size=16, lr=1e-4, drop_prob=0.5)
+    settings = Reconstruction(iters=2, batch_size=16, lr=1e-4, qdrop=0.5)
     reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
     for h in hooks:
         h.remove()
     assert set(seen["input"]) == {0.5} and set(seen["weight"]) == {0.0}  # weights are never dropped
-    assert all(q.drop_prob == 0.0 for _, q in quantizers(model))
+    assert all(q.qdrop == 0.0 for _, q in quantizers(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,20 +447,20 @@ def test_duration_estimate_needs_two_steps():
 
 
 def test_reconstruction_steps_count_the_units_of_each_stage():
-    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=7)
-    model = wrap_model(small_vit(), placement_for(config))
+    config = IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=7)
+    model = wrap_model(small_vit(), config.placement())
     set_quantizers(model, False, "weight")
     # stage 1: the two blocks and the head (the patch embedding has a weight quantizer only); stage 3: all four
     assert reconstruction_steps(model, config) == (3 + 4) * 7
-    assert reconstruction_steps(model, QuantConfig(method="isvit", stage1=False, iters=7)) == 4 * 7
+    assert reconstruction_steps(model, IsvitConfig.from_preset(stage1=False, iters=7)) == 4 * 7
 
 
 def test_quantize_isvit_reports_the_estimate_once_and_other_methods_never():
     reported = []
-    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, calib_size=4, iters=3, batch_size=2)
+    config = IsvitConfig.from_preset(w_bits=4, a_bits=4, calib_size=4, iters=3, batch_size=2)
     isvit.quantize(small_vit(), random_images(4), config, progress=False, on_estimate=reported.append)
     assert len(reported) == 1 and reported[0] > 0
-    isvit.quantize(small_vit(), random_images(4), QuantConfig(method="repq", calib_size=4), progress=False,
+    isvit.quantize(small_vit(), random_images(4), RepqConfig(calib_size=4), progress=False,
                    on_estimate=reported.append)
     assert len(reported) == 1
 def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
@@ -458,8 +468,8 @@ def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
     one machine with the same thread count (another thread count sums in another order: other
     rounding, another trained model)."""
     x = random_images(16)
-    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, preset="fast", iters=3, batch_size=8)
-    assert config.reconstruction()["drop_prob"] == 0.5
+    config = IsvitConfig.from_preset(w_bits=4, a_bits=4, preset="fast", iters=3, batch_size=8)
+    assert config.resolved().reconstruction.qdrop == 0.5
     first = state_copy(isvit.quantize(small_vit(), x, config, progress=False))
     torch.rand(1000)  # whatever ran in between: quantize seeds itself
     assert same_state(state_copy(isvit.quantize(small_vit(), x, config, progress=False)), first)
@@ -470,7 +480,7 @@ def test_the_same_seed_threads_and_device_give_a_bit_identical_model():
 
 def test_quantize_reports_each_stages_losses_when_asked():
     losses = {}
-    config = QuantConfig(method="isvit", w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
+    config = IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=2, batch_size=8, calib_size=16)
     isvit.quantize(small_vit(), random_images(16), config, progress=False, losses=losses)
     assert list(losses) == ["stage1", "stage3"]
     assert list(losses["stage1"]) == VIT_UNITS[1:] and list(losses["stage3"]) == VIT_UNITS
@@ -480,5 +490,5 @@ def test_quantize_reports_each_stages_losses_when_asked():
     isvit.quantize(small_vit(), random_images(16), dataclasses.replace(config, stage1=False), progress=False, losses=losses)
     assert list(losses) == ["stage3"]
     losses = {}
-    isvit.quantize(small_vit(), random_images(16), QuantConfig(method="repq", calib_size=16), progress=False, losses=losses)
+    isvit.quantize(small_vit(), random_images(16), RepqConfig(calib_size=16), progress=False, losses=losses)
     assert losses == {}

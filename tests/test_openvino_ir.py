@@ -52,7 +52,7 @@ def one_thread():
 @dataclass
 class Exported:
     model: torch.nn.Module
-    config: isvit.QuantConfig
+    config: isvit.config.Config
     onnx: Path  # the ONNX file of export_onnx
     ir: Path  # the IR folder of export_openvino, from the same model
     result: dict  # what export_openvino returned

@@ -8,10 +8,10 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized, save_quantized
-from isvit.pipeline import QuantConfig, calibrate_weights, fold_post_layernorm, placement_for, set_quantizers
+from isvit.config import IsvitConfig, Reconstruction, activation_percentiles
+from isvit.pipeline import calibrate_weights, fold_post_layernorm, set_quantizers
 from isvit.quantizers import ACTIVATION_PERCENTILES, UniformQuantizer, named_quantizers
 from isvit.reconstruct import (
-    ReconstructionSettings,
     output_importance,
     reconstruct_unit,
     reconstruction_loss,
@@ -21,7 +21,16 @@ from isvit.reconstruct import (
 )
 from isvit.wrap import forward_units, wrap_model
 
-from conftest import SMALL_SWIN, SMALL_VIT, activations_quantized, random_images, small_swin, small_vit, unit_data
+from conftest import (
+    SMALL_SWIN,
+    SMALL_VIT,
+    activations_quantized,
+    method_config,
+    random_images,
+    small_swin,
+    small_vit,
+    unit_data,
+)
 
 
 def stage3_unit(make, bits=3, index=1):
@@ -86,7 +95,7 @@ def test_the_adaround_regulariser_vanishes_on_hard_decisions_and_anneals():
     q.rounding = torch.nn.Parameter(torch.tensor([-10.0, 10.0, 0.0]))
     assert q.soft_rounding().tolist() == [0.0, 1.0, 0.5]
     assert q.rounding_regulariser(2.0).item() == pytest.approx(1.0)  # only the undecided one counts
-    settings = ReconstructionSettings(iters=100, round_warmup=0.2, round_beta=(20.0, 2.0))
+    settings = Reconstruction(iters=100, round_warmup=0.2, round_beta=(20.0, 2.0))
     assert rounding_beta(10, settings) is None  # warm-up: no regulariser
     assert rounding_beta(20, settings) == pytest.approx(20.0)
     assert rounding_beta(99, settings) == pytest.approx(2.0)
@@ -100,7 +109,7 @@ def test_learnt_rounding_lowers_the_loss_and_ends_on_the_grid(make, mode, lr):
     _, _, unit, inputs, targets = stage3_unit(make)
     latent = {id(m): m.weight.detach().clone() for m in rounded_layers(unit)}
     before = reconstruction_loss(unit, inputs, targets, "cpu")
-    settings = ReconstructionSettings(iters=60, batch_size=16, lr=1e-4, rounding=mode, round_lr=lr, round_reg=1.0)
+    settings = Reconstruction(iters=60, batch_size=16, lr=1e-4, rounding=mode, round_lr=lr, round_reg=1.0)
     reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
     after = reconstruction_loss(unit, inputs, targets, "cpu")
     assert after < 0.95 * before, (before, after)
@@ -120,7 +129,7 @@ def test_learnt_rounding_lowers_the_loss_and_ends_on_the_grid(make, mode, lr):
 @pytest.mark.parametrize("rounding", ["adaround", "offset"])
 def test_a_unit_put_back_after_learnt_rounding_also_ends_on_its_grid(rounding):
     # at learning rate 10 every unit ends worse than it started and is put back as it was
-    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=3, calib_size=16, lr=10.0,
+    config = IsvitConfig.from_preset(w_bits=3, a_bits=3, preset="fast", iters=3, calib_size=16, lr=10.0,
                          rounding=rounding, round_lr=10.0, stage1=False, rotate=False)
     qmodel = isvit.quantize(small_vit(), random_images(16), config, progress=False)
     layers = [m for m in qmodel.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled]
@@ -135,14 +144,14 @@ def test_a_unit_put_back_after_learnt_rounding_also_ends_on_its_grid(rounding):
 def test_learnt_rounding_is_saved_as_its_codes_and_reloads_exactly(tmp_path, spec, make, fields, rounding):
     model = make()
     x = random_images(32)
-    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, preset="fast", iters=8, calib_size=32, **fields)
+    config = IsvitConfig.from_preset(w_bits=3, a_bits=3, preset="fast", iters=8, calib_size=32, **fields)
     qmodel = isvit.quantize(model, x, config, progress=False)
     layers = [m for m in qmodel.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.enabled]
     assert layers and all(on_grid(m) for m in layers)
     path = tmp_path / "rounded.safetensors"
     save_quantized(qmodel, path, model_name=spec[0], config=config, data_config={}, model_args=spec[1])
     rebuilt, info = load_quantized(path)
-    assert info["config"].reconstruction()["rounding"] == rounding
+    assert info["config"].resolved().reconstruction.rounding == rounding
     with torch.no_grad():
         assert torch.equal(rebuilt(x), qmodel(x))
     for name, m in rebuilt.named_modules():
@@ -178,7 +187,7 @@ def test_learnt_activation_scales_lower_the_loss_and_only_activations_move_with_
     _, _, unit, inputs, targets = stage3_unit(make)
     scales = {n: q.scale.clone() for n, q in named_quantizers(unit) if isinstance(q, UniformQuantizer) and q.enabled}
     before = reconstruction_loss(unit, inputs, targets, "cpu")
-    settings = ReconstructionSettings(iters=40, batch_size=16, lr=1e-4, learn_scales=True, scale_lr=2e-2,
+    settings = Reconstruction(iters=40, batch_size=16, lr=1e-4, learn_scales=True, scale_lr=2e-2,
                                       rounding=rounding, round_lr=0.05)
     reconstruct_unit(unit, inputs, targets, settings, "cpu", progress=False)
     after = reconstruction_loss(unit, inputs, targets, "cpu")
@@ -243,7 +252,7 @@ def test_the_fisher_loss_lowers_its_unit_loss(make):
     fp, _, unit, inputs, targets = stage3_unit(make)
     weight = output_importance(forward_units(fp), random_images(48), "cpu", 16, seed=0)[1]
     before = reconstruction_loss(unit, inputs, targets, "cpu", loss="fisher", importance=weight)
-    settings = ReconstructionSettings(iters=40, batch_size=16, lr=3e-4, loss="fisher")
+    settings = Reconstruction(iters=40, batch_size=16, lr=3e-4, loss="fisher")
     reconstruct_unit(unit, inputs, targets, settings, "cpu", importance=weight, progress=False)
     after = reconstruction_loss(unit, inputs, targets, "cpu", loss="fisher", importance=weight)
     assert after < 0.9 * before, (before, after)
@@ -254,41 +263,40 @@ def test_the_fisher_loss_lowers_its_unit_loss(make):
 # ---------------------------------------------------------------------------------------------
 
 def test_low_activation_percentiles_reach_every_activation_grid_and_lower_its_error():
-    config = QuantConfig(method="isvit", w_bits=3, a_bits=3, act_percentile=0.99)
-    assert config.activation_percentiles == (0.99, 0.995, 0.998) + ACTIVATION_PERCENTILES
-    assert QuantConfig(method="isvit").activation_percentiles == ACTIVATION_PERCENTILES
-    model = wrap_model(small_vit(), placement_for(config))
+    config = IsvitConfig(w_bits=3, a_bits=3, act_percentile=0.99)
+    assert config.placement().activation_percentiles == (0.99, 0.995, 0.998) + ACTIVATION_PERCENTILES
+    assert IsvitConfig().placement().activation_percentiles == ACTIVATION_PERCENTILES
+    model = wrap_model(small_vit(), config.placement())
     grids = [q for _, q in named_quantizers(model, "activation") if isinstance(q, UniformQuantizer)]
-    assert grids and all(q.percentiles == config.activation_percentiles for q in grids)
+    assert grids and all(q.percentiles == config.placement().activation_percentiles for q in grids)
     # Laplace: the MSE-optimal 3-bit clip is about 3.9 scales, 1% beyond it on each side (0.999 clips at 6.2)
     x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))
     errors = {}
-    for pmin in (None, 0.99):
-        q = UniformQuantizer(3, percentiles=QuantConfig(method="isvit", act_percentile=pmin).activation_percentiles)
+    for pmin in (0.999, 0.99):
+        q = UniformQuantizer(3, percentiles=activation_percentiles(pmin))
         q.calibrate(x)
         errors[pmin] = (q(x) - x).pow(2).mean().item()
-    assert errors[0.99] < errors[None]
+    assert errors[0.99] < errors[0.999]
 
 
 @pytest.mark.parametrize("fields, lowest", [
     ({"method": "isvit", "preset": "fast", "w_bits": 3, "a_bits": 3}, 0.99),
     ({"method": "isvit", "preset": "fast", "w_bits": 4, "a_bits": 8}, 0.99),  # the lower of the two bit-widths
     ({"method": "isvit", "preset": "thorough", "w_bits": 4, "a_bits": 4}, 0.99),
-    ({"method": "isvit", "preset": "fast", "w_bits": 6, "a_bits": 6}, None),
-    ({"method": "isvit", "preset": "paper", "w_bits": 3, "a_bits": 3}, None),  # the paper's grids
-    ({"method": "repq", "preset": "fast", "w_bits": 3, "a_bits": 3}, None),  # the published peers' grids
-    ({"method": "minmax", "w_bits": 4, "a_bits": 4}, None),
+    ({"method": "isvit", "preset": "fast", "w_bits": 6, "a_bits": 6}, 0.999),
+    ({"method": "isvit", "preset": "paper", "w_bits": 3, "a_bits": 3}, 0.999),  # the paper's grids
+    ({"method": "repq", "w_bits": 3, "a_bits": 3}, 0.999),  # the published peers' grids
+    ({"method": "minmax", "w_bits": 4, "a_bits": 4}, 0.999),
     ({"method": "isvit", "preset": "fast", "w_bits": 3, "a_bits": 3, "act_percentile": 0.999}, 0.999),  # off
     ({"method": "repq", "w_bits": 4, "a_bits": 4, "act_percentile": 0.995}, 0.995),
 ])
 def test_the_lowest_activation_percentile_comes_from_the_preset_at_low_bits(fields, lowest):
-    config = QuantConfig(**fields)
-    assert config.resolved_act_percentile == lowest and config.to_dict()["act_percentile"] == lowest
-    expected = ACTIVATION_PERCENTILES if lowest in (None, 0.999) else \
-        tuple(sorted({lowest, *(p for p in (0.99, 0.995, 0.998) if p >= lowest), *ACTIVATION_PERCENTILES}))
-    assert config.activation_percentiles == expected
+    config = method_config(**fields)
+    assert config.resolved().act_percentile == lowest and config.to_dict()["act_percentile"] == lowest
+    expected = tuple(sorted({lowest, *(p for p in (0.99, 0.995, 0.998) if p >= lowest), *ACTIVATION_PERCENTILES}))
+    assert config.placement().activation_percentiles == expected
     # the resolved config, saved and rebuilt (as a checkpoint does), searches the same grids
-    assert QuantConfig(**config.to_dict()).activation_percentiles == expected
+    assert isvit.config_from_dict(config.to_dict()).placement().activation_percentiles == expected
 
 
 @pytest.mark.parametrize("fields, loss", [
@@ -300,10 +308,10 @@ def test_the_lowest_activation_percentile_comes_from_the_preset_at_low_bits(fiel
     ({"preset": "fast", "w_bits": 3, "a_bits": 3, "loss": "token"}, "token"),  # off
 ])
 def test_the_fast_and_thorough_presets_weight_the_loss_by_fisher_importance_at_low_bits(fields, loss):
-    config = QuantConfig(method="isvit", **fields)
-    assert config.reconstruction()["loss"] == loss and config.to_dict()["loss"] == loss
+    config = IsvitConfig.from_preset(**fields)
+    assert config.resolved().reconstruction.loss == loss and config.to_dict()["reconstruction"]["loss"] == loss
     # the resolved config, saved and rebuilt (as a checkpoint does), trains with the same loss
-    assert QuantConfig(**config.to_dict()).reconstruction()["loss"] == loss
+    assert isvit.config_from_dict(config.to_dict()).resolved().reconstruction.loss == loss
 
 
 @pytest.mark.parametrize("fields, rounding, round_lr", [
@@ -316,29 +324,29 @@ def test_the_fast_and_thorough_presets_weight_the_loss_by_fisher_importance_at_l
     ({"preset": "fast", "w_bits": 4, "a_bits": 4, "rounding": "adaround"}, "adaround", 0.3),
 ])
 def test_the_fast_preset_learns_rounding_offsets_at_low_bits(fields, rounding, round_lr):
-    config = QuantConfig(method="isvit", **fields)
-    settings = config.reconstruction()
-    assert (settings["rounding"], settings["round_lr"]) == (rounding, round_lr)
-    assert (config.to_dict()["rounding"], config.to_dict()["round_lr"]) == (rounding, round_lr)
+    config = IsvitConfig.from_preset(**fields)
+    settings = config.resolved().reconstruction
+    assert (settings.rounding, settings.round_lr) == (rounding, round_lr)
+    saved = config.to_dict()["reconstruction"]
+    assert (saved["rounding"], saved["round_lr"]) == (rounding, round_lr)
     # the resolved config, saved and rebuilt (as a checkpoint does), trains the same way
-    rebuilt = QuantConfig(**config.to_dict()).reconstruction()
-    assert (rebuilt["rounding"], rebuilt["round_lr"]) == (rounding, round_lr)
+    assert isvit.config_from_dict(config.to_dict()).resolved().reconstruction == settings
 
 
 @pytest.mark.parametrize("field, value", [("rounding", "nearest"), ("round_lr", 0.0), ("round_reg", -1.0),
                                           ("scale_lr", -1e-3), ("act_percentile", 0.5), ("loss", "kl")])
 def test_bad_option_values_are_refused_in_one_sentence(field, value):
     with pytest.raises(isvit.IsvitError, match=field.split("_")[0]):
-        QuantConfig(method="isvit", **{field: value})
+        IsvitConfig.from_preset(**{field: value})
 
 
 def test_the_options_reach_the_reconstruction_settings():
-    config = QuantConfig(method="isvit", preset="fast", rounding="offset", round_lr=0.03, round_reg=0.5,
-                         scale_lr=1e-2, learn_scales=True, loss="fisher")
-    settings = config.reconstruction()
-    assert settings["rounding"] == "offset" and settings["round_lr"] == 0.03 and settings["round_reg"] == 0.5
-    assert settings["scale_lr"] == 1e-2 and settings["learn_scales"] and settings["loss"] == "fisher"
-    assert config.to_dict()["rounding"] == "offset"
+    config = IsvitConfig.from_preset(preset="fast", rounding="offset", round_lr=0.03, round_reg=0.5,
+                                     scale_lr=1e-2, learn_scales=True, loss="fisher")
+    settings = config.resolved().reconstruction
+    assert settings.rounding == "offset" and settings.round_lr == 0.03 and settings.round_reg == 0.5
+    assert settings.scale_lr == 1e-2 and settings.learn_scales and settings.loss == "fisher"
+    assert config.to_dict()["reconstruction"]["rounding"] == "offset"
 
 
 @pytest.mark.parametrize("preset, rounding, lr, reg", [
@@ -346,8 +354,8 @@ def test_the_options_reach_the_reconstruction_settings():
     ("paper", "adaround", 1e-2, 0.1), ("thorough", "offset", 1e-2, 0.1),
 ])
 def test_each_learnt_rounding_takes_its_own_learning_rate_from_the_preset(preset, rounding, lr, reg):
-    config = QuantConfig(method="isvit", preset=preset, rounding=rounding)
-    settings = config.reconstruction()
-    assert (settings["rounding"], settings["round_lr"], settings["round_reg"]) == (rounding, lr, reg)
+    config = IsvitConfig.from_preset(preset=preset, rounding=rounding)
+    settings = config.resolved().reconstruction
+    assert (settings.rounding, settings.round_lr, settings.round_reg) == (rounding, lr, reg)
     # the resolved config, saved and rebuilt (as a checkpoint does), resolves the same way
-    assert QuantConfig(**config.to_dict()).reconstruction() == settings
+    assert isvit.config_from_dict(config.to_dict()).resolved().reconstruction == settings

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import isvit
 from isvit.checkpoint import load_quantized, quantized_layers, save_quantized
+from isvit.config import MinmaxConfig
 from isvit.modules import QuantLinear
-from isvit.pipeline import QuantConfig
 
-from conftest import SMALL_VIT, agreement, random_images, same_state, small_swin, small_vit, state_copy
+from conftest import SMALL_VIT, agreement, method_config, random_images, same_state, small_swin, small_vit, state_copy
 
 # ---------------------------------------------------------------------------------------------
 # Bias correction
@@ -44,7 +44,7 @@ def test_bias_correction_removes_each_linears_mean_output_error(make, method):
     of its own inputs and its bias before correction) is gone: measured 1e-10..4e-8 where it was
     5e-4..4e-2 without correction. Nothing but the biases changes."""
     x = random_images(16)
-    config = QuantConfig(method=method, w_bits=4, a_bits=4, calib_size=16)
+    config = method_config(method=method, w_bits=4, a_bits=4, calib_size=16)
     corrected = isvit.quantize(make(), x, config, progress=False)
     plain = isvit.quantize(make(), x, dataclasses.replace(config, bias_correction=False), progress=False)
     io_corrected, io_plain = linear_inputs_and_outputs(corrected, x), linear_inputs_and_outputs(plain, x)
@@ -62,7 +62,7 @@ def test_bias_correction_removes_each_linears_mean_output_error(make, method):
 
 def test_no_bias_correction_leaves_every_bias_as_it_was():
     model = small_vit()
-    qmodel = isvit.quantize(model, random_images(16), QuantConfig(method="minmax", w_bits=4, a_bits=4,
+    qmodel = isvit.quantize(model, random_images(16), MinmaxConfig(w_bits=4, a_bits=4,
                                                                   bias_correction=False, calib_size=16), progress=False)
     biases = {name: m.bias for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len(biases) == 9
@@ -82,8 +82,7 @@ def distinct_per_row(values: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("method", ["minmax", "isvit"])
 @pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (8, 4)])
 def test_mixed_bit_widths_quantize_weights_and_activations_at_their_own_bits(tmp_path, method, w_bits, a_bits):
-    config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=16,
-                         **({"iters": 1, "batch_size": 8} if method == "isvit" else {}))
+    config = method_config(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=16, **({"iters": 1, "batch_size": 8} if method == "isvit" else {}))
     qmodel = isvit.quantize(small_vit(), random_images(16), config, progress=False)
     assert {q.bits for _, q in isvit.quantizers(qmodel, "weight")} == {w_bits}
     assert {q.bits for _, q in isvit.quantizers(qmodel, "activation")} == {a_bits}
@@ -113,7 +112,7 @@ def test_mixed_bit_widths_quantize_weights_and_activations_at_their_own_bits(tmp
 # Calibration data: a tensor, a DataLoader, a list or any iterable of batches
 # ---------------------------------------------------------------------------------------------
 
-MINMAX = QuantConfig(method="minmax", w_bits=4, a_bits=4, calib_size=12)
+MINMAX = MinmaxConfig(w_bits=4, a_bits=4, calib_size=12)
 
 
 def quantized_state(calib) -> dict:

@@ -25,6 +25,8 @@ from isvit.quantizers import (
     search_uniform_range,
 )
 
+from conftest import method_config
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -268,7 +270,7 @@ def test_outlier_ratio_without_outliers_is_one_grid():
 @pytest.mark.parametrize("ratio", [-1.0, 0.5, 1.0])
 def test_quant_config_rejects_an_outlier_ratio_of_at_most_one(ratio):
     with pytest.raises(isvit.IsvitError, match="outlier_ratio"):
-        isvit.QuantConfig(outlier_ratio=ratio)
+        isvit.RepqConfig(outlier_ratio=ratio)
 
 
 def test_forward_matches_torch_fake_quantize():
@@ -600,16 +602,16 @@ def test_check_bits_accepts(bits):
 @pytest.mark.parametrize("bits", [1, 9, 4.0])
 def test_quant_config_rejects_bits(field, bits):
     with pytest.raises(isvit.IsvitError, match=field):
-        isvit.QuantConfig(**{field: bits})
+        method_config(**{field: bits})
 
 
-def test_quant_config_rejects_unknown_method_and_softmax_quantizer():
-    with pytest.raises(isvit.IsvitError, match="unknown method"):
-        isvit.QuantConfig(method="gptq")
+def test_configs_reject_an_unknown_method_and_softmax_quantizer():
+    with pytest.raises(isvit.IsvitError, match="unknown method 'gptq'"):
+        isvit.config_from_dict({"method": "gptq", "w_bits": 4})
     with pytest.raises(isvit.IsvitError, match="post-Softmax"):
-        isvit.QuantConfig(softmax_quantizer="log2")
+        isvit.RepqConfig(softmax_quantizer="log2")
     with pytest.raises(isvit.IsvitError):
-        isvit.QuantConfig(calib_size=0)
+        isvit.RepqConfig(calib_size=0)
     # and accepts the valid ones
     for method in isvit.METHODS:
-        assert isvit.QuantConfig(method=method, w_bits=3, a_bits=8).method == method
+        assert method_config(method=method, w_bits=3, a_bits=8).method == method

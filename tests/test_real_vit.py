@@ -58,7 +58,7 @@ def test_full_precision_matches_plain_timm(real_vit, fp_top1):
 @pytest.mark.parametrize("method", ["minmax", "repq"])
 def test_w8a8_stays_close_to_full_precision(real_vit, real_w8a8, val_batches, fp_top1, method):
     quantized, config = real_w8a8(method)
-    assert config.resolved_calib_size == 32
+    assert config.calib_size == 32
     # quantize copied the model: the shared full-precision model has no quantizer
     assert not isvit.quantizers(real_vit)
     assert len(isvit.quantizers(quantized)) == 147

@@ -30,7 +30,7 @@ from isvit.wrap import (
     wrap_model,
 )
 
-from conftest import agreement, random_images, small_swin
+from conftest import agreement, method_config, random_images, small_swin
 
 SOURCE = Path(isvit.__file__).parent
 
@@ -205,7 +205,7 @@ def test_a_registered_family_is_wrapped_cut_into_units_and_folded(tiny_family):
 @pytest.mark.parametrize("method", ["minmax", "repq"])
 def test_a_registered_family_quantizes_at_w8a8_close_to_full_precision(tiny_family, method):
     model = tiny_net()
-    config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8, calib_size=16)
+    config = method_config(method=method, w_bits=8, a_bits=8, calib_size=16)
     quantized = isvit.quantize(model, random_images(16, 32, seed=2), config, progress=False)
     x = random_images(32, 32, seed=3)
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_a_registered_family_quantizes_at_w8a8_close_to_full_precision(tiny_fami
     assert agreement(q, fp) >= 0.9
     assert (q - fp).abs().max() < 0.1 * fp.abs().max()
     # the quantized state loads into a fresh wrap of the family (what a checkpoint relies on)
-    fresh = wrap_model(tiny_net(seed=1), Placement(w_bits=8, a_bits=8, softmax_quantizer=config.resolved_softmax_quantizer,
+    fresh = wrap_model(tiny_net(seed=1), Placement(w_bits=8, a_bits=8, softmax_quantizer=config.softmax_quantizer,
                                                    post_ln_per_channel=method == "repq"))
     fresh.load_state_dict(quantized.state_dict(), strict=True)
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_a_registered_family_quantizes_at_w8a8_close_to_full_precision(tiny_fami
 def test_a_registered_family_without_rotation_goes_through_the_fast_preset_with_its_reason(tiny_family):
     with pytest.raises(IsvitError, match=r"rotation supports ViT/DeiT.* models, not TinyNet \(the test family has none\)"):
         rotate_model(tiny_net())
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
     with pytest.warns(UserWarning, match="the test family has none"):
         quantized = isvit.quantize(tiny_net(), random_images(8, 32, seed=4), config, progress=False)
     with torch.no_grad():
@@ -255,4 +255,4 @@ def test_a_swin_with_an_unsupported_norm_is_refused_and_left_unmodified():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     # refused before any other work: the (empty) calibration data is not even looked at
     with pytest.raises(IsvitError, match=message):
-        isvit.quantize(model, [], isvit.QuantConfig(method="minmax"), progress=False)
+        isvit.quantize(model, [], isvit.MinmaxConfig(), progress=False)

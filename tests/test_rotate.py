@@ -1,4 +1,4 @@
-"""Rotation (isvit.rotate, ``QuantConfig(rotate=True)``): the full-precision function is unchanged
+"""Rotation (isvit.rotate, ``RepqConfig(rotate=True)``): the full-precision function is unchanged
 on small random ViT/DeiT/Swin variants and on the real ViT-Ti, the rotations are orthogonal
 (randomized Hadamard where one is known), the per-head rotations keep q k^T and attn @ v, the real
 model's residual stream loses its outlier channels, and a rotated model quantizes, folds exactly,
@@ -38,6 +38,7 @@ from conftest import (
     agreement,
     calibrated,
     logits,
+    method_config,
     random_images,
     small_swin,
     small_vit,
@@ -373,8 +374,7 @@ ARCHITECTURES = {"vit": SMALL_VIT, "swin": SMALL_SWIN}
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_rotated_model_quantizes_and_reloads_bit_exactly(tmp_path, arch, method):
     name, args = ARCHITECTURES[arch]
-    config = isvit.QuantConfig(method=method, w_bits=4, a_bits=4, calib_size=8, rotate=True,
-                               iters=1 if method == "isvit" else None, batch_size=8 if method == "isvit" else None)
+    config = method_config(method=method, w_bits=4, a_bits=4, calib_size=8, rotate=True, iters=1 if method == "isvit" else None, batch_size=8 if method == "isvit" else None)
     model = trained_like(small_vit() if arch == "vit" else small_swin())
     qmodel = isvit.quantize(model, random_images(8, seed=1), config, progress=False)
     assert not any(isinstance(m, RMSNorm) for m in model.modules())  # the caller's model is not touched
@@ -395,7 +395,7 @@ TIMM_NAMES = {"clip": "vit_base_patch16_clip_224", "siglip": "vit_base_patch16_s
 def quantized_with_the_fast_presets_rotation(model, size: int):
     """(config, model quantized by it): the fast preset at W4/A4 (one iteration per unit), which must
     rotate ``model`` without warning that it goes without."""
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, iters=1, calib_size=8)
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, iters=1, calib_size=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qmodel = isvit.quantize(model, random_images(8, seed=1, size=size), config, progress=False)
@@ -437,7 +437,7 @@ def test_rotated_w8a8_minmax_agrees_with_full_precision(variant):
         scale = 1 / (out - out.mean(0)).std()
         model.head.weight.mul_(scale)
         model.head.bias.mul_(scale)
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=16, rotate=True)
+    config = isvit.MinmaxConfig(w_bits=8, a_bits=8, calib_size=16, rotate=True)
     qmodel = isvit.quantize(model, calib, config, progress=False)
     assert any(isinstance(m, RMSNorm) for m in qmodel.modules())
     with torch.no_grad():
@@ -448,7 +448,7 @@ def test_rotated_w8a8_minmax_agrees_with_full_precision(variant):
 
 
 def test_a_checkpoint_written_before_rotation_existed_still_loads(tmp_path):
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=4)
+    config = isvit.MinmaxConfig(w_bits=8, a_bits=8, calib_size=4)
     qmodel = isvit.quantize(small_vit(), random_images(4, seed=1), config, progress=False)
     path = tmp_path / "q.safetensors"
     save_quantized(qmodel, path, model_name=SMALL_VIT[0], config=config, data_config={"input_size": [3, 64, 64]},
@@ -467,7 +467,7 @@ def test_a_checkpoint_written_before_rotation_existed_still_loads(tmp_path):
 def test_exported_rotated_model_computes_what_pytorch_computes(tmp_path):
     """ONNX carries the rotation: RMSNorm is plain arithmetic; the tolerance of test_export.py."""
     args = {"depth": 1, "img_size": 64, "num_classes": 10}
-    config = isvit.QuantConfig(method="repq", w_bits=8, a_bits=8, calib_size=16, rotate=True)
+    config = isvit.RepqConfig(w_bits=8, a_bits=8, calib_size=16, rotate=True)
     fp = trained_like(timm.create_model(SMALL_VIT[0], pretrained=False, **args).eval())
     qmodel = isvit.quantize(fp, random_images(16, seed=1), config, progress=False)
     path = tmp_path / "rotated.onnx"
@@ -521,11 +521,12 @@ def test_a_feature_tower_quantizes_with_the_fast_presets_rotation_reloads_and_ex
 # ---------------------------------------------------------------------------------------------
 
 def test_config_carries_rotate():
-    assert isvit.QuantConfig().rotate is None and isvit.QuantConfig().resolved_rotate is False  # repq: off
+    assert isvit.RepqConfig().rotate is False and isvit.MinmaxConfig().rotate is False  # the peers: off
+    assert isvit.IsvitConfig().rotate is None and isvit.IsvitConfig().wants_rotation() is False  # the paper preset
     for method in isvit.METHODS:
-        assert isvit.QuantConfig(method=method, rotate=True).to_dict()["rotate"] is True
+        assert method_config(method=method, rotate=True).to_dict()["rotate"] is True
     with pytest.raises(IsvitError, match="rotate must be True or False"):
-        isvit.QuantConfig(rotate="yes")
+        isvit.RepqConfig(rotate="yes")
 
 
 @pytest.mark.parametrize("fields, rotated", [
@@ -534,14 +535,14 @@ def test_config_carries_rotate():
     ({"method": "isvit", "preset": "thorough", "w_bits": 4, "a_bits": 4}, True),
     ({"method": "isvit", "preset": "fast", "w_bits": 6, "a_bits": 6}, False),
     ({"method": "isvit", "preset": "paper", "w_bits": 4, "a_bits": 4}, False),  # the paper's method
-    ({"method": "repq", "preset": "fast", "w_bits": 4, "a_bits": 4}, False),  # the published peers
+    ({"method": "repq", "w_bits": 4, "a_bits": 4}, False),  # the published peers
     ({"method": "isvit", "preset": "fast", "w_bits": 4, "a_bits": 4, "rotate": False}, False),
     ({"method": "minmax", "w_bits": 6, "a_bits": 6, "rotate": True}, True),
 ])
 def test_the_fast_and_thorough_presets_rotate_at_low_bits(fields, rotated):
-    config = isvit.QuantConfig(**fields)
-    assert config.resolved_rotate is rotated and config.to_dict()["rotate"] is rotated
-    assert isvit.QuantConfig(**config.to_dict()).resolved_rotate is rotated  # as a checkpoint rebuilds it
+    config = method_config(**fields)
+    assert config.wants_rotation() is rotated and config.to_dict()["rotate"] is rotated
+    assert isvit.config_from_dict(config.to_dict()).wants_rotation() is rotated  # as a checkpoint rebuilds it
 
 
 def test_the_preset_quantizes_without_a_rotation_the_model_cannot_carry():
@@ -549,7 +550,7 @@ def test_the_preset_quantizes_without_a_rotation_the_model_cannot_carry():
     asked for (rotate=True) the refusal stands; rotate=False goes without and without a word."""
     model = tiny_vit(global_pool="max")
     x = random_images(2, seed=0, size=32)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=2, iters=1)
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=2, iters=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qmodel = isvit.quantize(model, x, config, progress=False)
@@ -572,7 +573,7 @@ def test_the_preset_quantizes_without_a_rotation_the_model_cannot_carry():
 def test_a_model_quantized_without_the_presets_rotation_reloads(tmp_path):
     """The file records what was done (not rotated), so the model is rebuilt without rotation."""
     model = tiny_vit(global_pool="max")
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=2, iters=1)
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=2, iters=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qmodel = isvit.quantize(model, random_images(2, seed=0, size=32), config, progress=False)
@@ -587,7 +588,7 @@ def test_a_model_quantized_without_the_presets_rotation_reloads(tmp_path):
 
 
 def test_a_file_from_before_rotate_existed_is_rebuilt_unrotated(tmp_path):
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=4, iters=1, batch_size=2,
+    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=4, iters=1, batch_size=2,
                                rotate=False)
     model = isvit.quantize(small_vit(), random_images(4, seed=0), config, progress=False)
     path = tmp_path / "q.safetensors"
@@ -599,7 +600,7 @@ def test_a_file_from_before_rotate_existed_is_rebuilt_unrotated(tmp_path):
     del stored["rotate"]  # as written before rotation existed
     save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(stored)})
     rebuilt, info = load_quantized(path)
-    assert info["config"].resolved_rotate is False
+    assert info["config"].wants_rotation() is False
     x = random_images(2, seed=3)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
@@ -633,7 +634,7 @@ def _with_norm(model: nn.Module, norm: nn.Module) -> nn.Module:
 
 
 def _quantized(model: nn.Module) -> nn.Module:
-    return isvit.quantize(model, random_images(2, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), inplace=True)
+    return isvit.quantize(model, random_images(2, seed=0), isvit.MinmaxConfig(calib_size=2), inplace=True)
 
 
 @pytest.mark.parametrize("build, message", [

@@ -18,7 +18,7 @@ from isvit.pipeline import calibrate_activations, calibrate_weights
 from isvit.quantizers import LogSqrt2Quantizer, Quantizer, SULQuantizer, UniformQuantizer
 from isvit.wrap import Placement, wrap_model
 
-from conftest import random_images, small_swin, small_vit
+from conftest import method_config, random_images, small_swin, small_vit
 
 
 @pytest.fixture(autouse=True)
@@ -219,10 +219,10 @@ def test_wrapped_attention_accepts_attn_mask():
 @pytest.mark.parametrize("method", ["repq", "minmax"])
 def test_quantized_state_dict_loads_into_a_fresh_wrap(method):
     calib = random_images(8, 64, seed=1)
-    config = isvit.QuantConfig(method=method, w_bits=4, a_bits=4, calib_size=8)
+    config = method_config(method=method, w_bits=4, a_bits=4, calib_size=8)
     quantized = isvit.quantize(small_vit(seed=0), calib, config, progress=False)
     placement = Placement(
-        w_bits=4, a_bits=4, softmax_quantizer=config.resolved_softmax_quantizer,
+        w_bits=4, a_bits=4, softmax_quantizer=config.softmax_quantizer,
         post_ln_per_channel=method == "repq",
     )
     fresh = wrap_model(small_vit(seed=123), placement)  # other random weights, uncalibrated quantizers
@@ -243,10 +243,10 @@ def test_quantized_state_dict_loads_into_a_fresh_wrap(method):
         assert (fresh(x) - expected).abs().max() > 1e-4
 
 
-def _swin_round_trip(config: isvit.QuantConfig) -> None:
+def _swin_round_trip(config: isvit.RepqConfig) -> None:
     calib = random_images(4, 64, seed=3)
     quantized = isvit.quantize(small_swin(0), calib, config, progress=False)
-    fresh = wrap_model(small_swin(7), Placement(w_bits=4, a_bits=4, softmax_quantizer=config.resolved_softmax_quantizer))
+    fresh = wrap_model(small_swin(7), Placement(w_bits=4, a_bits=4, softmax_quantizer=config.softmax_quantizer))
     fresh.load_state_dict(quantized.state_dict(), strict=True)
     x = random_images(2, 64, seed=4)
     with torch.no_grad():
@@ -254,15 +254,15 @@ def _swin_round_trip(config: isvit.QuantConfig) -> None:
 
 
 def test_quantized_swin_state_dict_round_trip_without_bias_correction():
-    _swin_round_trip(isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4, bias_correction=False))
+    _swin_round_trip(isvit.RepqConfig(w_bits=4, a_bits=4, calib_size=4, bias_correction=False))
 
 
 def test_quantized_swin_state_dict_round_trip_with_bias_correction():
-    _swin_round_trip(isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4))
+    _swin_round_trip(isvit.RepqConfig(w_bits=4, a_bits=4, calib_size=4))
 
 
 def test_quantized_vit_without_qkv_bias_state_dict_round_trip():
-    config = isvit.QuantConfig(method="repq", w_bits=4, a_bits=4, calib_size=4, bias_correction=False)
+    config = isvit.RepqConfig(w_bits=4, a_bits=4, calib_size=4, bias_correction=False)
     quantized = isvit.quantize(small_vit(seed=0, qkv_bias=False), random_images(4, 64, seed=5), config, progress=False)
     fresh = wrap_model(small_vit(seed=1, qkv_bias=False), Placement(w_bits=4, a_bits=4, softmax_quantizer="log2sqrt2"))
     fresh.load_state_dict(quantized.state_dict(), strict=True)
@@ -281,11 +281,11 @@ def test_unsupported_model_is_refused():
     with pytest.raises(isvit.IsvitError, match="ResNet"):
         wrap_model(resnet, W4A4)
     with pytest.raises(isvit.IsvitError):
-        isvit.quantize(resnet, random_images(2, 32, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
+        isvit.quantize(resnet, random_images(2, 32, seed=0), isvit.MinmaxConfig(calib_size=2), progress=False)
     assert not any(isinstance(m, Quantizer) for m in resnet.modules())
     # before any other work: the (empty) calibration data is not even looked at
     with pytest.raises(isvit.IsvitError, match="not ResNet"):
-        isvit.quantize(resnet, [], isvit.QuantConfig(method="isvit"), progress=False)
+        isvit.quantize(resnet, [], isvit.IsvitConfig(), progress=False)
 
 
 def test_a_vit_with_a_swiglu_sub_norm_is_refused_in_one_sentence_before_any_change():
@@ -296,7 +296,7 @@ def test_a_vit_with_a_swiglu_sub_norm_is_refused_in_one_sentence_before_any_chan
     with pytest.raises(isvit.IsvitError, match="blocks.0.mlp.norm is a LayerNorm"):
         wrap_model(model, W4A4)
     assert not any(isinstance(m, (Quantizer, QuantLinear)) for m in model.modules())
-    config = isvit.QuantConfig(method="minmax", w_bits=8, a_bits=8, calib_size=2)
+    config = isvit.MinmaxConfig(w_bits=8, a_bits=8, calib_size=2)
     with pytest.raises(isvit.IsvitError, match="SwiGLU"):
         isvit.quantize(model, random_images(2, 32, seed=0), config, progress=False)
 
@@ -307,6 +307,6 @@ def test_wrapping_twice_is_refused():
     with pytest.raises(isvit.IsvitError, match="already quantized"):
         wrap_model(model, W4A4)
     assert len(isvit.quantizers(model)) == count
-    quantized = isvit.quantize(small_vit(), random_images(2, 64, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
+    quantized = isvit.quantize(small_vit(), random_images(2, 64, seed=0), isvit.MinmaxConfig(calib_size=2), progress=False)
     with pytest.raises(isvit.IsvitError):
-        isvit.quantize(quantized, random_images(2, 64, seed=0), isvit.QuantConfig(method="minmax", calib_size=2), progress=False)
+        isvit.quantize(quantized, random_images(2, 64, seed=0), isvit.MinmaxConfig(calib_size=2), progress=False)

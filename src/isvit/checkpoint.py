@@ -17,7 +17,7 @@ File format ``isvit-int-v1`` (one safetensors file):
 - metadata (JSON strings): ``format`` (``isvit-int-v1``), ``model`` (the timm architecture name),
   ``model_args`` (keyword arguments of ``timm.create_model``, usually ``{}``; a transformers
   config's ``layer_norm_eps`` among them: ``models.build_model``), ``config``
-  (``QuantConfig.to_dict()``), ``data_config`` (the preprocessing) and ``quantized_weights``
+  (the method's config, ``config.to_dict()``: config.py), ``data_config`` (the preprocessing) and ``quantized_weights``
   ({layer: {"bits": b, "shape": [...]}}, the unpacked shape of each weight).
 
 The float latent weights of quantized layers are not stored: at 4 bits the file is about 7x
@@ -42,7 +42,8 @@ from .errors import IsvitError
 from .files import atomic_write
 from .models import build_model
 from .modules import QuantConv2d, QuantLinear
-from .pipeline import QuantConfig, applied_config, placement_for, quantizers
+from .config import Config, config_from_dict
+from .pipeline import applied_config, quantizers
 from .quantizers import check_bits
 from .rotate import rotate_model
 from .wrap import wrap_model
@@ -142,7 +143,7 @@ def save_quantized(
     path: str | Path,
     *,
     model_name: str,
-    config: QuantConfig,
+    config: Config,
     data_config: dict,
     model_args: dict | None = None,
 ) -> None:
@@ -214,18 +215,15 @@ def check_format(
     raise IsvitError(f"{path} is not {kind} (its metadata names no isvit format)")
 
 
-def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = False) -> QuantConfig | None:
-    """The ``QuantConfig`` stored as JSON under ``config`` (``null`` accepted with ``allow_none``)."""
+def metadata_config(metadata: dict[str, str], path: Path, allow_none: bool = False) -> Config | None:
+    """The method's config stored as JSON under ``config`` (``null`` accepted with ``allow_none``);
+    files written by earlier versions hold ``QuantConfig``'s flat dict (``config.config_from_dict``)."""
     value = metadata_json(metadata, "config", path, (dict, type(None)) if allow_none else dict)
     if value is None:
         return None
-    # Files written before a field existed were made without what it adds; its default now may differ
-    if "act_percentile" not in value:  # the activation grids were searched from 0.999
-        value["act_percentile"] = 0.999 if value.get("method") == "isvit" else None
-    value.setdefault("rotate", False)  # not rotated
     try:
-        return QuantConfig(**value)
-    except TypeError:
+        return config_from_dict(value)
+    except (TypeError, ValueError, IsvitError):
         raise IsvitError(f"{path} has no valid 'config' entry in its metadata") from None
 
 
@@ -241,7 +239,7 @@ def metadata_json(metadata: dict[str, str], key: str, path: Path, kind):
     return value
 
 
-def _build_model(name: str, model_args: dict, config: QuantConfig, path: Path) -> nn.Module:
+def _build_model(name: str, model_args: dict, config: Config, path: Path) -> nn.Module:
     """The named timm architecture, randomly initialised (no download), rotated and wrapped as
     ``config`` says. Rotation is rerun on the random weights for its structure (the norms it swaps
     in, the biases it adds): every weight it computes is then overwritten by the file's."""
@@ -251,9 +249,9 @@ def _build_model(name: str, model_args: dict, config: QuantConfig, path: Path) -
         model = build_model(name, model_args)
     except Exception as exc:  # timm raises TypeError/ValueError/AssertionError for bad arguments
         raise IsvitError(f"cannot build the {name} architecture with the arguments in {path} ({type(exc).__name__})") from exc
-    if config.resolved_rotate:  # the same modules as the saved model's (its weights come from the file)
+    if config.rotate:  # the same modules as the saved model's (its weights come from the file)
         rotate_model(model, seed=config.seed)
-    return wrap_model(model, placement_for(config))
+    return wrap_model(model, config.placement())
 
 
 def _mismatch(path: Path, name: str, what: str) -> IsvitError:
@@ -322,7 +320,7 @@ def _check_state_matches(model: nn.Module, state: dict, path: Path, name: str) -
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a quantized model from a file written by ``save_quantized``, in eval mode on
     ``device``; returns (model, info) with info's keys ``model`` (the architecture name),
-    ``model_args``, ``config`` (a ``QuantConfig``) and ``data_config``."""
+    ``model_args``, ``config`` (the method's config, config.py) and ``data_config``."""
     path = Path(path)
     tensors, metadata = read_checkpoint(path)
     name = metadata.get("model", "")

@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -60,9 +59,9 @@ from .export import export_onnx
 from .files import FILE, FOLDER, NEW_FOLDER, check_output
 from .models import load_model
 from .openvino_ir import check_destination, write_openvino
-from .pipeline import METHODS, PRESETS, QuantConfig, applied_config, quantize
+from .config import CACHE_DTYPES, CONFIGS, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
+from .pipeline import applied_config, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
-from .reconstruct import LOSSES, ROUNDINGS
 from .runtime import PRECISIONS, RUNTIMES, load_onnx
 
 
@@ -84,6 +83,19 @@ def _floats3(text: str) -> tuple[float, float, float]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three numbers such as 0.5,0.5,0.5, got {text!r}")
     return tuple(parts)
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag kept for one release: sets ``dest`` to False like its replacement, with a warning."""
+
+    def __init__(self, *args, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"isvit: warning: {option_string} is deprecated and will be removed in the next release: "
+              f"use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, False)
 
 
 MODEL_HELP = "timm architecture name, e.g. vit_tiny_patch16_224"
@@ -149,53 +161,63 @@ def build_parser() -> argparse.ArgumentParser:
                 data_required=False)
     qu.add_argument("--calib", required=True, help="calibration images (labels not needed; flat folders work)")
     qu.add_argument("--method", required=True, choices=METHODS)
-    qu.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
-    qu.add_argument("--a-bits", type=int, required=True, help="activation bits, 2..8")
-    qu.add_argument("--calib-size", type=_positive_int, help="calibration images (default: 32 for repq/minmax, 1024 for isvit)")
-    qu.add_argument("--iters", type=_positive_int, help="I&S-ViT reconstruction iterations per block")
-    qu.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and optimisation (default 0)")
-    qu.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-Softmax quantizer (default: the method's)")
-    qu.add_argument("--no-bias-correction", action="store_true", help="skip bias correction (the published repq/minmax)")
-    qu.add_argument("--outlier-ratio", type=float, metavar="R",
-                    help="per-tensor Linear inputs put the channels whose peak exceeds R times the median "
-                         "channel's on a grid of their own; 0 is off (default: the method's)")
-    qu.add_argument("--act-percentile", type=float, metavar="P",
-                    help="lowest clipping percentile searched for activation grids, e.g. 0.99 (default: 0.99 for "
-                         "isvit's fast and thorough presets at <= 4 bits, otherwise 0.999)")
-    qu.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
-                    help="rotate the residual stream and every attention head by random Hadamard matrices "
-                         "first (exact in full precision, nothing added at inference; default: on for isvit's "
-                         "fast and thorough presets at <= 4 bits, otherwise off)")
     qu.add_argument("--no-fp", action="store_true", help="do not evaluate the full-precision model for comparison")
-    sos = qu.add_argument_group("I&S-ViT block reconstruction (--method isvit)")
-    sos.add_argument("--preset", choices=PRESETS, default="paper", help=PRESET_HELP)
+    every = qu.add_argument_group("every method's settings (config.py: IsvitConfig, RepqConfig, MinmaxConfig)")
+    every.add_argument("--w-bits", type=int, required=True, help="weight bits, 2..8")
+    every.add_argument("--a-bits", type=int, required=True, help="activation bits, 2..8")
+    every.add_argument("--calib-size", type=_positive_int, help="calibration images (default: 32 for repq/minmax, 1024 for isvit)")
+    every.add_argument("--seed", type=int, help="seed of the calibration subset, the rotation and the optimisation (default 0)")
+    every.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-Softmax quantizer (default: the method's)")
+    every.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                       help="correct the biases at the end (default: on for repq/minmax, off for isvit; "
+                            "--no-bias-correction gives the published repq/minmax)")
+    every.add_argument("--outlier-ratio", type=float, metavar="R",
+                       help="per-tensor Linear inputs put the channels whose peak exceeds R times the median "
+                            "channel's on a grid of their own; 0 is off (default: 8 for isvit, 0 for repq/minmax)")
+    every.add_argument("--act-percentile", type=float, metavar="P",
+                       help="lowest clipping percentile searched for activation grids, e.g. 0.99 (default: 0.99 for "
+                            "isvit's fast and thorough presets at <= 4 bits, otherwise 0.999)")
+    every.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                       help="rotate the residual stream and every attention head by random Hadamard matrices "
+                            "first (exact in full precision, nothing added at inference; default: on for isvit's "
+                            "fast and thorough presets at <= 4 bits, otherwise off)")
+    sos = qu.add_argument_group("I&S-ViT's settings (--method isvit only; the other methods refuse them)")
+    sos.add_argument("--preset", choices=PRESETS, help=PRESET_HELP)
+    sos.add_argument("--stage1", action=argparse.BooleanOptionalAction, default=None,
+                     help="stage 1: reconstruction with full-precision weights (default: on)")
+    sos.add_argument("--fold", action=argparse.BooleanOptionalAction, default=None,
+                     help="stage 2: fold the per-channel post-LayerNorm grids into LayerNorm + Linear (default: on; "
+                          "--no-fold: post-LayerNorm activations per tensor from the start)")
+    sos.add_argument("--no-reparam", action=_DeprecatedFlag, nargs=0, dest="fold", replacement="--no-fold",
+                     help=argparse.SUPPRESS)
+    sos.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                     help="start stage 3 from GPTQ-rounded weights instead of round-to-nearest ones (the paper's; default)")
+    sos.add_argument("--iters", type=_positive_int, help="reconstruction iterations per block and stage (default: the preset's)")
     sos.add_argument("--recon-batch-size", type=_positive_int, help="reconstruction batch size (default: the preset's)")
     sos.add_argument("--lr", type=float, help="reconstruction learning rate (default: the preset's)")
-    sos.add_argument("--learn-scales", action=argparse.BooleanOptionalAction, default=None,
-                     help="also learn the uniform quantizers' scales (default: the preset's)")
     sos.add_argument("--loss", choices=LOSSES,
                      help="reconstruction loss: mse (the paper's), token (each token's error relative to its "
                           "variance, as the next LayerNorm sees it) or fisher (token, each output weighted by its "
                           "Fisher importance for the final prediction) (default: the preset's; fisher in the fast and thorough "
                           "presets at <= 4 bits)")
+    sos.add_argument("--qdrop", type=float, metavar="P",
+                     help="QDrop: while training, each activation keeps its float value with probability P "
+                          "(default: the preset's, 0.5 fast, 0 paper)")
     sos.add_argument("--rounding", choices=ROUNDINGS,
                      help="stage 3 trains: ste (the latent weights through the rounding, the paper's), adaround "
                           "(learnt rounding, annealed) or offset (learnt rounding through the straight-through "
                           "estimator) (default: the preset's; offset in the fast preset at <= 4 bits, otherwise ste)")
-    sos.add_argument("--round-lr", type=float, help="learning rate of the learnt rounding (default: the preset's for the --rounding given: "
-                                                         "fast 0.3 adaround, 0.03 offset; paper and thorough 0.01)")
-    sos.add_argument("--round-reg", type=float, help="weight of AdaRound's regulariser (default: the preset's: fast 1000, paper and thorough 0.1)")
-    sos.add_argument("--scale-lr", type=float, help="learning rate of the learnt scales, on log(scale) (default: the preset's)")
-    sos.add_argument("--no-stage1", action="store_true", help="skip stage 1 (reconstruction with full-precision weights)")
-    sos.add_argument("--no-reparam", action="store_true",
-                     help="skip stage 2: post-LayerNorm activations per tensor from the start")
-    sos.add_argument("--qdrop", type=float, metavar="P",
-                     help="QDrop: while training, each activation keeps its float value with probability P "
-                          "(default: the preset's, 0.5 fast, 0 paper)")
-    sos.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=False,
-                     help="start stage 3 from GPTQ-rounded weights instead of round-to-nearest ones (the paper's; default)")
-    sos.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                     help="precision of the cached block inputs/outputs (float16 halves their memory)")
+    sos.add_argument("--round-lr", type=float, help="learning rate of the learnt rounding, with --rounding adaround or "
+                                                    "offset (default: the preset's for that rounding: fast 0.3 adaround, "
+                                                    "0.03 offset; paper and thorough 0.01)")
+    sos.add_argument("--round-reg", type=float, help="weight of AdaRound's regulariser, with --rounding adaround "
+                                                     "(default: the preset's: fast 1000, paper and thorough 0.1)")
+    sos.add_argument("--learn-scales", action=argparse.BooleanOptionalAction, default=None,
+                     help="also learn the uniform quantizers' scales (default: the preset's, off)")
+    sos.add_argument("--scale-lr", type=float, help="learning rate of the learnt scales, on log(scale), with "
+                                                    "--learn-scales (default: the preset's)")
+    sos.add_argument("--cache-dtype", choices=CACHE_DTYPES,
+                     help="precision of the cached block inputs/outputs (default float32; float16 halves their memory)")
     sos.add_argument("--cache-device", help="where the cached block inputs/outputs live, e.g. cpu while the "
                                             "model trains on cuda (default: the model's device)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT: integer weight codes and "
@@ -436,14 +458,87 @@ def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
     return {"saved": args.save, "saved_bytes": size, "fp32_bytes": fp32}
 
 
-def _estimate_printer(config: QuantConfig, device: torch.device) -> Callable[[float], None] | None:
+# Every option of `isvit quantize` that sets a field of the method's config: (flag, field, whose).
+# whose: "every" (every method's config has the field), "isvit" (IsvitConfig's) or "reconstruction"
+# (IsvitConfig's Reconstruction). build_config reads this table, and nothing else copies options.
+CONFIG_OPTIONS = (
+    ("--w-bits", "w_bits", "every"),
+    ("--a-bits", "a_bits", "every"),
+    ("--calib-size", "calib_size", "every"),
+    ("--seed", "seed", "every"),
+    ("--softmax-quantizer", "softmax_quantizer", "every"),
+    ("--bias-correction", "bias_correction", "every"),
+    ("--outlier-ratio", "outlier_ratio", "every"),
+    ("--act-percentile", "act_percentile", "every"),
+    ("--rotate", "rotate", "every"),
+    ("--preset", "preset", "isvit"),
+    ("--stage1", "stage1", "isvit"),
+    ("--fold", "fold", "isvit"),
+    ("--gptq", "gptq", "isvit"),
+    ("--iters", "iters", "reconstruction"),
+    ("--recon-batch-size", "batch_size", "reconstruction"),
+    ("--lr", "lr", "reconstruction"),
+    ("--loss", "loss", "reconstruction"),
+    ("--qdrop", "qdrop", "reconstruction"),
+    ("--rounding", "rounding", "reconstruction"),
+    ("--round-lr", "round_lr", "reconstruction"),
+    ("--round-reg", "round_reg", "reconstruction"),
+    ("--learn-scales", "learn_scales", "reconstruction"),
+    ("--scale-lr", "scale_lr", "reconstruction"),
+    ("--cache-dtype", "cache_dtype", "reconstruction"),
+    ("--cache-device", "cache_device", "reconstruction"),
+)
+
+
+def _given_options(args) -> dict[str, tuple[str, str, object]]:
+    """{flag: (field, whose, value)} of the CONFIG_OPTIONS given on the command line."""
+    given = {}
+    for flag, field, whose in CONFIG_OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            given[flag] = (field, whose, value)
+    return given
+
+
+def _flag(flag: str, value) -> str:
+    """The option as the user wrote it: --no-rotate for a False boolean."""
+    return f"--no-{flag[2:]}" if value is False else flag
+
+
+def build_config(args) -> Config:
+    """The config of ``--method`` from the command line, before any work. An option the method does
+    not read is refused in one sentence: the I&S-ViT settings for repq/minmax, and the settings that
+    the reconstruction chosen would not read (--round-lr without a learnt rounding, --round-reg
+    without AdaRound, --scale-lr without --learn-scales)."""
+    given = _given_options(args)
+    fields = {field: value for field, _, value in given.values()}
+    if args.method != "isvit":
+        ignored = [_flag(flag, value) for flag, (_, whose, value) in given.items() if whose != "every"]
+        if ignored:
+            raise IsvitError(f"--method {args.method} does not read {', '.join(ignored)}: "
+                             f"{'they are' if len(ignored) > 1 else 'it is'} I&S-ViT's (--method isvit)")
+        return CONFIGS[args.method](**fields)
+    config = IsvitConfig.from_preset(**fields)
+    recon = config.resolved().reconstruction
+    unread = [("--round-lr", recon.rounding == "ste", "it is the learnt rounding's learning rate and the rounding "
+                                                     "here is ste (give --rounding adaround or offset)"),
+              ("--round-reg", recon.rounding != "adaround", "it is AdaRound's regulariser and the rounding here is "
+                                                           f"{recon.rounding} (give --rounding adaround)"),
+              ("--scale-lr", not recon.learn_scales, "no step size is learnt here (give --learn-scales)")]
+    for flag, unused, why in unread:
+        if flag in given and unused:
+            raise IsvitError(f"{flag} would not be read: {why}")
+    return config
+
+
+def _estimate_printer(config: Config, device: torch.device) -> Callable[[float], None] | None:
     """For I&S-ViT's long presets (paper, thorough) on a CPU (hours of work): a callback that prints
     the estimated duration of the block reconstruction once, and what the fast preset would take
     instead (the same estimate scaled by its iterations x batch size)."""
     if config.method != "isvit" or config.preset == "fast" or device.type != "cpu":
         return None
-    long, fast = config.reconstruction(), replace(config, preset="fast").reconstruction()
-    fast_share = fast["iters"] * fast["batch_size"] / (long["iters"] * long["batch_size"])
+    long, fast = config.resolved().reconstruction, PRESETS["fast"].at(config.w_bits, config.a_bits)
+    fast_share = fast.iters * fast.batch_size / (long.iters * long.batch_size)
 
     def report(seconds: float) -> None:
         tqdm.write(f"{config.preset} preset: about {_duration(seconds)} on this CPU (estimated from the first steps); "
@@ -453,18 +548,7 @@ def _estimate_printer(config: QuantConfig, device: torch.device) -> Callable[[fl
 
 
 def run_quantize(args) -> dict:
-    config = QuantConfig(
-        method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calib_size=args.calib_size,
-        softmax_quantizer=args.softmax_quantizer, seed=args.seed, iters=args.iters,
-        bias_correction=False if args.no_bias_correction else None, outlier_ratio=args.outlier_ratio,
-        preset=args.preset, batch_size=args.recon_batch_size, lr=args.lr, learn_scales=args.learn_scales, loss=args.loss,
-        stage1=not args.no_stage1, reparameterize=not args.no_reparam, gptq=args.gptq, drop_prob=args.qdrop,
-        rounding=args.rounding, round_lr=args.round_lr, round_reg=args.round_reg, scale_lr=args.scale_lr,
-        act_percentile=args.act_percentile,
-        rotate=args.rotate,
-        cache_dtype=args.cache_dtype,
-        cache_device=args.cache_device,
-    )
+    config = build_config(args)
     if not args.data and not args.save:
         raise IsvitError("nothing would be kept: give --data to evaluate the quantized model, --save to write it, or both")
     if args.limit and not args.data:
@@ -477,7 +561,7 @@ def run_quantize(args) -> dict:
         rows.append({"name": args.model, "method": "fp32", "wa": "32/32", **fp})
 
     start = time.perf_counter()
-    calib = load_calibration_images(args.calib, transform, config.resolved_calib_size, seed=config.seed,
+    calib = load_calibration_images(args.calib, transform, config.calib_size, seed=config.seed,
                                     progress=_progress(args))
     losses = {}
     qmodel = quantize(model, calib, config, device=device, progress=_progress(args), resume_dir=args.resume,
@@ -486,7 +570,7 @@ def run_quantize(args) -> dict:
     result.update(**applied_config(qmodel, config).to_dict(), calib_images=int(calib.shape[0]),
                   calib_seconds=calib_seconds)
     if losses:  # isvit: each unit's reconstruction loss before and after training, per stage
-        result["reconstruction"] = {stage: {unit: {"before": before, "after": after, "restored": restored}
+        result["reconstruction_losses"] = {stage: {unit: {"before": before, "after": after, "restored": restored}
                                             for unit, (before, after, restored) in units.items()}
                                     for stage, units in losses.items()}
     timings = f"calibration {calib_seconds:.1f} s"

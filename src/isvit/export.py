@@ -66,7 +66,7 @@ where that lands within a rounding error of a code boundary, the code can differ
 PyTorch's ``log2``.
 
 ``metadata_props``: ``format`` (``isvit-onnx-v1``), ``model`` (timm architecture), ``model_args``,
-``config`` (``QuantConfig.to_dict()``, ``null`` for a full-precision export), ``data_config`` (the
+``config`` (the method's config, ``config.to_dict()``, ``null`` for a full-precision export), ``data_config`` (the
 preprocessing) and ``export`` (the export's own options: ``softmax8``), all JSON strings except the
 first two. The input is ``images`` (N, 3, H, W) float32
 with a dynamic batch, the output ``logits``.
@@ -88,7 +88,8 @@ from torch import nn
 from .checkpoint import atomic_write
 from .errors import IsvitError
 from .modules import ONNX_PLACEHOLDER_DOMAIN, ONNX_PLACEHOLDER_OPS, QuantConv2d, QuantLinear, QuantMatMul
-from .pipeline import QuantConfig, applied_config
+from .config import Config
+from .pipeline import applied_config
 from .quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer, is_weight_quantizer, named_quantizers
 from .runtime import FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel, load_onnx, require  # noqa: F401 (load_onnx: public here too)
 
@@ -722,7 +723,7 @@ def export_onnx(
     path: str | Path,
     *,
     model_name: str,
-    config: QuantConfig | None,
+    config: Config | None,
     data_config: dict,
     model_args: dict | None = None,
     softmax8: str = "uniform",
@@ -735,9 +736,9 @@ def export_onnx(
     check_softmax8(softmax8)
     check_exportable(model)
     if config is None and named_quantizers(model):
-        raise IsvitError("the model is quantized: give its QuantConfig to export it")
+        raise IsvitError("the model is quantized: give its config to export it")
     if config is not None and not named_quantizers(model):
-        raise IsvitError("the model has no quantizers: quantize it before exporting it with a QuantConfig")
+        raise IsvitError("the model has no quantizers: quantize it before exporting it with a config")
     model = model.eval()
     proto = trace(model, data_config["input_size"])
     counts = lower_layers(proto, model, softmax8)

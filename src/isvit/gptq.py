@@ -6,7 +6,7 @@ by the layer's input statistics H = X^T X, so that the layer's *output* on the c
 moves as little as possible. The grid itself (the weight quantizer's per-channel scale and zero
 point) is not changed: GPTQ only chooses which code each weight gets.
 
-With ``QuantConfig(gptq=True)`` (``--gptq``) isvit uses it as the starting point of stage 3: a
+With ``IsvitConfig(gptq=True)`` (``--gptq``) isvit uses it as the starting point of stage 3: a
 unit's weights are rounded by GPTQ on the unit's quantized inputs, then block reconstruction trains
 them further. It is off by default: it lowers the weights' error before training, but after the
 fast preset's training it did not help on held-out calibration images (docs/methods.md,

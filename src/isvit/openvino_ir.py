@@ -41,7 +41,7 @@ from torch import nn
 from .errors import IsvitError
 from .export import export_onnx
 from .files import NEW_FOLDER, check_output
-from .pipeline import QuantConfig
+from .config import Config
 from .runtime import IR_FILE, metadata_props, require
 
 # ov::pass::DisableConstantFolding's key in a node's rt_info (its type name and version): OpenVINO's
@@ -200,7 +200,7 @@ def export_openvino(
     folder: str | Path,
     *,
     model_name: str,
-    config: QuantConfig | None,
+    config: Config | None,
     data_config: dict,
     model_args: dict | None = None,
 ) -> dict[str, int]:

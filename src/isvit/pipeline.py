@@ -22,7 +22,6 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,18 +33,9 @@ from .distributed import broadcast_state
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
-from .quantizers import (
-    ACTIVATION_PERCENTILES,
-    LOW_ACTIVATION_PERCENTILES,
-    SOFTMAX_QUANTIZERS,
-    Quantizer,
-    check_bits,
-    named_quantizers,
-)
+from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
+from .quantizers import Quantizer, named_quantizers
 from .reconstruct import (
-    LOSSES,
-    ROUNDINGS,
-    ReconstructionSettings,
     has_enabled_quantizer,
     output_importance,
     reconstruct_unit,
@@ -57,7 +47,6 @@ from .reparam import reparameterize_layernorm
 from .resume import ResumeState, run_identity
 from .rotate import is_rotated, rotate_model
 from .wrap import (
-    Placement,
     Unit,
     check_supported,
     forward_units,
@@ -65,257 +54,6 @@ from .wrap import (
     post_layernorm_pairs,
     wrap_model,
 )
-
-METHODS = ("isvit", "repq", "minmax")
-DEFAULT_CALIB_SIZE = {"isvit": 1024, "repq": 32, "minmax": 32}
-DEFAULT_SOFTMAX_QUANTIZER = {"isvit": "sulq", "repq": "log2sqrt2", "minmax": "uniform"}
-# The training-free methods end with bias correction unless told not to (False reproduces the
-# published algorithms); I&S-ViT's reconstruction absorbs the same error by training.
-DEFAULT_BIAS_CORRECTION = {"isvit": False, "repq": True, "minmax": True}
-# Outlier channels of per-tensor Linear inputs on a grid of their own (quantizers.search_split_range;
-# 0 = off): on for isvit, chosen on held-out calibration images (docs/methods.md, outlier channels;
-# docs/results.md#how-the-fast-preset-was-chosen); off for the training-free peers, so that they
-# stay the published algorithms.
-DEFAULT_OUTLIER_RATIO = {"isvit": 8.0, "repq": 0.0, "minmax": 0.0}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How I&S-ViT trains at one preset and bit range: each field is the default of the
-    ``QuantConfig`` field of the same name (``adaround_lr``/``offset_lr``: of ``round_lr`` for that
-    rounding). ``act_percentile``: the lowest activation clipping percentile searched (None:
-    ACTIVATION_PERCENTILES' 0.999); ``rotate``: rotate the model first (rotate.py)."""
-
-    iters: int  # per unit and stage
-    batch_size: int
-    lr: float
-    loss: str
-    drop_prob: float  # QDrop
-    rounding: str  # stage 3: "ste" (latent weights, the paper's), "adaround" or "offset"
-    adaround_lr: float
-    offset_lr: float
-    round_reg: float
-    scale_lr: float
-    learn_scales: bool = False
-    act_percentile: float | None = None
-    rotate: bool = False
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A preset: one recipe above 4 bits, one at <= 4 bits (either of weights or activations)."""
-
-    above_4_bits: Recipe
-    low_bits: Recipe
-
-    def recipe(self, w_bits: int, a_bits: int) -> Recipe:
-        return self.low_bits if min(w_bits, a_bits) <= 4 else self.above_4_bits
-
-
-# "paper": I&S-ViT's settings (Adam 4e-5 with cosine decay, batch 64, 1000 iterations per unit at
-# 3/4 bits, 200 at 6 bits, plain MSE).
-PAPER = Recipe(iters=200, batch_size=64, lr=4e-5, loss="mse", drop_prob=0.0, rounding="ste", adaround_lr=1e-2,
-               offset_lr=1e-2, round_reg=0.1, scale_lr=5e-3)
-# "fast": for a CPU budget of minutes. Every choice was made on held-out calibration images, never
-# on the evaluation set (benchmarks/tune_heldout.py; what each choice did:
-# docs/results.md#how-the-fast-preset-was-chosen): a larger learning rate and the token-normalised
-# loss to make up for 16x fewer iterations than the paper's, and QDrop. round_lr and round_reg of
-# the learnt roundings are larger than AdaRound's usual ones because at so few iterations the usual
-# ones leave most rounding variables undecided (chosen on one block with benchmarks/unit_probe.py:
-# docs/methods.md, --rounding).
-FAST = Recipe(iters=30, batch_size=32, lr=5e-4, loss="token", drop_prob=0.5, rounding="ste", adaround_lr=0.3,
-              offset_lr=3e-2, round_reg=1000.0, scale_lr=5e-3)
-# At <= 4 bits the fast preset adds what lowered the held-out KL divergence there: activation grids
-# searched down to the 0.99 percentile, the rotation, the Fisher-weighted loss, learnt rounding
-# offsets and 100 iterations per unit, which still fit the preset's 20-minute CPU budget (measured
-# times: docs/results.md#cost).
-FAST_LOW_BITS = dataclasses.replace(FAST, iters=100, act_percentile=0.99, rotate=True, loss="fisher", rounding="offset")
-# "thorough": the fast recipe with the later methods' GPU budget (3000 iterations per unit at <= 4
-# bits, 1000 above), training the latent weights, which did better than the offsets on one block at
-# long schedules, with the usual AdaRound settings; a longer schedule kept lowering a block's held-out
-# loss (docs/methods.md, presets and --rounding). Not run end to end.
-THOROUGH = dataclasses.replace(FAST, iters=1000, adaround_lr=1e-2, offset_lr=1e-2, round_reg=0.1)
-PRESETS = {
-    "paper": Preset(above_4_bits=PAPER, low_bits=dataclasses.replace(PAPER, iters=1000)),
-    "fast": Preset(above_4_bits=FAST, low_bits=FAST_LOW_BITS),
-    "thorough": Preset(above_4_bits=THOROUGH, low_bits=dataclasses.replace(THOROUGH, iters=3000, act_percentile=0.99,
-                                                                           rotate=True, loss="fisher")),
-}
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What to quantize and how. ``None`` fields take the method's default."""
-
-    method: str = "repq"
-    w_bits: int = 4
-    a_bits: int = 4
-    calib_size: int | None = None
-    softmax_quantizer: str | None = None
-    seed: int = 0
-    bias_correction: bool | None = None
-    # I&S-ViT: block reconstruction (defaults from the paper, or the "fast" preset for CPUs)
-    preset: str = "paper"
-    iters: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    learn_scales: bool | None = None
-    loss: str | None = None
-    stage1: bool = True
-    reparameterize: bool = True
-    drop_prob: float | None = None  # QDrop during block reconstruction
-    rounding: str | None = None  # stage 3: "ste" (latent weights, the paper's), "adaround" or "offset" (learnt rounding)
-    round_lr: float | None = None  # learning rate of AdaRound's rounding variables
-    round_reg: float | None = None  # weight of AdaRound's regulariser, relative to each unit's first loss
-    scale_lr: float | None = None  # learnt step sizes: Adam's learning rate on log(scale)
-    # Lowest clipping percentile searched for activation grids (None: 0.999, the authors' lowest);
-    # e.g. 0.99 adds 0.99, 0.995 and 0.998 to the candidates.
-    act_percentile: float | None = None
-    gptq: bool = False  # stage 3 starts from GPTQ-rounded weights (default: round to nearest, the paper's)
-    # Rotate the full-precision model first (rotate.py: Hadamard rotations of the residual stream and
-    # of each attention head, exact in float), for every method. None: for isvit at <= 4 bits the
-    # preset's, otherwise off.
-    rotate: bool | None = None
-    # Per-tensor Linear inputs set apart the channels whose peak exceeds this many times the median
-    # channel's (a second grid for them; 0: off). None: the method's default.
-    outlier_ratio: float | None = None
-    init_size: int = 64
-    cache_dtype: str = "float32"
-    cache_device: str | None = None  # where cached block inputs/outputs live (default: the model's device)
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise IsvitError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("w_bits", "a_bits"):
-            try:
-                check_bits(getattr(self, name))
-            except ValueError:
-                raise IsvitError(f"{name} must be an integer from 2 to 8, got {getattr(self, name)!r}") from None
-        if self.softmax_quantizer is not None and self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
-            raise IsvitError(
-                f"unknown post-Softmax quantizer {self.softmax_quantizer!r}; choose one of {', '.join(SOFTMAX_QUANTIZERS)}"
-            )
-        if self.calib_size is not None and self.calib_size < 1:
-            raise IsvitError(f"calib_size must be at least 1, got {self.calib_size}")
-        if self.preset not in PRESETS:
-            raise IsvitError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("iters", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise IsvitError(f"{name} must be a positive integer, got {value!r}")
-        if self.loss is not None and self.loss not in LOSSES:
-            raise IsvitError(f"unknown reconstruction loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.drop_prob is not None and not 0.0 <= self.drop_prob < 1.0:
-            raise IsvitError(f"drop_prob must be in [0, 1), got {self.drop_prob!r}")
-        if self.outlier_ratio is not None and not (self.outlier_ratio == 0 or self.outlier_ratio > 1):
-            raise IsvitError(f"outlier_ratio must be 0 (off) or greater than 1, got {self.outlier_ratio!r}")
-        for name in ("lr", "round_lr", "scale_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise IsvitError(f"{name} must be positive, got {value!r}")
-        if self.round_reg is not None and not self.round_reg >= 0:
-            raise IsvitError(f"round_reg must be zero or positive, got {self.round_reg!r}")
-        if self.rounding is not None and self.rounding not in ROUNDINGS:
-            raise IsvitError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-        if self.act_percentile is not None and not 0.9 <= self.act_percentile <= 1.0:
-            raise IsvitError(f"act_percentile must be in [0.9, 1], got {self.act_percentile!r}")
-        if self.cache_device is not None:
-            try:
-                torch.device(self.cache_device)
-            except (RuntimeError, TypeError):
-                raise IsvitError(f"cache_device must name a torch device such as 'cpu' or 'cuda', got {self.cache_device!r}") from None
-        if self.rotate is not None and not isinstance(self.rotate, bool):
-            raise IsvitError(f"rotate must be True or False, got {self.rotate!r}")
-        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
-            raise IsvitError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
-
-    @property
-    def resolved_calib_size(self) -> int:
-        return self.calib_size if self.calib_size is not None else DEFAULT_CALIB_SIZE[self.method]
-
-    @property
-    def resolved_softmax_quantizer(self) -> str:
-        return self.softmax_quantizer or DEFAULT_SOFTMAX_QUANTIZER[self.method]
-
-    @property
-    def resolved_outlier_ratio(self) -> float:
-        return self.outlier_ratio if self.outlier_ratio is not None else DEFAULT_OUTLIER_RATIO[self.method]
-
-    @property
-    def recipe(self) -> Recipe:
-        """The preset's recipe for these bit widths."""
-        return PRESETS[self.preset].recipe(self.w_bits, self.a_bits)
-
-    @property
-    def resolved_act_percentile(self) -> float | None:
-        """The lowest activation clipping percentile searched: the one given, else for ``isvit`` its
-        recipe's; None (ACTIVATION_PERCENTILES' lowest, 0.999) for the other methods."""
-        if self.act_percentile is not None:
-            return self.act_percentile
-        return self.recipe.act_percentile if self.method == "isvit" else None
-
-    @property
-    def resolved_rotate(self) -> bool:
-        """Whether the model is rotated first: as given, else for ``isvit`` as its recipe says."""
-        if self.rotate is not None:
-            return self.rotate
-        return self.recipe.rotate if self.method == "isvit" else False
-
-    @property
-    def activation_percentiles(self) -> tuple[float, ...]:
-        """The clipping percentiles searched for activation grids."""
-        lowest = self.resolved_act_percentile
-        if lowest is None:
-            return ACTIVATION_PERCENTILES
-        extra = (p for p in LOW_ACTIVATION_PERCENTILES if p >= lowest)
-        return tuple(sorted({lowest, *extra, *ACTIVATION_PERCENTILES}))
-
-    @property
-    def resolved_bias_correction(self) -> bool:
-        return self.bias_correction if self.bias_correction is not None else DEFAULT_BIAS_CORRECTION[self.method]
-
-    def reconstruction(self) -> dict:
-        """The block-reconstruction settings: the fields given, the recipe's for the others."""
-        recipe = self.recipe
-        rounding = self.rounding or recipe.rounding
-        round_lr = {"adaround": recipe.adaround_lr, "offset": recipe.offset_lr}.get(rounding)  # None: "ste" learns no rounding
-        return {
-            "iters": self.iters if self.iters is not None else recipe.iters,
-            "batch_size": self.batch_size or recipe.batch_size,
-            "lr": self.lr or recipe.lr,
-            "learn_scales": recipe.learn_scales if self.learn_scales is None else self.learn_scales,
-            "loss": self.loss or recipe.loss,
-            "drop_prob": recipe.drop_prob if self.drop_prob is None else self.drop_prob,
-            "rounding": rounding,
-            "round_lr": self.round_lr or round_lr,
-            "round_reg": recipe.round_reg if self.round_reg is None else self.round_reg,
-            "scale_lr": self.scale_lr or recipe.scale_lr,
-        }
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["bias_correction"] = self.resolved_bias_correction
-        if self.method == "isvit":
-            d.update(self.reconstruction())
-        d["calib_size"] = self.resolved_calib_size
-        d["softmax_quantizer"] = self.resolved_softmax_quantizer
-        d["outlier_ratio"] = self.resolved_outlier_ratio
-        d["act_percentile"] = self.resolved_act_percentile
-        d["rotate"] = self.resolved_rotate
-        return d
-
-
-def placement_for(config: QuantConfig) -> Placement:
-    """Where the quantizers of ``config``'s method go (wrap.py places them)."""
-    return Placement(
-        w_bits=config.w_bits,
-        a_bits=config.a_bits,
-        softmax_quantizer=config.resolved_softmax_quantizer,
-        post_ln_per_channel=config.method == "repq" or (config.method == "isvit" and config.reparameterize),
-        outlier_ratio=config.resolved_outlier_ratio,
-        activation_percentiles=config.activation_percentiles,
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # Stages
@@ -457,14 +195,14 @@ class DurationEstimate:
             self.callback((time.perf_counter() - self.start) / self.timed_steps * self.total_steps)
 
 
-def reconstruction_steps(model: nn.Module, config: QuantConfig) -> int:
+def reconstruction_steps(model: nn.Module, config: IsvitConfig) -> int:
     """Training steps of ``config``'s block reconstruction on a wrapped ``model`` whose weight
     quantizers are still off (as before stage 1): stage 1 trains the units with an enabled
     quantizer, stage 3 every unit with a quantizer; each for ``iters`` steps."""
     units = forward_units(model)
     stage1 = sum(has_enabled_quantizer(unit) for unit in units) if config.stage1 else 0
     stage3 = sum(any(isinstance(m, Quantizer) for m in unit.modules()) for unit in units)
-    return (stage1 + stage3) * config.reconstruction()["iters"]
+    return (stage1 + stage3) * config.resolved().reconstruction.iters
 
 
 @torch.no_grad()
@@ -472,10 +210,11 @@ def reconstruct_blocks(
     qmodel: nn.Module,
     fp_model: nn.Module,
     images: torch.Tensor,
-    settings: ReconstructionSettings,
+    settings: Reconstruction,
     *,
     sequential: bool,
     device: torch.device,
+    seed: int = 0,
     round_weights: bool = False,
     importance: list[torch.Tensor] | None = None,
     progress: bool = True,
@@ -504,14 +243,15 @@ def reconstruct_blocks(
     run = run or ResumeState()
     if run.done(desc):
         return run.result(desc)
-    cache_device = settings.cache_device or device
+    cache_device = torch.device(settings.cache_device) if settings.cache_device else device
+    cache_dtype = getattr(torch, settings.cache_dtype)
     q_units, fp_units = forward_units(qmodel), forward_units(fp_model)
     shard = distributed.split(images.shape[0])
-    x_fp = images[shard.slice].to(cache_device, settings.cache_dtype)
+    x_fp = images[shard.slice].to(cache_device, cache_dtype)
     x_q = x_fp if sequential else None
     report = {}
     for i, (q_unit, fp_unit) in enumerate(zip(q_units, fp_units)):
-        y_fp = run_unit(fp_unit, x_fp, device, settings.batch_size, settings.cache_dtype, cache_device)
+        y_fp = run_unit(fp_unit, x_fp, device, settings.batch_size, cache_dtype, cache_device)
         step = f"{desc} {q_unit.name}"
         if run.done(step):
             report[q_unit.name] = run.result(step)
@@ -524,8 +264,8 @@ def reconstruct_blocks(
                 broadcast_state(q_unit)
             before = _check_loss(q_unit, inputs[check], y_fp[check], device, settings, weight)
             snapshot = copy.deepcopy(q_unit.body.state_dict())
-            reconstruct_unit(q_unit, inputs, y_fp, settings, device, importance=weight, progress=progress, desc=step,
-                             on_step=estimate.step_callback(q_unit) if estimate else None, shard=shard)
+            reconstruct_unit(q_unit, inputs, y_fp, settings, device, seed=seed, importance=weight, progress=progress,
+                             desc=step, on_step=estimate.step_callback(q_unit) if estimate else None, shard=shard)
             after = _check_loss(q_unit, inputs[check], y_fp[check], device, settings, weight)
             restored = after > before
             if restored:
@@ -536,7 +276,7 @@ def reconstruct_blocks(
             broadcast_state(q_unit)
             run.finish(step, qmodel, report[q_unit.name])
         if sequential:
-            x_q = run_unit(q_unit, x_q, device, settings.batch_size, settings.cache_dtype, cache_device)
+            x_q = run_unit(q_unit, x_q, device, settings.batch_size, cache_dtype, cache_device)
         x_fp = y_fp
     run.finish(desc, qmodel, report)
     return report
@@ -553,7 +293,7 @@ def _check_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, de
 # Methods
 # ---------------------------------------------------------------------------------------------
 
-def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, progress: bool, run: ResumeState) -> None:
+def _training_free(model: nn.Module, images: torch.Tensor, config: Config, progress: bool, run: ResumeState) -> None:
     """minmax / repq: wrap, calibrate (and fold + re-calibrate for repq), correct biases.
 
     Every rank of a process group runs every step on all the images; rank 0's result is broadcast.
@@ -561,13 +301,13 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
     steps = ["wrap", "calibrate"]
     if config.method == "repq":
         steps += ["reparameterise", "re-calibrate"]
-    if config.resolved_bias_correction:
+    if config.bias_correction:
         steps += ["correct bias"]
     bar = tqdm(steps, desc=f"{config.method} W{config.w_bits}/A{config.a_bits}", disable=not progress, leave=False)
     for step in bar:
         bar.set_postfix_str(step)
         if step == "wrap":
-            wrap_model(model, placement_for(config))
+            wrap_model(model, config.placement())
             run.restore(model)
         elif run.done(step):
             continue
@@ -586,7 +326,7 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: QuantConfig, 
 
 
 def _isvit(
-    model: nn.Module, images: torch.Tensor, config: QuantConfig, device: torch.device, progress: bool, run: ResumeState,
+    model: nn.Module, images: torch.Tensor, config: IsvitConfig, device: torch.device, progress: bool, run: ResumeState,
     on_estimate: Callable[[float], None] | None = None,
 ) -> dict:
     """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
@@ -604,16 +344,11 @@ def _isvit(
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
         p.requires_grad_(False)
-    settings = ReconstructionSettings(
-        **config.reconstruction(),
-        cache_dtype=getattr(torch, config.cache_dtype),
-        cache_device=torch.device(config.cache_device) if config.cache_device else None,
-        seed=config.seed,
-    )
+    settings = config.resolved().reconstruction
     importance = None
     if settings.loss == "fisher":
         importance = output_importance(forward_units(fp_model), images, device, settings.batch_size, config.seed)
-    wrap_model(model, placement_for(config))
+    wrap_model(model, config.placement())
     run.restore(model)
     set_quantizers(model, False, "weight")
     estimate = None
@@ -627,21 +362,21 @@ def _isvit(
     if config.stage1:
         stage1 = dataclasses.replace(settings, rounding="ste")  # no weight is quantized yet
         report["stage1"] = reconstruct_blocks(
-            model, fp_model, images, stage1, sequential=False, device=device, importance=importance,
+            model, fp_model, images, stage1, sequential=False, device=device, seed=config.seed, importance=importance,
             progress=progress, desc="stage 1", estimate=estimate, run=run,
         )
     set_quantizers(model, True, "weight")
     if not run.done("fold and calibrate weights"):
-        if config.reparameterize:
+        if config.fold:
             fold_post_layernorm(model)
         calibrate_weights(model)
         broadcast_state(model)
         run.finish("fold and calibrate weights", model)
     report["stage3"] = reconstruct_blocks(
-        model, fp_model, images, settings, sequential=True, device=device, round_weights=config.gptq,
+        model, fp_model, images, settings, sequential=True, device=device, seed=config.seed, round_weights=config.gptq,
         importance=importance, progress=progress, desc="stage 3", estimate=estimate, run=run,
     )
-    if config.resolved_bias_correction and not run.done("bias correction"):
+    if config.bias_correction and not run.done("bias correction"):
         correct_bias(model, images[: config.init_size].to(device))
         broadcast_state(model)
         run.finish("bias correction", model)
@@ -651,7 +386,7 @@ def _isvit(
 def quantize(
     model: nn.Module,
     calib: torch.Tensor | Iterable,
-    config: QuantConfig = QuantConfig(),
+    config: Config,
     *,
     device: str | torch.device | None = None,
     inplace: bool = False,
@@ -666,7 +401,7 @@ def quantize(
     ``calib``: unlabeled calibration images, a (N, 3, H, W) tensor already preprocessed as the
     model expects, or an iterable of such batches (a DataLoader of (images, labels) works too).
     ``device``: where calibration runs (default: where the model is). The model is copied unless
-    ``inplace``. With ``config.resolved_rotate`` it is rotated first (``rotate.rotate_model``). The model
+    ``inplace``. With ``config.wants_rotation()`` it is rotated first (``rotate.rotate_model``). The model
     returned is in eval mode. ``on_estimate(seconds)`` (``isvit`` only) is called once, after the
     first few block-reconstruction steps, with the seconds that the whole reconstruction is expected
     to take (``DurationEstimate``).
@@ -692,9 +427,11 @@ def quantize(
         model.to(device)
     device = next(model.parameters()).device
     model.eval()
-    images = collect_calibration(calib, config.resolved_calib_size)
+    if not isinstance(config, (IsvitConfig, RepqConfig, MinmaxConfig)):
+        raise IsvitError(f"config must be an IsvitConfig, RepqConfig or MinmaxConfig, got {type(config).__name__}")
+    images = collect_calibration(calib, config.calib_size)
     run = _open_run(model, images, config, resume_dir)
-    if config.resolved_rotate:  # before the methods: isvit's full-precision targets share the rotated basis
+    if config.wants_rotation():  # before the methods: isvit's full-precision targets share the rotated basis
         _rotate(model, config)
     progress = progress and distributed.is_main()
     torch.manual_seed(config.seed + distributed.rank())  # QDrop's masks: a stream of its own on each rank
@@ -707,14 +444,14 @@ def quantize(
     return model.eval()  # the quantized modules swapped in are new modules: eval mode for them too
 
 
-def applied_config(model: nn.Module, config: QuantConfig) -> QuantConfig:
-    """``config`` as ``quantize`` carried it out on ``model``: ``rotate`` says whether the model was
-    rotated (the presets skip a rotation the model cannot take, with a warning). Saved files and
-    reports record this, not what the preset asked."""
-    return dataclasses.replace(config, rotate=is_rotated(model))
+def applied_config(model: nn.Module, config: Config) -> Config:
+    """``config`` as ``quantize`` carried it out on ``model``: resolved (the preset's settings filled
+    in), and ``rotate`` says whether the model was rotated (the presets skip a rotation the model
+    cannot take, with a warning). Saved files and reports record this, not what the preset asked."""
+    return dataclasses.replace(config.resolved(), rotate=is_rotated(model))
 
 
-def _rotate(model: nn.Module, config: QuantConfig) -> None:
+def _rotate(model: nn.Module, config: Config) -> None:
     """``rotate.rotate_model``. A model it cannot rotate (``IsvitError``, raised before any weight
     changes) while only the preset asked for it (``config.rotate`` None) is quantized without, with
     one warning that says why; where the caller asked (``rotate=True``) the error stands."""
@@ -728,7 +465,7 @@ def _rotate(model: nn.Module, config: QuantConfig) -> None:
                           "(--no-rotate, or rotate=False, does so without this warning)", stacklevel=3)
 
 
-def _open_run(model: nn.Module, images: torch.Tensor, config: QuantConfig, resume_dir: str | Path | None) -> ResumeState:
+def _open_run(model: nn.Module, images: torch.Tensor, config: Config, resume_dir: str | Path | None) -> ResumeState:
     """The resume state of this run (none without ``resume_dir``), after checking, in a process
     group, that every rank was given the same model, images and config."""
     if not (distributed.is_distributed() or resume_dir is not None):

@@ -37,7 +37,7 @@ from torch import nn
 
 # Clipping percentiles searched at initialisation (method.md): the one with the lowest MSE wins.
 ACTIVATION_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999, 1.0)
-# Lower candidates, searched down to ``QuantConfig.act_percentile`` when it is set (at 3-4 bits a
+# Lower candidates, searched down to the config's ``act_percentile`` when it is set (at 3-4 bits a
 # grid of 8-16 levels gains more from a finer step than it loses by clipping the last 1%).
 LOW_ACTIVATION_PERCENTILES: tuple[float, ...] = (0.99, 0.995, 0.998)
 WEIGHT_PERCENTILES: tuple[float, ...] = (
@@ -165,30 +165,30 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.calibrating = False
         # QDrop (block reconstruction only): each element keeps its float value with this probability.
-        self.drop_prob = 0.0
+        self.qdrop = 0.0
 
     @property
     def levels(self) -> int:
         return 2 ** self.bits
 
     @property
-    def drop_prob(self) -> float:
-        return self._drop_prob
+    def qdrop(self) -> float:
+        return self._qdrop
 
-    @drop_prob.setter
-    def drop_prob(self, p: float) -> None:
-        self._drop_prob = float(p)
+    @qdrop.setter
+    def qdrop(self, p: float) -> None:
+        self._qdrop = float(p)
         self._drop_pool = None  # drawn again for the new probability; freed when QDrop is switched off
 
     def _keep_mask(self, x: torch.Tensor) -> torch.Tensor:
         """QDrop's mask, 1.0 where an element keeps its float value: a slice, at a random offset, of
         one pool of random draws twice the tensor's size. Each element is kept with probability
-        ``drop_prob`` and the mask moves with every call; a fresh draw per element and call cost
+        ``qdrop`` and the mask moves with every call; a fresh draw per element and call cost
         more than the quantization itself (random numbers are slow on a CPU)."""
         n = x.numel()
         pool = self._drop_pool
         if pool is None or pool.numel() < 2 * n or pool.device != x.device or pool.dtype != x.dtype:
-            pool = (torch.rand(2 * n, device=x.device) < self._drop_prob).to(x.dtype)
+            pool = (torch.rand(2 * n, device=x.device) < self._qdrop).to(x.dtype)
             self._drop_pool = pool
         offset = int(torch.randint(pool.numel() - n + 1, ()))
         return pool[offset:offset + n].view(x.shape)
@@ -214,7 +214,7 @@ class Quantizer(nn.Module):
         if not self.is_calibrated:
             raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated")
         out = self.quantize(x)
-        if self._drop_prob > 0:
+        if self._qdrop > 0:
             out = torch.lerp(out, x, self._keep_mask(x))  # exactly x where the mask is 1, out where 0
         return out
 

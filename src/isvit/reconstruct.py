@@ -39,40 +39,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import Reconstruction
 from .distributed import Shard, local_part, sum_gradients
 from .quantizers import Quantizer, UniformQuantizer, named_quantizers
 from .wrap import Unit
 
 
-@dataclass(frozen=True)
-class ReconstructionSettings:
-    iters: int
-    batch_size: int = 64
-    lr: float = 4e-5
-    scale_lr: float = 5e-3  # Adam on log(scale): a relative change of about this much a step
-    learn_scales: bool = False
-    cache_dtype: torch.dtype = torch.float32
-    cache_device: torch.device | None = None  # default: where the model runs
-    seed: int = 0
-    check_size: int = 256  # calibration images on which a unit's loss is compared before/after
-    micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
-    loss: str = "mse"  # "token": each token's squared error relative to its target's variance; "fisher"
-    drop_prob: float = 0.0  # QDrop: while training, activations keep their float value with this probability
-    rounding: str = "ste"  # or "adaround": learnt rounding of the quantized weights
-    round_lr: float = 1e-2  # Adam's learning rate for the rounding variables
-    round_reg: float = 0.1  # the rounding regulariser's weight: at 1, a weight half-way up weighs the unit's first loss
-    round_warmup: float = 0.2  # fraction of the iterations before the regulariser starts
-    round_beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second
-
-
-LOSSES = ("mse", "token", "fisher")
-ROUNDINGS = ("ste", "adaround", "offset")
 
 
 def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,7 +139,7 @@ def snap_to_grid(unit: nn.Module) -> None:
         m.weight.copy_(m.weight_quantizer(m.weight))
 
 
-def rounding_beta(step: int, settings: ReconstructionSettings) -> float | None:
+def rounding_beta(step: int, settings: Reconstruction) -> float | None:
     """The regulariser's exponent at ``step`` (None during the warm-up: no regulariser yet):
     linear from ``round_beta[0]`` after the warm-up to ``round_beta[1]`` at the last step."""
     warmup = settings.round_warmup * settings.iters
@@ -192,9 +169,10 @@ def reconstruct_unit(
     unit: Unit,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    settings: ReconstructionSettings,
+    settings: Reconstruction,
     device,
     *,
+    seed: int = 0,
     importance: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "",
@@ -202,8 +180,8 @@ def reconstruct_unit(
     shard: Shard | None = None,
 ) -> list[float]:
     """Train ``unit`` (in place) so that unit(inputs) matches targets; returns the loss per step.
-    ``importance``: the unit's output importance, for the "fisher" loss. ``on_step(i)`` is called
-    after step i (0-based), e.g. to time the steps.
+    ``seed``: of the batches drawn. ``importance``: the unit's output importance, for the "fisher"
+    loss. ``on_step(i)`` is called after step i (0-based), e.g. to time the steps.
 
     ``shard``: in a process group, ``inputs`` and ``targets`` are this rank's shard of all
     ``shard.total`` items. Every rank draws the same batch of indices into all of them, trains on
@@ -224,7 +202,7 @@ def reconstruct_unit(
     num_rounded = sum(r.numel() for r in roundings)
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iters, eta_min=0.0)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(seed)
     n = inputs.shape[0] if shard is None else shard.total
     losses = []
     # Dropout/drop-path off: reconstruction matches the eval-mode function. Each module's own mode
@@ -233,7 +211,7 @@ def reconstruct_unit(
     unit.train(False)
     dropping = [q for _, q in named_quantizers(unit, "activation")]
     for q in dropping:
-        q.drop_prob = settings.drop_prob
+        q.qdrop = settings.qdrop
     bar = tqdm(range(settings.iters), desc=desc, disable=not progress, leave=False)
     try:
         for step in bar:
@@ -267,7 +245,7 @@ def reconstruct_unit(
         for module, mode in modes:
             module.training = mode
         for q in dropping:
-            q.drop_prob = 0.0
+            q.qdrop = 0.0
         if settings.learn_scales:
             freeze_scales(unit)
         for m in rounded:

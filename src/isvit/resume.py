@@ -8,7 +8,7 @@ file first and moved onto the name, so a run killed at any moment leaves the pre
 
 - ``format``: ``isvit-resume-v1``;
 - ``identity``: what the run is (``run_identity``): the model (its class and a digest of its
-  weights), the config (``QuantConfig.to_dict()``), the calibration images (shape and digest) and
+  weights), the config (``config.to_dict()``), the calibration images (shape and digest) and
   the number of processes; a DIR written by another run is refused with one sentence;
 - ``done``: the names of the finished steps, in order, and ``results`` (each step's report);
 - ``model``: the quantized model's ``state_dict()`` as the last finished step left it;

@@ -1,4 +1,4 @@
-"""Rotation of the residual stream and of every attention head (``QuantConfig(rotate=True)``).
+"""Rotation of the residual stream and of every attention head (``rotate=True`` in every method's config).
 
 An exact rewrite of a full-precision model, done offline before it is wrapped: the quantizers then
 see rotated activations and weights, in which a few outlier channels are spread over all channels.

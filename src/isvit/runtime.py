@@ -95,7 +95,7 @@ def load_onnx(
     precision: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """An exported model ready to run on the CPU, and its metadata (keys ``model``, ``model_args``,
-    ``config`` (a ``QuantConfig``, None for full precision), ``data_config``).
+    ``config`` (the method's config, None for full precision), ``data_config``).
 
     ``runtime``: ``"onnxruntime"`` (an ``OnnxModel``) or ``"openvino"`` (an ``OpenVinoModel``); both
     are modules called like the PyTorch model, with attributes ``runtime``, ``version`` and
