@@ -292,22 +292,6 @@ def test_bad_file_is_one_clear_sentence(tmp_path, capsys, saved_files, case):
     assert err.startswith("isvit: error: ") and message in err and "\n" not in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("method, lowest", [("isvit", 0.999), ("minmax", None)])
-def test_a_file_from_before_act_percentile_reads_as_the_grids_it_was_made_with(tmp_path, saved_files, method, lowest):
-    """Before act_percentile existed every grid was searched from 0.999: an older isvit file must not
-    read as the fast preset's 0.99 of today."""
-    with safe_open(str(saved_files["vit"]), framework="pt") as f:
-        config = json.loads(f.metadata()["config"])
-    config.update(method=method, preset="fast", w_bits=4, a_bits=4)
-    del config["act_percentile"]
-    older = rewrite(saved_files["vit"], tmp_path / "older.safetensors", config=json.dumps(config))
-    from isvit.checkpoint import metadata_config
-
-    with safe_open(str(older), framework="pt") as f:
-        read = metadata_config(f.metadata(), older)
-    assert read.act_percentile == lowest and read.resolved().act_percentile == lowest
-
-
 def test_eval_quantized_refuses_weights(tmp_path, capsys, saved_files):
     argv = ["eval", "--quantized", str(saved_files["vit"]), "--weights", str(saved_files["vit"]), "--data", str(tmp_path)]
     assert main(argv) == 2

@@ -76,21 +76,22 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     out = tmp_path / "r.json"
     argv = quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--limit", "8",
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
-                         "--recon-batch-size", "4", "--no-stage1", "--no-reparam", "--softmax-quantizer",
+                         "--recon-batch-size", "4", "--no-stage1", "--no-fold", "--softmax-quantizer",
                          "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
                          "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--outlier-ratio", "12", "--no-fp",
                          "--no-rotate", "--act-percentile", "0.995", "--rounding", "ste", "--json", str(out))
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert result["method"] == "isvit" and result["iters"] == 1 and result["batch_size"] == 4
-    assert result["stage1"] is False and result["reparameterize"] is False
-    assert result["softmax_quantizer"] == "log2sqrt2" and result["learn_scales"] is True
-    assert result["loss"] == "mse" and result["cache_device"] == "cpu" and result["cache_dtype"] == "float16"
-    assert result["gptq"] is True and result["drop_prob"] == 0.5 and result["outlier_ratio"] == 12.0
+    recon = result["reconstruction"]  # the reconstruction's settings, under their config names
+    assert result["method"] == "isvit" and recon["iters"] == 1 and recon["batch_size"] == 4
+    assert result["stage1"] is False and result["fold"] is False
+    assert result["softmax_quantizer"] == "log2sqrt2" and recon["learn_scales"] is True
+    assert recon["loss"] == "mse" and recon["cache_device"] == "cpu" and recon["cache_dtype"] == "float16"
+    assert result["gptq"] is True and recon["qdrop"] == 0.5 and result["outlier_ratio"] == 12.0
     assert result["rotate"] is False and result["act_percentile"] == 0.995 and "fp_top1" not in result
-    assert result["rounding"] == "ste" and result["round_lr"] is None  # the latent weights, not the preset's offsets
-    assert list(result["reconstruction"]) == ["stage3"]  # each unit's loss before and after, per stage
-    assert set(result["reconstruction"]["stage3"]["blocks.0"]) == {"before", "after", "restored"}
+    assert recon["rounding"] == "ste" and recon["round_lr"] is None  # the latent weights, not the preset's offsets
+    assert list(result["reconstruction_losses"]) == ["stage3"]  # each unit's loss before and after, per stage
+    assert set(result["reconstruction_losses"]["stage3"]["blocks.0"]) == {"before", "after", "restored"}
 
     # and the flags did what they say, on the model:
     ((_, qmodel),) = quantized_by_cli
@@ -99,7 +100,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     assert all(c["inputs_dtype"] == torch.float16 and c["inputs_device"].type == "cpu" for c in training.calls)
     for i, call in enumerate(training.calls[1:13]):
         fp_block = real_vit.blocks[i]
-        # --no-reparam: the LayerNorms reach stage 3 as they were (no fold), before per-tensor grids
+        # --no-fold: the LayerNorms reach stage 3 as they were (no fold), before per-tensor grids
         assert torch.equal(call["before"]["norm1.weight"], fp_block.norm1.weight)
         assert torch.equal(call["before"]["norm2.bias"], fp_block.norm2.bias)
         assert call["before"]["attn.qkv.input_quantizer.scale"].numel() == 1
@@ -153,9 +154,10 @@ def test_quantize_json_and_saved_model(tmp_path, capsys, quantized_by_cli, real_
     table = capsys.readouterr().out
     assert "fp32" in table and "minmax" in table and "8/4" in table
     result = json.loads(out.read_text())
-    for key in ("top1", "top5", "images", "method", "w_bits", "a_bits", "calib_size", "iters", "calib_seconds",
+    for key in ("top1", "top5", "images", "method", "w_bits", "a_bits", "calib_size", "calib_seconds",
                 "eval_seconds", "peak_rss_mb", "torch", "timm", "fp_top1"):
         assert key in result, key
+    assert "iters" not in result and "reconstruction" not in result  # I&S-ViT's settings: minmax has none
     assert result["images"] == 16 and result["calib_size"] == 8 and result["method"] == "minmax"
     assert (result["w_bits"], result["a_bits"]) == (8, 4) and result["bias_correction"] is True
     assert 0 <= result["top1"] <= 100 and result["peak_rss_mb"] > 0

@@ -587,27 +587,8 @@ def test_a_model_quantized_without_the_presets_rotation_reloads(tmp_path):
         assert torch.equal(rebuilt(x), qmodel(x))
 
 
-def test_a_file_from_before_rotate_existed_is_rebuilt_unrotated(tmp_path):
-    config = isvit.IsvitConfig.from_preset(preset="fast", w_bits=4, a_bits=4, calib_size=4, iters=1, batch_size=2,
-                               rotate=False)
-    model = isvit.quantize(small_vit(), random_images(4, seed=0), config, progress=False)
-    path = tmp_path / "q.safetensors"
-    save_quantized(model, path, model_name=SMALL_VIT[0], config=config, data_config={"input_size": [3, 64, 64]},
-                   model_args=SMALL_VIT[1])
-    with safe_open(str(path), framework="pt") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
-    stored = json.loads(metadata["config"])
-    del stored["rotate"]  # as written before rotation existed
-    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(stored)})
-    rebuilt, info = load_quantized(path)
-    assert info["config"].wants_rotation() is False
-    x = random_images(2, seed=3)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), model(x))
-
-
 @pytest.mark.skipif(not VIT_TINY_WEIGHTS.is_file(), reason="../shared is not present")
-@pytest.mark.parametrize("flag, expected", [("--rotate", True), ("--no-rotate", False), (None, None)])
+@pytest.mark.parametrize("flag, expected", [("--rotate", True), ("--no-rotate", False), (None, False)])
 def test_cli_rotate_flag_reaches_the_config(monkeypatch, capsys, flag, expected):
     seen = []
 

@@ -263,9 +263,9 @@ class IsvitConfig:
         ``IsvitConfig.from_preset("fast", w_bits=3, a_bits=3, iters=50, calib_size=256)``."""
         _check(preset in PRESETS, f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         recon = {k: changes.pop(k) for k in list(changes) if k in Reconstruction.__dataclass_fields__}
+        own = {f.name for f in dataclasses.fields(cls)} - {"reconstruction"}
         for name in changes:
-            _check(name in cls.__dataclass_fields__ and name != "reconstruction",
-                   f"IsvitConfig has no setting {name!r}")
+            _check(name in own, f"IsvitConfig has no setting {name!r}")
         reconstruction = PRESETS[preset].at(w_bits, a_bits, **recon) if recon else None
         return cls(w_bits=w_bits, a_bits=a_bits, preset=preset, reconstruction=reconstruction, **changes)
 
@@ -309,7 +309,8 @@ def config_from_dict(d: dict, strict: bool = True) -> Config:
     if "reconstruction" not in d and any(k in d for k in LEGACY_ONLY):
         return CONFIGS[method](**legacy_fields(method, d, written=True))
     if not strict:
-        d = {k: v for k, v in d.items() if k in CONFIGS[method].__dataclass_fields__}
+        fields = {f.name for f in dataclasses.fields(CONFIGS[method])}
+        d = {k: v for k, v in d.items() if k in fields}
     recon = d.pop("reconstruction", None)
     if recon is not None:
         if not isinstance(recon, dict):

@@ -4,11 +4,16 @@ method, their logits on 4 seeded images (logits.safetensors), and isvit_fast_w4a
 from the first (``isvit export --quantized isvit_fast_w4a4.safetensors --onnx isvit_fast_w4a4.onnx``).
 tests/test_config.py checks that today's isvit still reads them. Run at that commit:
 ``PYTHONPATH=src python tests/data/quantconfig_files/make.py OUT_DIR``."""
-import sys, warnings
-import timm, torch
+import sys
+import warnings
+
+import timm
+import torch
 from safetensors.torch import save_file
+
 import isvit
 from isvit.checkpoint import save_quantized
+
 out = sys.argv[1]
 torch.set_num_threads(1)
 ARGS = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
