@@ -12,16 +12,6 @@ The methods' configs (``IsvitConfig``, ``RepqConfig``, ``MinmaxConfig``), isvit'
 ``Reconstruction`` settings are in ``isvit.config``.
 """
 
-from .data import (
-    ImageFolderDataset,
-    build_transform,
-    load_calibration_images,
-    make_loader,
-    resolve_data_config,
-)
-from .errors import DataError, IsvitError
-from .evaluate import evaluate
-from .models import create_model, load_weights
 from .config import (
     METHODS,
     PRESETS,
@@ -32,6 +22,16 @@ from .config import (
     RepqConfig,
     config_from_dict,
 )
+from .data import (
+    ImageFolderDataset,
+    build_transform,
+    load_calibration_images,
+    make_loader,
+    resolve_data_config,
+)
+from .errors import DataError, IsvitError
+from .evaluate import evaluate
+from .models import create_model, load_weights
 from .pipeline import quantize, quantizers, set_quantizers
 
 __version__ = "0.1.0"

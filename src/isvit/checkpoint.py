@@ -12,7 +12,7 @@ File format ``isvit-int-v1`` (one safetensors file):
   grid, one entry per output channel (or one in all); the weight is ``(codes - zero_point) * scale``;
 - every other entry of the ``state_dict()`` as saved by PyTorch: the activation quantizers'
   parameters (uniform ``scale``/``zero_point``, SULQ ``eta``/``ymin``/``ymax``, log-sqrt2
-  ``delta``), the reparameterised LayerNorms, the biases (after bias correction or
+  ``delta``), the folded LayerNorms, the biases (after bias correction or
   reconstruction), position embeddings, cls token and so on, as float tensors;
 - metadata (JSON strings): ``format`` (``isvit-int-v1``), ``model`` (the timm architecture name),
   ``model_args`` (keyword arguments of ``timm.create_model``, usually ``{}``; a transformers
@@ -38,11 +38,11 @@ import timm
 import torch
 from torch import nn
 
+from .config import Config, config_from_dict
 from .errors import IsvitError
 from .files import atomic_write
 from .models import build_model
 from .modules import QuantConv2d, QuantLinear
-from .config import Config, config_from_dict
 from .pipeline import applied_config, quantizers
 from .quantizers import check_bits
 from .rotate import rotate_model

@@ -6,7 +6,7 @@
                                                                 (a model exported by isvit export)
     isvit quantize --model NAME [--weights PATH] --calib DIR [--data DIR] --method {isvit,repq,minmax}
                    --w-bits W --a-bits A [--calib-size N] [--iters N] [--seed S] [--device D]
-                   [--save OUT] [--json OUT] [--preset {paper,fast,thorough}] [--no-stage1] [--no-reparam] [--gptq] [--rotate] ...
+                   [--save OUT] [--json OUT] [--preset {paper,fast,thorough}] [--no-stage1] [--no-fold] [--gptq] [--rotate] ...
     isvit export --quantized FILE [--onnx OUT] [--openvino DIR]   (or --model NAME [--weights PATH]: full precision)
 
 Results are printed as a table and, with ``--json``, written (atomically) as JSON. ``--save`` writes
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
+from .config import CACHE_DTYPES, CONFIGS, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
 from .data import (
     ImageFolderDataset,
     build_transform,
@@ -59,7 +60,6 @@ from .export import export_onnx
 from .files import FILE, FOLDER, NEW_FOLDER, check_output
 from .models import load_model
 from .openvino_ir import check_destination, write_openvino
-from .config import CACHE_DTYPES, CONFIGS, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
 from .pipeline import applied_config, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 from .runtime import PRECISIONS, RUNTIMES, load_onnx
@@ -520,10 +520,10 @@ def build_config(args) -> Config:
         return CONFIGS[args.method](**fields)
     config = IsvitConfig.from_preset(**fields)
     recon = config.resolved().reconstruction
-    unread = [("--round-lr", recon.rounding == "ste", "it is the learnt rounding's learning rate and the rounding "
-                                                     "here is ste (give --rounding adaround or offset)"),
-              ("--round-reg", recon.rounding != "adaround", "it is AdaRound's regulariser and the rounding here is "
-                                                           f"{recon.rounding} (give --rounding adaround)"),
+    unread = [("--round-lr", recon.rounding == "ste",
+               "it is the learnt rounding's learning rate and the rounding here is ste (give --rounding adaround or offset)"),
+              ("--round-reg", recon.rounding != "adaround",
+               f"it is AdaRound's regulariser and the rounding here is {recon.rounding} (give --rounding adaround)"),
               ("--scale-lr", not recon.learn_scales, "no step size is learnt here (give --learn-scales)")]
     for flag, unused, why in unread:
         if flag in given and unused:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import torch
 
@@ -295,7 +295,7 @@ class IsvitConfig:
         return {"method": self.method, **d}
 
 
-Config = Union[IsvitConfig, RepqConfig, MinmaxConfig]
+Config = IsvitConfig | RepqConfig | MinmaxConfig
 CONFIGS: dict[str, type] = {"isvit": IsvitConfig, "repq": RepqConfig, "minmax": MinmaxConfig}
 
 
@@ -367,7 +367,7 @@ def legacy_fields(method: str, d: dict, written: bool) -> dict:
     return out
 
 
-def QuantConfig(method: str = "repq", **kwargs) -> Config:  # noqa: N802 (the earlier class's name)
+def QuantConfig(method: str = "repq", **kwargs) -> Config:
     """Deprecated: isvit's earlier single config. Returns the method's own config (``IsvitConfig``,
     ``RepqConfig``, ``MinmaxConfig``) with a warning; ``reparameterize`` is now ``fold``, ``drop_prob``
     ``qdrop``, and the reconstruction's fields are one ``Reconstruction``."""

@@ -86,9 +86,9 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write
+from .config import Config
 from .errors import IsvitError
 from .modules import ONNX_PLACEHOLDER_DOMAIN, ONNX_PLACEHOLDER_OPS, QuantConv2d, QuantLinear, QuantMatMul
-from .config import Config
 from .pipeline import applied_config
 from .quantizers import LogSqrt2Quantizer, SULQuantizer, UniformQuantizer, is_weight_quantizer, named_quantizers
 from .runtime import FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel, load_onnx, require  # noqa: F401 (load_onnx: public here too)

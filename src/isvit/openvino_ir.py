@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from .config import Config
 from .errors import IsvitError
 from .export import export_onnx
 from .files import NEW_FOLDER, check_output
-from .config import Config
 from .runtime import IR_FILE, metadata_props, require
 
 # ov::pass::DisableConstantFolding's key in a node's rt_info (its type name and version): OpenVINO's

@@ -9,6 +9,7 @@
              -> calibrate weights -> stage 3 sequential block reconstruction (with ``gptq=True``
              each unit's weights are first rounded by GPTQ)
 
+What each method reads is its config (config.py: ``MinmaxConfig``, ``RepqConfig``, ``IsvitConfig``).
 Calibration ("initialisation") is one forward pass over the calibration images with every
 quantizer in calibrating mode: each fits itself to what it sees, then quantizes, so later layers are
 fitted to the already-quantized outputs of earlier ones.
@@ -29,11 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
 from .distributed import broadcast_state
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
-from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
 from .quantizers import Quantizer, named_quantizers
 from .reconstruct import (
     has_enabled_quantizer,
@@ -300,7 +301,7 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: Config, progr
     """
     steps = ["wrap", "calibrate"]
     if config.method == "repq":
-        steps += ["reparameterise", "re-calibrate"]
+        steps += ["fold", "re-calibrate"]
     if config.bias_correction:
         steps += ["correct bias"]
     bar = tqdm(steps, desc=f"{config.method} W{config.w_bits}/A{config.a_bits}", disable=not progress, leave=False)
@@ -314,7 +315,7 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: Config, progr
         elif step == "calibrate":
             calibrate_weights(model)
             calibrate_activations(model, images)
-        elif step == "reparameterise":
+        elif step == "fold":
             fold_post_layernorm(model)
         elif step == "re-calibrate":
             calibrate_weights(model, only_uncalibrated=True)

@@ -50,8 +50,6 @@ from .quantizers import Quantizer, UniformQuantizer, named_quantizers
 from .wrap import Unit
 
 
-
-
 def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token reconstruction error: the squared error summed over the features ("mse", the
     paper's), or that divided by the target token's variance over its features ("token"): the error
