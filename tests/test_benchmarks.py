@@ -282,6 +282,19 @@ def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monke
     assert summary["stage3_loss"] == {"blocks.0": {"before": 2.0, "after": 0.5}}
 
 
+@pytest.mark.parametrize("preset", ["fast", "paper", "thorough"])
+def test_the_cli_takes_every_setting_isvit_accuracy_runs(isvit_accuracy, preset):
+    # the CLI refuses an option that the method or the chosen reconstruction would not read
+    from isvit.cli import build_config, build_parser
+
+    common = ["quantize", "--method", "isvit", "--preset", preset, "--no-fp", "--model", isvit_accuracy.MODEL,
+              "--weights", "w.safetensors", "--calib", "calib", "--data", "val", "--seed", "0"]
+    for extra in ([], ["--iters", "60", "--qdrop", "0", "--outlier-ratio", "0"]):
+        for name in isvit_accuracy.SETTINGS:
+            args = build_parser().parse_args(common + extra + isvit_accuracy.setting_flags(name, preset))
+            build_config(args)
+
+
 def test_summary_reads_the_losses_of_rows_recorded_before_and_after_they_moved(isvit_accuracy):
     # isvit quantize --json now writes the losses under "reconstruction_losses" and the reconstruction's
     # settings under "reconstruction"; earlier rows hold the losses under "reconstruction"
