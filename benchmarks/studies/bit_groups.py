@@ -3,15 +3,16 @@
     python benchmarks/studies/bit_groups.py [--bits 3] [--set preset=fast] [--model-cache /tmp/w3a3.safetensors]
                                             [--out results/studies/bit_groups_w3a3.json]
 
-Quantizes the shared ViT-Ti with ``isvit`` at W{bits}/A{bits} (config fields from ``--set``, as
-in tune_heldout.py, the fast preset by default) on the calibration part of tune_heldout.py's held-out split of
-imagenet-calib-1000 (640 images, split seed 123). Then, for each group of quantizers in turn, that
-group alone is raised to 8 bits (weights re-fitted to their trained latent values, activations
-re-fitted on 64 calibration images in one pass, everything else left exactly as trained) and the
-model is scored on the 360 held-out images: top-1 and the mean KL divergence from full precision.
-The first row is the trained model as it is, the last every quantizer at 8 bits. What a group
-recovers is what it costs after training. (Switching quantizers *off* says nothing about a trained
-model: its weights compensate the quantizers they were trained with.) No evaluation images are used.
+Quantizes the shared ViT-Ti with ``isvit`` at W{bits}/A{bits} (config fields from ``--set``, as in
+tune_heldout.py, the fast preset by default) on the calibration part of tune_heldout.py's held-out
+split of imagenet-calib-1000 (640 images, split seed 123). Then, for each group of quantizers in
+turn, that group alone is raised to 8 bits (weights re-fitted to their trained latent values,
+activations re-fitted on 64 calibration images in one pass, everything else left exactly as trained)
+and the model is scored on the 360 held-out images: top-1 and the mean KL divergence from full
+precision. The first row is the trained model as it is, the last every quantizer at 8 bits. What a
+group recovers is what it costs after training. (Switching quantizers *off* says nothing about a
+trained model: its weights compensate the quantizers they were trained with.) No evaluation images
+are used.
 
 ``--per-block``: instead, the error of each transformer block on its own, before any training: the
 block's reconstruction loss (the "token" loss: squared error relative to each token's variance,
