@@ -20,8 +20,8 @@ sample standard deviation of top-1 over the seeds, as does the table printed at 
 The ablation (``ABLATION``, at W3/A3 and W4/A4: "w3a3-log2sqrt2", ...): the post-Softmax quantizer
 SULQ vs log-sqrt2 vs uniform; without stage 1, and without it but with its training steps given to
 stage 3 (``--iters`` so that the steps add up to the preset's, ``same_steps_iters``); without the
-reparameterisation (per-tensor post-LayerNorm quantizers from the start); without the outlier
-channels' own grid. The options (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag
+fold ("no-reparam", ``--no-fold``: per-tensor post-LayerNorm quantizers from the start); without the
+outlier channels' own grid. The options (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag
 to the preset at W3/A3 and W4/A4. --qdrop and --outlier-ratio set those for every setting (a
 setting's own flag comes after and wins).
 
