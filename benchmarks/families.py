@@ -39,6 +39,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import isvit
+from isvit.config import CONFIGS
 from isvit.families import family_of
 from isvit.rotate import is_rotated
 from isvit.wrap import Placement, wrap_model
@@ -65,7 +66,7 @@ FULL_SIZE = {
 def w8a8(example, method: str) -> dict:
     model = example.model()
     calib, x = example.images(32, seed=1), example.images(64, seed=2)
-    config = isvit.QuantConfig(method=method, w_bits=8, a_bits=8, calib_size=32)
+    config = CONFIGS[method](w_bits=8, a_bits=8, calib_size=32)
     quantized = isvit.quantize(model, calib, config, progress=False)
     with torch.no_grad():
         fp, q = model(x), quantized(x)
@@ -77,7 +78,7 @@ def w8a8(example, method: str) -> dict:
 
 def fast_w4a4(example) -> dict:
     model = example.model()
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
+    config = isvit.IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantized = isvit.quantize(model, example.images(8, seed=3), config, progress=False)

@@ -95,6 +95,7 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
+from isvit.config import CONFIGS, Config
 from isvit.export import export_onnx
 from isvit.runtime import exact_openvino_config, quantized_precision
 
@@ -305,10 +306,10 @@ def ort_int8(fp32_path: Path, model: str, folder: Path, calib_folder: Path, tran
     return path, {**made, "cached": False, "file": str(path)}
 
 
-def describe(config: isvit.QuantConfig, source: str, lowered: dict) -> dict:
+def describe(config: Config, source: str, lowered: dict) -> dict:
     """What an isvit model is, for the JSON: method, bits, post-Softmax quantizer, where it came from."""
     return {"method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
-            "softmax_quantizer": config.resolved_softmax_quantizer, "source": source, "quantizers_lowered": lowered}
+            "softmax_quantizer": config.softmax_quantizer, "source": source, "quantizers_lowered": lowered}
 
 
 def export_checkpoint(checkpoint: Path, model: str, out: Path) -> dict:
@@ -321,15 +322,15 @@ def export_checkpoint(checkpoint: Path, model: str, out: Path) -> dict:
     return describe(info["config"], str(checkpoint), lowered)
 
 
-def made_config(spec: tuple[str, int, int], calib_size: int, seed: int) -> tuple[isvit.QuantConfig, str]:
-    """The QuantConfig of a ``--make`` model and how the JSON describes it."""
+def made_config(spec: tuple[str, int, int], calib_size: int, seed: int) -> tuple[Config, str]:
+    """The config of a ``--make`` model and how the JSON describes it."""
     method, w_bits, a_bits = spec
     if method == "isvit":
-        config = isvit.QuantConfig(method="isvit", preset="fast", iters=1, w_bits=w_bits, a_bits=a_bits,
-                                   calib_size=calib_size, seed=seed)
+        config = isvit.IsvitConfig.from_preset("fast", w_bits=w_bits, a_bits=a_bits, iters=1, calib_size=calib_size,
+                                                seed=seed)
         return config, (f"this script: fast preset, 1 iteration, {calib_size} images, seed {seed}: the same graph "
                         "as a trained model, not its accuracy")
-    config = isvit.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=calib_size, seed=seed)
+    config = CONFIGS[method](w_bits=w_bits, a_bits=a_bits, calib_size=calib_size, seed=seed)
     return config, f"{method} quantized by this script on {calib_size} calibration images, seed {seed}"
 
 

@@ -20,8 +20,8 @@ sample standard deviation of top-1 over the seeds, as does the table printed at 
 The ablation (``ABLATION``, at W3/A3 and W4/A4: "w3a3-log2sqrt2", ...): the post-Softmax quantizer
 SULQ vs log-sqrt2 vs uniform; without stage 1, and without it but with its training steps given to
 stage 3 (``--iters`` so that the steps add up to the preset's, ``same_steps_iters``); without the
-reparameterisation (per-tensor post-LayerNorm quantizers from the start); without the outlier
-channels' own grid. The options (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag
+fold ("no-reparam", ``--no-fold``: per-tensor post-LayerNorm quantizers from the start); without the
+outlier channels' own grid. The options (``OPTIONS``: w3a3-fisher, w4a4-no-rotate, ...) each add one flag
 to the preset at W3/A3 and W4/A4. --qdrop and --outlier-ratio set those for every setting (a
 setting's own flag comes after and wins).
 
@@ -61,7 +61,7 @@ ABLATION = {
     "uniform-softmax": ["--softmax-quantizer", "uniform"],
     "no-stage1": ["--no-stage1"],
     "no-stage1-same-steps": lambda preset, bits, iters: ["--no-stage1", "--iters", str(same_steps_iters(preset, bits, iters))],
-    "no-reparam": ["--no-reparam"],
+    "no-reparam": ["--no-fold"],  # the setting keeps the name its rows were recorded under
     "no-outlier-split": ["--outlier-ratio", "0"],
 }
 # The options for low bits (issue 10), one at a time on top of the preset, at W3/A3 and W4/A4.
@@ -97,15 +97,17 @@ def same_steps_iters(preset: str, bits: int, iters: int | None = None) -> int:
     every unit with a quantizer: 13 and 14 units, so 100 -> 193, 60 -> 116)."""
     import timm
 
-    from isvit.pipeline import QuantConfig, placement_for, reconstruction_steps, set_quantizers
+    from isvit.config import IsvitConfig
+    from isvit.pipeline import reconstruction_steps, set_quantizers
     from isvit.wrap import wrap_model
 
-    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset=preset, iters=iters)
-    model = wrap_model(timm.create_model(MODEL, pretrained=False), placement_for(config))
+    changes = {"iters": iters} if iters is not None else {}
+    config = IsvitConfig.from_preset(preset, w_bits=bits, a_bits=bits, **changes)
+    model = wrap_model(timm.create_model(MODEL, pretrained=False), config.placement())
     set_quantizers(model, False, "weight")
     with_stage1 = reconstruction_steps(model, config)
-    per_iter_without = reconstruction_steps(model, QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset=preset,
-                                                               stage1=False, iters=1))
+    per_iter_without = reconstruction_steps(model, IsvitConfig.from_preset(preset, w_bits=bits, a_bits=bits,
+                                                                           stage1=False, iters=1))
     return round(with_stage1 / per_iter_without)
 
 
@@ -122,14 +124,14 @@ def setting_flags(name: str, preset: str, iters: int | None = None) -> list[str]
 def command_iters(command: list[str]) -> int:
     """The iterations per unit the ``quantize`` command line trains: its last --iters, else its
     preset's at its bit-widths."""
-    from isvit.pipeline import PRESETS
+    from isvit.config import PRESETS
 
     def value(flag: str) -> str:  # the value after the flag's last occurrence
         return command[len(command) - command[::-1].index(flag)]
 
     if "--iters" in command:
         return int(value("--iters"))
-    return PRESETS[value("--preset")].recipe(int(value("--w-bits")), int(value("--a-bits"))).iters
+    return PRESETS[value("--preset")].at(int(value("--w-bits")), int(value("--a-bits"))).iters
 
 
 def iters_key(command: list[str], iters: int) -> tuple[str, ...]:
@@ -141,14 +143,31 @@ def iters_key(command: list[str], iters: int) -> tuple[str, ...]:
     return (*args, "--iters", str(iters))
 
 
+def recorded_iters(row: dict) -> int | None:
+    """The iterations per unit a row recorded: in its reconstruction's settings ("reconstruction"),
+    at the top level in rows recorded before those were nested; None where it recorded none."""
+    settings = row.get("reconstruction", {})
+    return settings["iters"] if "iters" in settings else row.get("iters")
+
+
 def resumable(paths: list[str]) -> dict[tuple[str, ...], dict]:
     """The rows of earlier outputs by ``iters_key``, with the iterations each row recorded (a row
     without them is taken to have trained what its command trains with today's presets)."""
     rows = {}
     for path in paths:
         for row in resumable_rows(path).values():
-            rows[iters_key(row["command"], row.get("iters") or command_iters(row["command"]))] = row
+            rows[iters_key(row["command"], recorded_iters(row) or command_iters(row["command"]))] = row
     return rows
+
+
+def reconstruction_losses(row: dict) -> dict:
+    """The per-unit losses of a row's block reconstruction: ``isvit quantize --json`` writes them
+    under "reconstruction_losses"; rows recorded before that have them under "reconstruction"
+    (which now holds the reconstruction's settings)."""
+    if "reconstruction_losses" in row:
+        return row["reconstruction_losses"]
+    old = row.get("reconstruction", {})
+    return old if "stage3" in old else {}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -156,12 +175,12 @@ def summarise(rows: list[dict]) -> dict:
     each seed's top-1, the median calibration time and, where the rows recorded them, each unit's
     stage-3 loss before and after its training, averaged over the seeds (``stage3_loss``)."""
     top1 = [r["top1"] for r in rows]
-    summary = {"seeds": [int(r["seed"]) for r in rows], "iters": sorted({r["iters"] for r in rows if "iters" in r}),
+    summary = {"seeds": [int(r["seed"]) for r in rows], "iters": sorted({recorded_iters(r) for r in rows} - {None}),
                "top1": top1, "top1_mean": statistics.fmean(top1),
                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                "calib_seconds_median": statistics.median(r["calib_seconds"] for r in rows),
                "threads": rows[0]["threads"], "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rows)}
-    stage3 = [r["reconstruction"]["stage3"] for r in rows if "stage3" in r.get("reconstruction", {})]
+    stage3 = [losses["stage3"] for losses in map(reconstruction_losses, rows) if "stage3" in losses]
     if stage3:
         summary["stage3_loss"] = {unit: {when: statistics.fmean(s[unit][when] for s in stage3) for when in ("before", "after")}
                                   for unit in stage3[0]}

@@ -42,6 +42,7 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
+from isvit.config import CONFIGS
 from isvit.export import export_onnx, folded_tables, load_onnx
 
 from record import CALIB, MODEL, ROOT, VAL, WEIGHTS, environment, write_json
@@ -94,7 +95,7 @@ def quantized_model(setting: str, data_config: dict, calib_size: int, seed: int)
     if ":" in setting:
         method, *bits = setting.split(":")
         w_bits, a_bits = int(bits[0]), int(bits[-1])
-        config = isvit.QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, calib_size=calib_size, seed=seed)
+        config = CONFIGS[method](w_bits=w_bits, a_bits=a_bits, calib_size=calib_size, seed=seed)
         fp = isvit.create_model(MODEL, ROOT / WEIGHTS)
         calib = isvit.load_calibration_images(ROOT / CALIB, isvit.build_transform(data_config), calib_size, seed=seed,
                                               progress=False)
@@ -118,7 +119,7 @@ def run_setting(setting: str, data_config: dict, batches, labels, args, folder: 
         folded, folded_seconds = logits_of(model, batches)
     result = {
         "setting": setting, "source": source, "method": config.method, "w_bits": config.w_bits, "a_bits": config.a_bits,
-        "softmax_quantizer": config.resolved_softmax_quantizer, "images": len(labels), "onnx_bytes": path.stat().st_size,
+        "softmax_quantizer": config.softmax_quantizer, "images": len(labels), "onnx_bytes": path.stat().st_size,
         "products": products, "calib_seconds": calib_seconds, "export_seconds": export_seconds,
         "pytorch": {**compare(reference, reference, labels), "seconds": torch_seconds},
         "pytorch_folded": {**compare(folded, reference, labels), "seconds": folded_seconds},

@@ -85,15 +85,20 @@ def resumable_rows(path: str | None) -> dict[tuple[str, ...], dict]:
     return {resume_key(row["command"]): row for row in rows if isinstance(row, dict) and "command" in row}
 
 
+# Flags of the ``isvit`` command line renamed since rows were recorded with them: a row recorded
+# with the old name matches the command with the new one.
+RENAMED_FLAGS = {"--no-reparam": "--no-fold"}
+
+
 def resume_key(args: list[str]) -> tuple[str, ...]:
     """A command line as ``--resume-from`` matches it: without ``--save FILE`` (where the model went
-    does not change the row)."""
+    does not change the row) and with renamed flags under their new names (``RENAMED_FLAGS``)."""
     args = [str(a) for a in args]
     key = []
     for i, arg in enumerate(args):
         if arg == "--save" or (i > 0 and args[i - 1] == "--save"):
             continue
-        key.append(arg)
+        key.append(RENAMED_FLAGS.get(arg, arg))
     return tuple(key)
 
 
@@ -134,7 +139,7 @@ def first_calib_images(model, count: int, batch_size: int = 32):
 def untrained_isvit(model, config, images, stage1=None):
     """A wrapped copy of ``model`` quantized as ``isvit`` has it before stage 3, with no training:
     activation grids fitted on ``images``, the fold of the post-LayerNorm grids (unless
-    ``config.reparameterize`` is off), weight grids. For the benchmarks that look at one block alone
+    ``config.fold`` is off), weight grids. For the benchmarks that look at one block alone
     (recon_speed.py, unit_probe.py, bit_groups.py --per-block), whose full-precision targets come
     from ``model`` itself: a config that rotates is refused (its blocks would work in another basis).
     ``stage1(qmodel)``, if given, runs where stage 1 does: after the activation grids, before the
@@ -145,19 +150,18 @@ def untrained_isvit(model, config, images, stage1=None):
         calibrate_activations,
         calibrate_weights,
         fold_post_layernorm,
-        placement_for,
         set_quantizers,
     )
     from isvit.wrap import wrap_model
 
-    if config.resolved_rotate:
+    if config.wants_rotation():
         raise SystemExit("this benchmark compares blocks with the unrotated model: add rotate=False to its settings")
-    qmodel = wrap_model(copy.deepcopy(model), placement_for(config))
+    qmodel = wrap_model(copy.deepcopy(model), config.placement())
     set_quantizers(qmodel, False, "weight")
     calibrate_activations(qmodel, images)
     if stage1 is not None:
         stage1(qmodel)
-    if config.reparameterize:
+    if config.fold:
         fold_post_layernorm(qmodel)
     set_quantizers(qmodel, True, "weight")
     calibrate_weights(qmodel)

@@ -5,11 +5,15 @@
 imagenet-calib-1000 has labels: a seeded split gives the calibration images (default 640) and a
 held-out set (the other 360) on which each setting is scored by top-1, top-1 agreement with the
 full-precision model and the mean KL divergence from it (less noisy than top-1 on 360 images).
-Each ``--set`` is a comma-separated list of QuantConfig fields (method=isvit, w_bits=4 and
-a_bits=4 unless given). Compare settings run by one invocation: ``--baseline`` (default
+Each ``--set`` is a comma-separated list of config fields (method=isvit, w_bits=4 and a_bits=4
+unless given): for isvit those of ``IsvitConfig`` and of its ``Reconstruction``, applied to the
+preset's (``IsvitConfig.from_preset``, e.g. ``preset=fast,iters=30,qdrop=0.5,fold=False``); for
+repq and minmax those of ``RepqConfig`` and ``MinmaxConfig``. The names of isvit's earlier
+QuantConfig, ``drop_prob`` and ``reparameterize`` (in the commands of results/tune_heldout.jsonl),
+are read as ``qdrop`` and ``fold``. Compare settings run by one invocation: ``--baseline`` (default
 ``preset=fast`` at the bits of the first ``--set``) is run first, with the same code, so every
 comparison has its same-code baseline beside it (``--no-baseline`` skips it). Prints one JSON line
-per setting and appends it to --out; each line records the resolved QuantConfig, the split, the
+per setting and appends it to --out; each line records the resolved config (``config.to_dict()``), the split, the
 threads, the torch version, the date and ``--note`` (what the run is for, and whether the machine
 was shared), so no line is edited by hand.
 """
@@ -26,15 +30,19 @@ import torch
 import torch.nn.functional as F
 
 import isvit
+from isvit.config import CONFIGS, RENAMED, Config, IsvitConfig
 from isvit.data import ImageFolderDataset, make_loader
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def parse_setting(text: str) -> dict:
+    """The fields of one ``--set``, with the defaults above; an earlier name (``RENAMED``: drop_prob,
+    reparameterize) becomes its new one."""
     fields = {"method": "isvit", "w_bits": 4, "a_bits": 4}
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
+        key = RENAMED.get(key, key)
         for cast in (int, float):
             try:
                 value = cast(value)
@@ -45,6 +53,18 @@ def parse_setting(text: str) -> dict:
             value = value == "True"
         fields[key] = value
     return fields
+
+
+def config_of(fields: dict) -> Config:
+    """The method's config from ``parse_setting``'s fields: for isvit, the preset's (default
+    "paper", as ``IsvitConfig``'s) with the other fields, of ``IsvitConfig`` or ``Reconstruction``."""
+    fields = dict(fields)
+    method = fields.pop("method")
+    if method == "isvit":
+        return IsvitConfig.from_preset(fields.pop("preset", "paper"), **fields)
+    if method not in CONFIGS:
+        raise SystemExit(f"unknown method {method!r}; choose one of {', '.join(CONFIGS)}")
+    return CONFIGS[method](**fields)
 
 
 @torch.no_grad()
@@ -97,7 +117,7 @@ def main() -> None:
     print(f"full precision: held-out top-1 {100 * (fp_pred == held_labels).float().mean():.2f} on {len(held)} images")
     for text in settings:
         fields = parse_setting(text)
-        config = isvit.QuantConfig(**fields)
+        config = config_of(fields)
         start = time.perf_counter()
         qmodel = isvit.quantize(model, calib, config, progress=False)
         seconds = time.perf_counter() - start

@@ -85,12 +85,16 @@ def test_int8_latency_defaults_and_choices(tmp_path, int8_latency):
 
 
 def test_int8_latency_isvit_made_here_is_the_fast_preset_at_one_iteration(int8_latency):
+    from isvit.config import PRESETS, RepqConfig
+
     config, source = int8_latency.made_config(("isvit", 4, 8), calib_size=16, seed=3)
-    assert (config.method, config.preset, config.iters, config.w_bits, config.a_bits) == ("isvit", "fast", 1, 4, 8)
+    assert (config.method, config.preset, config.w_bits, config.a_bits) == ("isvit", "fast", 4, 8)
+    # the fast preset's reconstruction at W4/A8 but for the one iteration
+    assert config.resolved().reconstruction == PRESETS["fast"].at(4, 8, iters=1)
     assert (config.calib_size, config.seed) == (16, 3)
     assert "fast preset, 1 iteration, 16 images" in source and "not its accuracy" in source
     config, source = int8_latency.made_config(("repq", 8, 8), calib_size=16, seed=3)
-    assert (config.method, config.preset, config.iters, config.calib_size) == ("repq", "paper", None, 16)
+    assert config == RepqConfig(w_bits=8, a_bits=8, calib_size=16, seed=3)
     assert int8_latency.SHARED_WEIGHTS == {record.MODEL: record.WEIGHTS}  # the ViT-B has none: random weights
 
 
@@ -278,6 +282,61 @@ def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monke
     assert summary["stage3_loss"] == {"blocks.0": {"before": 2.0, "after": 0.5}}
 
 
+@pytest.mark.parametrize("preset", ["fast", "paper", "thorough"])
+def test_the_cli_takes_every_setting_isvit_accuracy_runs(isvit_accuracy, preset):
+    # the CLI refuses an option that the method or the chosen reconstruction would not read
+    from isvit.cli import build_config, build_parser
+
+    common = ["quantize", "--method", "isvit", "--preset", preset, "--no-fp", "--model", isvit_accuracy.MODEL,
+              "--weights", "w.safetensors", "--calib", "calib", "--data", "val", "--seed", "0"]
+    for extra in ([], ["--iters", "60", "--qdrop", "0", "--outlier-ratio", "0"]):
+        for name in isvit_accuracy.SETTINGS:
+            args = build_parser().parse_args(common + extra + isvit_accuracy.setting_flags(name, preset))
+            build_config(args)
+
+
+def test_summary_reads_the_losses_of_rows_recorded_before_and_after_they_moved(isvit_accuracy):
+    # isvit quantize --json now writes the losses under "reconstruction_losses" and the reconstruction's
+    # settings under "reconstruction"; earlier rows hold the losses under "reconstruction"
+    losses = {"stage1": {}, "stage3": {"blocks.0": {"before": 2.0, "after": 1.0, "restored": False}}}
+    row = {"seed": 0, "top1": 30.0, "calib_seconds": 1.0, "threads": 1, "peak_rss_mb": 1.0}
+    new = {**row, "reconstruction": {"iters": 100, "loss": "fisher"}, "reconstruction_losses": losses}
+    old = {**row, "seed": 1, "reconstruction": losses}
+    assert isvit_accuracy.summarise([new, old])["stage3_loss"] == {"blocks.0": {"before": 2.0, "after": 1.0}}
+    settings_only = {**row, "reconstruction": {"iters": 100, "loss": "fisher"}}  # no losses recorded
+    assert "stage3_loss" not in isvit_accuracy.summarise([settings_only])
+
+
+def test_a_row_recorded_with_a_renamed_flag_is_resumed_by_the_command_with_its_new_name():
+    assert record.resume_key(["quantize", "--no-reparam"]) == record.resume_key(["quantize", "--no-fold"])
+
+
+def test_tune_heldout_settings_are_config_fields_and_the_earlier_names_still_read():
+    from isvit.config import IsvitConfig, MinmaxConfig
+
+    tune_heldout = importlib.import_module("tune_heldout")
+    config = tune_heldout.config_of(tune_heldout.parse_setting("preset=fast,iters=3,drop_prob=0.25,reparameterize=False"))
+    assert config == IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, iters=3, qdrop=0.25, fold=False)
+    assert tune_heldout.config_of(tune_heldout.parse_setting("preset=fast,qdrop=0.25,fold=False,w_bits=3,a_bits=3")) == \
+        IsvitConfig.from_preset("fast", w_bits=3, a_bits=3, qdrop=0.25, fold=False)
+    assert tune_heldout.config_of(tune_heldout.parse_setting("method=minmax,w_bits=8,a_bits=8,calib_size=16")) == \
+        MinmaxConfig(w_bits=8, a_bits=8, calib_size=16)
+    # every setting recorded in results/ still makes its config
+    for path in sorted((BENCHMARKS.parent / "results").glob("tune_heldout*.jsonl")):
+        for line in path.read_text().splitlines():
+            tune_heldout.config_of(tune_heldout.parse_setting(json.loads(line)["setting"]))
+
+
+def test_unit_probe_settings_take_the_earlier_qdrop_name_and_a_learnt_roundings_default_lr():
+    from isvit.config import Reconstruction
+
+    unit_probe = importlib.import_module("unit_probe")
+    assert Reconstruction(**unit_probe.settings_of({"drop_prob": 0})).qdrop == 0
+    assert Reconstruction(**unit_probe.settings_of({})).qdrop == 0.5
+    assert Reconstruction(**unit_probe.settings_of({"rounding": "offset"})).round_lr == unit_probe.ROUND_LR
+    assert Reconstruction(**unit_probe.settings_of({"rounding": "offset", "round_lr": 0.03})).round_lr == 0.03
+
+
 def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterations_they_trained(
         tmp_path, monkeypatch, isvit_accuracy):
     # --iters 60 reruns the fast preset of 2026-12-04; no-stage1-same-steps follows it (13 + 14 units)
@@ -289,7 +348,7 @@ def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterat
         args = cmd[3:cmd.index("--json")]
         ran.append(args)
         result = {"seed": 1, "top1": 50.0, "calib_seconds": 1.0, "threads": 1, "peak_rss_mb": 1.0,
-                  "iters": isvit_accuracy.command_iters(args)}
+                  "reconstruction": {"iters": isvit_accuracy.command_iters(args)}}  # the settings, as the CLI writes
         Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(result))
 
     monkeypatch.setattr(record.subprocess, "run", fake_quantize)
@@ -299,7 +358,9 @@ def test_iters_reruns_an_earlier_presets_ablation_and_resumes_rows_by_the_iterat
               "--data", isvit_accuracy.VAL, "--batch-size", "64", "--threads", "1", "--seed", "0",
               "--w-bits", "3", "--a-bits", "3"]
     common = [str(a) for a in common]
-    old = tmp_path / "old.json"  # seed 0 run when the preset trained 60 (no --iters in its command)
+    # seed 0 run when the preset trained 60 (no --iters in its command), recorded with the flag's and the
+    # JSON's earlier layout (--no-reparam, "iters" at the top level)
+    old = tmp_path / "old.json"
     old.write_text(json.dumps({"fast/w3a3-no-reparam": {"command": common + ["--no-reparam"], "seed": 0, "iters": 60,
                                                         "top1": 30.0, "calib_seconds": 9.0, "threads": 1,
                                                         "peak_rss_mb": 1.0}}))

@@ -3,15 +3,16 @@
     python benchmarks/studies/bit_groups.py [--bits 3] [--set preset=fast] [--model-cache /tmp/w3a3.safetensors]
                                             [--out results/studies/bit_groups_w3a3.json]
 
-Quantizes the shared ViT-Ti with ``isvit`` at W{bits}/A{bits} (QuantConfig fields from ``--set``,
-the fast preset by default) on the calibration part of tune_heldout.py's held-out split of
-imagenet-calib-1000 (640 images, split seed 123). Then, for each group of quantizers in turn, that
-group alone is raised to 8 bits (weights re-fitted to their trained latent values, activations
-re-fitted on 64 calibration images in one pass, everything else left exactly as trained) and the
-model is scored on the 360 held-out images: top-1 and the mean KL divergence from full precision.
-The first row is the trained model as it is, the last every quantizer at 8 bits. What a group
-recovers is what it costs after training. (Switching quantizers *off* says nothing about a trained
-model: its weights compensate the quantizers they were trained with.) No evaluation images are used.
+Quantizes the shared ViT-Ti with ``isvit`` at W{bits}/A{bits} (config fields from ``--set``, as in
+tune_heldout.py, the fast preset by default) on the calibration part of tune_heldout.py's held-out
+split of imagenet-calib-1000 (640 images, split seed 123). Then, for each group of quantizers in
+turn, that group alone is raised to 8 bits (weights re-fitted to their trained latent values,
+activations re-fitted on 64 calibration images in one pass, everything else left exactly as trained)
+and the model is scored on the 360 held-out images: top-1 and the mean KL divergence from full
+precision. The first row is the trained model as it is, the last every quantizer at 8 bits. What a
+group recovers is what it costs after training. (Switching quantizers *off* says nothing about a
+trained model: its weights compensate the quantizers they were trained with.) No evaluation images
+are used.
 
 ``--per-block``: instead, the error of each transformer block on its own, before any training: the
 block's reconstruction loss (the "token" loss: squared error relative to each token's variance,
@@ -43,7 +44,7 @@ from isvit.wrap import forward_units
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from quantizer_groups import GROUPS, only, score  # benchmarks/studies/quantizer_groups.py
 from record import untrained_isvit  # benchmarks/record.py
-from tune_heldout import SHARED, heldout_split, logits_of, parse_setting  # benchmarks/tune_heldout.py
+from tune_heldout import SHARED, config_of, heldout_split, logits_of, parse_setting  # benchmarks/tune_heldout.py
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
 MODEL = "vit_tiny_patch16_224"
@@ -111,7 +112,7 @@ def trained_model(model, calib, config, cache: Path | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--set", default="preset=fast", help="QuantConfig fields, as in tune_heldout.py")
+    parser.add_argument("--set", default="preset=fast", help="config fields, as in tune_heldout.py")
     parser.add_argument("--to", type=int, default=8, help="bits a raised group gets (default 8)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--model-cache", type=Path, help="save the trained model here / load it from here")
@@ -124,7 +125,7 @@ def main() -> None:
 
     fields = parse_setting(args.set)
     fields.update(w_bits=args.bits, a_bits=args.bits)
-    config = isvit.QuantConfig(**fields)
+    config = config_of(fields)
     model = isvit.create_model(MODEL, SHARED / "models" / f"{MODEL}.safetensors")
     (calib, _), (held, labels) = heldout_split(model, args.cache)
     if args.per_block:

@@ -1,7 +1,7 @@
 """What the fold is worth with and without the rotation: the error that the post-LayerNorm
 activation quantizers (the inputs of each block's qkv and fc1) cause in those Linears' outputs on
-real images of the shared ViT-Ti, per-channel grids folded into the LayerNorm (``reparameterize``,
-I&S-ViT's stage 2) vs one per-tensor grid (``--no-reparam``), with and without the Hadamard
+real images of the shared ViT-Ti, per-channel grids folded into the LayerNorm (``fold``,
+I&S-ViT's stage 2) vs one per-tensor grid (``--no-fold``), with and without the Hadamard
 rotation, at 3 and 4 bits (issue 21: the fold is worth 3.8 points at W3/A3 and none at W4/A4).
 
     python benchmarks/studies/postln_error.py [--bits 3 4] [--threads 1] [--out results/studies/postln_error.json]
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import isvit
-from isvit.pipeline import QuantConfig, set_quantizers
+from isvit.config import IsvitConfig
+from isvit.pipeline import set_quantizers
 from isvit.rotate import rotate_model
 from isvit.wrap import post_layernorm_pairs
 
@@ -42,7 +43,7 @@ def build(fp: torch.nn.Module, bits: int, rotate: bool, fold: bool, fit: torch.T
     model = copy.deepcopy(fp)
     if rotate:  # rotated here: untrained_isvit refuses a config that rotates, as its block targets
         rotate_model(model, seed=0)  # would be the unrotated model's; this script compares outputs only
-    config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset="fast", rotate=False, reparameterize=fold)
+    config = IsvitConfig(w_bits=bits, a_bits=bits, preset="fast", rotate=False, fold=fold)
     return untrained_isvit(model, config, fit).eval()
 
 

@@ -12,7 +12,7 @@ divergence from the full-precision model. The first row has every quantizer off 
 weights and the reparameterised LayerNorms alone), the last has all of them on. No evaluation images
 are used. Groups: every weight, and the activation quantizers by role (post-LayerNorm qkv/fc1
 inputs, proj inputs, fc2 inputs, q and k, post-Softmax, v, head input); with ``--per-block`` also
-the fc2 input of each block alone. The JSON records the resolved QuantConfig, the command line,
+the fc2 input of each block alone. The JSON records the resolved config (``config.to_dict()``), the command line,
 the threads (pinned, default 2) and the machine.
 """
 
@@ -78,8 +78,9 @@ def main() -> None:
     model = isvit.create_model(MODEL, ROOT / WEIGHTS)
     (calib, _), (held, labels) = heldout_split(model, args.cache)
     fp_logits = logits_of(model, held)
-    config = isvit.QuantConfig(method="isvit", preset="fast", w_bits=args.bits, a_bits=args.bits, iters=args.iters,
-                               outlier_ratio=args.outlier_ratio, seed=args.seed)
+    outlier = {"outlier_ratio": args.outlier_ratio} if args.outlier_ratio is not None else {}
+    config = isvit.IsvitConfig.from_preset("fast", w_bits=args.bits, a_bits=args.bits, iters=args.iters, seed=args.seed,
+                                           **outlier)
     start = time.perf_counter()
     qmodel = isvit.quantize(model, calib, config, progress=False)
     seconds = time.perf_counter() - start

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import isvit
-from isvit.pipeline import QuantConfig
-from isvit.reconstruct import ReconstructionSettings, reconstruct_unit, run_unit
+from isvit.config import IsvitConfig, Reconstruction
+from isvit.reconstruct import reconstruct_unit, run_unit
 from isvit.wrap import forward_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
@@ -48,7 +48,7 @@ def main() -> None:
     transform = isvit.build_transform(isvit.resolve_data_config(model))
     images = isvit.load_calibration_images(ROOT / CALIB, transform, 128, seed=0, progress=False)
     fp = model
-    q = untrained_isvit(model, QuantConfig(method="isvit", w_bits=4, a_bits=4), images[:64])
+    q = untrained_isvit(model, IsvitConfig(w_bits=4, a_bits=4), images[:64])
     units, fp_units = forward_units(q), forward_units(fp)
     x = run_unit(fp_units[0], images, "cpu", 64, torch.float32, "cpu")
     y = run_unit(fp_units[1], x, "cpu", 64, torch.float32, "cpu")
@@ -57,13 +57,13 @@ def main() -> None:
         for p in args.qdrop:
             times = []
             for _ in range(3):
-                settings = ReconstructionSettings(iters=args.iters, batch_size=batch, lr=4e-5,
-                                                  learn_scales=args.learn_scales, drop_prob=p)
+                settings = Reconstruction(iters=args.iters, batch_size=batch, lr=4e-5, learn_scales=args.learn_scales,
+                                          qdrop=p)
                 start = time.perf_counter()
                 reconstruct_unit(units[1], x, y, settings, "cpu", progress=False)
                 times.append((time.perf_counter() - start) / args.iters)
             per_iter[batch, p] = statistics.median(times)
-            rows.append({"batch_size": batch, "drop_prob": p, "seconds_per_iteration": per_iter[batch, p],
+            rows.append({"batch_size": batch, "qdrop": p, "seconds_per_iteration": per_iter[batch, p],
                          "runs": times, "iters": args.iters})
             print(f"batch {batch}, QDrop {p}: {per_iter[batch, p]:.3f} s per block-iteration "
                   f"(median of 3 x {args.iters}; threads {torch.get_num_threads()})")

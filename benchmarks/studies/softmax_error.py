@@ -35,8 +35,9 @@ import torch
 
 import isvit
 from isvit.checkpoint import load_quantized
+from isvit.config import IsvitConfig
 from isvit.families.vit import QuantAttention
-from isvit.pipeline import QuantConfig, placement_for, set_quantizers
+from isvit.pipeline import set_quantizers
 from isvit.quantizers import SOFTMAX_QUANTIZERS, make_softmax_quantizer
 from isvit.wrap import wrap_model
 
@@ -122,16 +123,16 @@ def main() -> None:
     fit, held = images[:FIT_IMAGES], images[FIT_IMAGES:]
 
     sources = {}
-    plain = wrap_model(copy.deepcopy(fp), placement_for(QuantConfig(method="isvit", w_bits=8, a_bits=8)))
+    plain = wrap_model(copy.deepcopy(fp), IsvitConfig(w_bits=8, a_bits=8).placement())
     set_quantizers(plain, False)
     sources["full precision"] = measure(plain.eval(), None, args.bits, fit, held)
     for bits in args.bits:
-        config = QuantConfig(method="isvit", w_bits=bits, a_bits=bits, preset="fast", rotate=False)
+        config = IsvitConfig(w_bits=bits, a_bits=bits, preset="fast", rotate=False)
         sources[f"untrained W{bits}A{bits}"] = measure(untrained_isvit(fp, config, fit).eval(), None, args.bits, fit, held)
     for path in args.trained:
         model, info = load_quantized(path)
         config = info["config"]
-        label = f"{path} ({config.resolved_softmax_quantizer}, W{config.w_bits}A{config.a_bits}, seed {config.seed})"
+        label = f"{path} ({config.softmax_quantizer}, W{config.w_bits}A{config.a_bits}, seed {config.seed})"
         sources[label] = measure(model, config.a_bits, args.bits, fit, held)
 
     write_json(args.out, {"environment": environment(args.threads), "fit_images": FIT_IMAGES,

@@ -7,8 +7,9 @@ calibration images it did not train on. Cheap (minutes), so options are compared
 The model is quantized as isvit does before stage 1 (activation grids on 64 images, the fold, weight
 grids) on the calibration part of tune_heldout.py's split of imagenet-calib-1000 (640 images, split
 seed 123); the block's full-precision inputs and targets are cached for 512 of them. Each ``--set``
-(JSON: ReconstructionSettings fields over the fast preset's iters=60, batch_size=32, lr=5e-4,
-loss=token, drop_prob=0.5) trains the block from the same start on the first 384 images; the
+(JSON: ``Reconstruction`` fields over the fast preset's iters=60, batch_size=32, lr=5e-4,
+loss=token, qdrop=0.5; a learnt rounding without "round_lr" takes 0.01; the earlier name
+"drop_prob" is read as "qdrop") trains the block from the same start on the first 384 images; the
 "token" loss is reported on the other 128 before and after, with the mean of the last five training
 losses and, for learnt rounding, the share of rounding variables still between 0.05 and 0.95 just
 before they are made hard. One JSON line per setting, also appended to --out.
@@ -19,9 +20,9 @@ the fold and the weight grids; ``before`` is then the loss at the start of stage
 the paper preset with and without stage 1, and without it but with its steps in stage 3:
 
     python benchmarks/studies/unit_probe.py --block 2 --bits 3 \
-        --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0, "stage1_iters": 1000}' \
-        --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}' \
-        --set '{"iters": 2000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "drop_prob": 0}'
+        --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "qdrop": 0, "stage1_iters": 1000}' \
+        --set '{"iters": 1000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "qdrop": 0}' \
+        --set '{"iters": 2000, "lr": 4e-5, "batch_size": 64, "loss": "mse", "qdrop": 0}'
 
 A setting with ``"refit_softmax": true`` (issue 21) fits the block's post-Softmax grids again just
 before the training of stage 3, on the block's first 64 inputs as it computes them then (after stage
@@ -44,16 +45,28 @@ from pathlib import Path
 import torch
 
 import isvit
+from isvit.config import RENAMED, IsvitConfig, Reconstruction
 from isvit.modules import QuantMatMul
 from isvit.quantizers import UniformQuantizer
-from isvit.reconstruct import ReconstructionSettings, output_importance, reconstruct_unit, reconstruction_loss, run_unit
+from isvit.reconstruct import output_importance, reconstruct_unit, reconstruction_loss, run_unit
 from isvit.wrap import forward_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where record.py and tune_heldout.py live
 from record import untrained_isvit  # benchmarks/record.py
 from tune_heldout import SHARED, heldout_split  # benchmarks/tune_heldout.py
 
-BASE = {"iters": 60, "batch_size": 32, "lr": 5e-4, "loss": "token", "drop_prob": 0.5}
+BASE = {"iters": 60, "batch_size": 32, "lr": 5e-4, "loss": "token", "qdrop": 0.5}
+# A learnt rounding's learning rate where a setting gives none (the default of the earlier
+# ReconstructionSettings, with which the recorded settings ran)
+ROUND_LR = 1e-2
+
+
+def settings_of(extra: dict) -> dict:
+    """BASE with one ``--set``'s fields (an earlier name, ``RENAMED``: drop_prob, becomes its new one)."""
+    fields = {**BASE, **{RENAMED.get(k, k): v for k, v in extra.items()}}
+    if fields.get("rounding", "ste") != "ste":
+        fields.setdefault("round_lr", ROUND_LR)
+    return fields
 
 
 def undecided_share(record: list[float]):
@@ -97,8 +110,7 @@ def main() -> None:
     model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
     (calib, _), _ = heldout_split(model, args.cache)
     train, check = calib[:384], calib[384:512]
-    config = isvit.QuantConfig(method="isvit", w_bits=args.bits, a_bits=args.bits, preset="fast", rotate=False,
-                               act_percentile=0.999)
+    config = IsvitConfig(w_bits=args.bits, a_bits=args.bits, preset="fast", rotate=False, act_percentile=0.999)
     qmodel = untrained_isvit(model, config, calib[:64])
     fp_units, q_units = forward_units(model), forward_units(qmodel)
     unit_index = args.block + 1  # forward_units: the patch embedding first
@@ -115,7 +127,8 @@ def main() -> None:
         extra = json.loads(text)
         stage1_iters = extra.pop("stage1_iters", 0)
         refit = extra.pop("refit_softmax", False)
-        settings = ReconstructionSettings(**{**BASE, **extra})
+        fields = settings_of(extra)
+        settings = Reconstruction(**fields)
         if settings.loss == "fisher" and importance is None:
             importance = output_importance(fp_units, train, "cpu", 32, args.seed)[unit_index]
         weight = importance if settings.loss == "fisher" else None
@@ -140,7 +153,7 @@ def main() -> None:
         losses = reconstruct_unit(unit, inputs[:384], targets[:384], settings, "cpu", importance=weight, progress=False)
         seconds = time.perf_counter() - t0
         after = reconstruction_loss(unit, inputs[384:], targets[384:], "cpu", 64, "token")
-        row = {"block": args.block, "bits": args.bits, "settings": {**BASE, **extra, "stage1_iters": stage1_iters, "refit_softmax": refit},
+        row = {"block": args.block, "bits": args.bits, "settings": {**fields, "stage1_iters": stage1_iters, "refit_softmax": refit},
                "stage1_train_last": stage1_loss and round(stage1_loss, 3), "before": round(before, 3),
                "after": round(after, 3), "train_last": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 3),
                "undecided": [round(v, 3) for v in record], "seconds": round(seconds, 1), "threads": args.threads,
