@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import isvit
 from isvit.checkpoint import load_quantized
+from isvit.config import EndToEnd
 from isvit.export import load_onnx
 from isvit.resume import tensors_digest
 
@@ -89,6 +90,9 @@ def quantize_cases(inputs: Path | None) -> dict[str, tuple]:
         "vit isvit": (small_vit, calib_images, isvit_config()),
         "swin isvit": (small_swin, calib_images, isvit_config()),
         "vit isvit qdrop": (small_vit, calib_images, isvit_config(qdrop=0.5)),
+        # the end-to-end stage: every rank draws the same batches, its gradients summed over the ranks
+        "vit isvit end to end": (small_vit, calib_images, isvit_config(
+            end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2))),
     }
     if inputs is not None and (inputs / "real_calib.pt").is_file():
         cases["vit-ti repq"] = (real_vit, lambda: torch.load(inputs / "real_calib.pt"),

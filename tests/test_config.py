@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import isvit
 from isvit import cli
 from isvit.checkpoint import load_quantized, save_quantized
-from isvit.config import PRESETS, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig, config_from_dict
+from isvit.config import PRESETS, EndToEnd, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig, config_from_dict
 from isvit.export import export_onnx
 from isvit.pipeline import applied_config
 from isvit.runtime import load_onnx
@@ -35,7 +35,8 @@ EXAMPLES = {
     "isvit": IsvitConfig.from_preset("fast", w_bits=4, a_bits=8, calib_size=12, seed=1, iters=2, batch_size=4,
                                      qdrop=0.25, rounding="adaround", round_reg=10.0, learn_scales=True, scale_lr=1e-2,
                                      stage1=False, fold=False, gptq=True, outlier_ratio=0.0, init_size=8, rotate=False,
-                                     softmax_quantizer="log2sqrt2", bias_correction=True, act_percentile=0.995),
+                                     softmax_quantizer="log2sqrt2", bias_correction=True, act_percentile=0.995,
+                                     end_to_end=EndToEnd(epochs=1, batch_size=6, lr=1e-3, loss="mse")),
 }
 
 
@@ -46,7 +47,7 @@ EXAMPLES = {
 def test_each_config_holds_only_what_its_method_reads():
     fields = {method: {f.name for f in dataclasses.fields(type(c))} for method, c in EXAMPLES.items()}
     assert fields["repq"] == fields["minmax"]
-    isvit_only = {"preset", "reconstruction", "stage1", "fold", "gptq", "init_size"}
+    isvit_only = {"preset", "reconstruction", "end_to_end", "stage1", "fold", "gptq", "init_size"}
     assert fields["isvit"] == fields["repq"] | isvit_only
     for cls in (RepqConfig, MinmaxConfig):
         for name in isvit_only:

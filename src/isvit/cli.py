@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
-from .config import CACHE_DTYPES, CONFIGS, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
+from .config import CACHE_DTYPES, CONFIGS, E2E_LOSSES, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
 from .data import (
     ImageFolderDataset,
     build_transform,
@@ -220,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="precision of the cached block inputs/outputs (default float32; float16 halves their memory)")
     sos.add_argument("--cache-device", help="where the cached block inputs/outputs live, e.g. cpu while the "
                                             "model trains on cuda (default: the model's device)")
+    e2e = qu.add_argument_group("I&S-ViT's end-to-end stage after the block reconstruction (--method isvit only)")
+    e2e.add_argument("--e2e-epochs", type=int, metavar="N",
+                     help="train the whole model N passes over the calibration images towards the full-precision "
+                          "outputs: every step size, bias and LayerNorm (default: the preset's, 0: off)")
+    e2e.add_argument("--e2e-batch-size", type=_positive_int, help="its batch size (default 32)")
+    e2e.add_argument("--e2e-lr", type=float, help="learning rate of the biases, LayerNorms and embeddings (default 1e-4)")
+    e2e.add_argument("--e2e-scale-lr", type=float, help="learning rate of the step sizes, on log(scale) (default 1e-3)")
+    e2e.add_argument("--e2e-loss", choices=E2E_LOSSES,
+                     help="kl: of the output distributions (classifiers; default), mse: of each output token "
+                          "relative to its variance (feature extractors)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT: integer weight codes and "
                                                   "quantizer parameters in one safetensors file")
     qu.add_argument("--resume", metavar="DIR", help="save the calibration's state in DIR after each finished step; "
@@ -459,8 +470,9 @@ def _save_with_sizes(args, qmodel, fp_model, config, data_config) -> dict:
 
 
 # Every option of `isvit quantize` that sets a field of the method's config: (flag, field, whose).
-# whose: "every" (every method's config has the field), "isvit" (IsvitConfig's) or "reconstruction"
-# (IsvitConfig's Reconstruction). build_config reads this table, and nothing else copies options.
+# whose: "every" (every method's config has the field), "isvit" (IsvitConfig's), "reconstruction"
+# (IsvitConfig's Reconstruction) or "end_to_end" (its EndToEnd). build_config reads this table, and
+# nothing else copies options.
 CONFIG_OPTIONS = (
     ("--w-bits", "w_bits", "every"),
     ("--a-bits", "a_bits", "every"),
@@ -487,6 +499,11 @@ CONFIG_OPTIONS = (
     ("--scale-lr", "scale_lr", "reconstruction"),
     ("--cache-dtype", "cache_dtype", "reconstruction"),
     ("--cache-device", "cache_device", "reconstruction"),
+    ("--e2e-epochs", "epochs", "end_to_end"),
+    ("--e2e-batch-size", "batch_size", "end_to_end"),
+    ("--e2e-lr", "lr", "end_to_end"),
+    ("--e2e-scale-lr", "scale_lr", "end_to_end"),
+    ("--e2e-loss", "loss", "end_to_end"),
 )
 
 
@@ -511,13 +528,16 @@ def build_config(args) -> Config:
     the reconstruction chosen would not read (--round-lr without a learnt rounding, --round-reg
     without AdaRound, --scale-lr without --learn-scales)."""
     given = _given_options(args)
-    fields = {field: value for field, _, value in given.values()}
+    fields = {field: value for field, whose, value in given.values() if whose != "end_to_end"}
     if args.method != "isvit":
         ignored = [_flag(flag, value) for flag, (_, whose, value) in given.items() if whose != "every"]
         if ignored:
             raise IsvitError(f"--method {args.method} does not read {', '.join(ignored)}: "
                              f"{'they are' if len(ignored) > 1 else 'it is'} I&S-ViT's (--method isvit)")
         return CONFIGS[args.method](**fields)
+    end_to_end = {field: value for field, whose, value in given.values() if whose == "end_to_end"}
+    if end_to_end:
+        fields["end_to_end"] = replace(PRESETS[fields.get("preset", "paper")].end_to_end, **end_to_end)
     config = IsvitConfig.from_preset(**fields)
     recon = config.resolved().reconstruction
     unread = [("--round-lr", recon.rounding == "ste",
@@ -563,16 +583,23 @@ def run_quantize(args) -> dict:
     start = time.perf_counter()
     calib = load_calibration_images(args.calib, transform, config.calib_size, seed=config.seed,
                                     progress=_progress(args))
-    losses = {}
+    losses, seconds = {}, {}
     qmodel = quantize(model, calib, config, device=device, progress=_progress(args), resume_dir=args.resume,
-                      on_estimate=_estimate_printer(config, device) if distributed.is_main() else None, losses=losses)
+                      on_estimate=_estimate_printer(config, device) if distributed.is_main() else None, losses=losses,
+                      seconds=seconds)
     calib_seconds = distributed.max_over_ranks(time.perf_counter() - start)
     result.update(**applied_config(qmodel, config).to_dict(), calib_images=int(calib.shape[0]),
                   calib_seconds=calib_seconds)
+    if seconds:  # isvit: each stage's duration
+        result["stage_seconds"] = seconds
+    end_to_end = losses.pop("end_to_end", None)
     if losses:  # isvit: each unit's reconstruction loss before and after training, per stage
         result["reconstruction_losses"] = {stage: {unit: {"before": before, "after": after, "restored": restored}
-                                            for unit, (before, after, restored) in units.items()}
-                                    for stage, units in losses.items()}
+                                                   for unit, (before, after, restored) in units.items()}
+                                           for stage, units in losses.items()}
+    if end_to_end:  # each epoch's loss at its first and its last step
+        result["end_to_end_losses"] = {epoch: {"first": steps[0], "last": steps[-1]}
+                                       for epoch, steps in end_to_end.items()}
     timings = f"calibration {calib_seconds:.1f} s"
     if loader is not None:
         metrics = evaluate(qmodel, loader, device=device, progress=_progress(args), desc=f"W{config.w_bits}/A{config.a_bits}")

@@ -93,6 +93,37 @@ class Reconstruction:
                                  f"got {self.cache_device!r}") from None
 
 
+E2E_LOSSES = ("kl", "mse")
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """The end-to-end stage after block reconstruction (endtoend.py): the whole quantized model
+    trained at once towards the full-precision model's outputs on the calibration images: the KL
+    divergence of their output distributions ("kl", for classifiers) or each output token's squared
+    error relative to its variance ("mse", for feature extractors). It trains every uniform
+    quantizer's step size (in the log domain, ``scale_lr``) and the float parameters that are not
+    quantized weights (biases, LayerNorm affines, position embeddings: ``lr``); the integer codes
+    of the weights move only through their step sizes."""
+
+    epochs: int = 0  # passes over the calibration images; 0: no end-to-end stage
+    batch_size: int = 32
+    lr: float = 1e-4
+    scale_lr: float = 1e-3
+    loss: str = "kl"
+    micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
+
+    def __post_init__(self):
+        _check(isinstance(self.epochs, int) and not isinstance(self.epochs, bool) and self.epochs >= 0,
+               f"end-to-end epochs must be a whole number of at least 0, got {self.epochs!r}")
+        for name in ("batch_size", "micro_batch"):
+            _check(_positive_int(getattr(self, name)),
+                   f"end-to-end {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lr", "scale_lr"):
+            _check(getattr(self, name) >= 0, f"end-to-end {name} must be zero or positive, got {getattr(self, name)!r}")
+        _check(self.loss in E2E_LOSSES, f"unknown end-to-end loss {self.loss!r}; choose one of {', '.join(E2E_LOSSES)}")
+
+
 @dataclass(frozen=True)
 class Preset:
     """I&S-ViT's settings for one budget: a ``Reconstruction`` above 4 bits and one at <= 4 bits
@@ -105,6 +136,7 @@ class Preset:
     low_bits_act_percentile: float = 0.999
     low_bits_rotate: bool = False
     round_lrs: dict = field(default_factory=lambda: {"adaround": 1e-2, "offset": 1e-2})
+    end_to_end: EndToEnd = EndToEnd()  # off in every preset until held-out images say where it pays
 
     def at(self, w_bits: int, a_bits: int, **changes) -> Reconstruction:
         """The reconstruction at these bit widths, with ``changes`` (fields of ``Reconstruction``);
@@ -235,6 +267,7 @@ class IsvitConfig:
     a_bits: int = 4
     preset: str = "paper"
     reconstruction: Reconstruction | None = None
+    end_to_end: EndToEnd | None = None  # None: the preset's (off)
     calib_size: int = 1024
     seed: int = 0  # which calibration images, the rotation's signs, the reconstruction's batches and QDrop's masks
     softmax_quantizer: str = "sulq"
@@ -254,6 +287,8 @@ class IsvitConfig:
         _check_common(self)
         _check(self.reconstruction is None or isinstance(self.reconstruction, Reconstruction),
                f"reconstruction must be a Reconstruction, got {type(self.reconstruction).__name__}")
+        _check(self.end_to_end is None or isinstance(self.end_to_end, EndToEnd),
+               f"end_to_end must be an EndToEnd, got {type(self.end_to_end).__name__}")
         _check(_positive_int(self.init_size), f"init_size must be a positive integer, got {self.init_size!r}")
 
     @classmethod
@@ -276,6 +311,7 @@ class IsvitConfig:
         return dataclasses.replace(
             self,
             reconstruction=self.reconstruction or preset.at(self.w_bits, self.a_bits),
+            end_to_end=self.end_to_end or preset.end_to_end,
             act_percentile=self.act_percentile if self.act_percentile is not None
             else preset.act_percentile(self.w_bits, self.a_bits),
             rotate=self.wants_rotation(),
@@ -311,6 +347,8 @@ def config_from_dict(d: dict, strict: bool = True) -> Config:
     if not strict:
         fields = {f.name for f in dataclasses.fields(CONFIGS[method])}
         d = {k: v for k, v in d.items() if k in fields}
+    if method == "isvit":  # a file from before the end-to-end stage existed had none
+        d["end_to_end"] = EndToEnd(**d.get("end_to_end", {}))
     recon = d.pop("reconstruction", None)
     if recon is not None:
         if not isinstance(recon, dict):
@@ -351,6 +389,8 @@ def legacy_fields(method: str, d: dict, written: bool) -> dict:
         out.setdefault("act_percentile", 0.999)  # None, or absent: the grids were searched from 0.999
         out.setdefault("rotate", False)  # files from before the rotation existed
     if method == "isvit":
+        if written:
+            out["end_to_end"] = EndToEnd()  # QuantConfig had no end-to-end stage
         for old in ("preset", "stage1", "reparameterize", "gptq", "init_size"):
             if d.get(old) is not None:
                 out[RENAMED.get(old, old)] = d[old]

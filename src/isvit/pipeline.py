@@ -7,7 +7,8 @@
     isvit  : wrap (per-channel post-LayerNorm, SULQ post-Softmax) -> calibrate activations
              -> stage 1 block reconstruction (full-precision weights) -> stage 2 fold
              -> calibrate weights -> stage 3 sequential block reconstruction (with ``gptq=True``
-             each unit's weights are first rounded by GPTQ)
+             each unit's weights are first rounded by GPTQ) -> the end-to-end stage, where the
+             config asks for it (endtoend.py: the whole model against the full-precision outputs)
 
 What each method reads is its config (config.py: ``MinmaxConfig``, ``RepqConfig``, ``IsvitConfig``).
 Calibration ("initialisation") is one forward pass over the calibration images with every
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
 from .distributed import broadcast_state
+from .endtoend import train_end_to_end
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
@@ -328,7 +330,7 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: Config, progr
 
 def _isvit(
     model: nn.Module, images: torch.Tensor, config: IsvitConfig, device: torch.device, progress: bool, run: ResumeState,
-    on_estimate: Callable[[float], None] | None = None,
+    on_estimate: Callable[[float], None] | None = None, seconds: dict | None = None,
 ) -> dict:
     """I&S-ViT: SULQ post-Softmax and the three-stage smooth optimisation (SOS).
 
@@ -341,7 +343,10 @@ def _isvit(
     In a process group every rank initialises the quantizers on the same images and rank 0's values
     are broadcast; the reconstruction shares each batch over the ranks (``reconstruct_blocks``).
     ``run`` saves the state after each finished step and skips the steps it already finished.
+    ``seconds`` is filled with each stage's duration.
     """
+    seconds = {} if seconds is None else seconds
+    clock = time.perf_counter()
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
         p.requires_grad_(False)
@@ -360,12 +365,14 @@ def _isvit(
         broadcast_state(model)
         run.finish("calibrate activations", model)
     report = {}
+    seconds["initialise"], clock = time.perf_counter() - clock, time.perf_counter()
     if config.stage1:
         stage1 = dataclasses.replace(settings, rounding="ste")  # no weight is quantized yet
         report["stage1"] = reconstruct_blocks(
             model, fp_model, images, stage1, sequential=False, device=device, seed=config.seed, importance=importance,
             progress=progress, desc="stage 1", estimate=estimate, run=run,
         )
+        seconds["stage1"], clock = time.perf_counter() - clock, time.perf_counter()
     set_quantizers(model, True, "weight")
     if not run.done("fold and calibrate weights"):
         if config.fold:
@@ -377,6 +384,12 @@ def _isvit(
         model, fp_model, images, settings, sequential=True, device=device, seed=config.seed, round_weights=config.gptq,
         importance=importance, progress=progress, desc="stage 3", estimate=estimate, run=run,
     )
+    seconds["stage2+3"], clock = time.perf_counter() - clock, time.perf_counter()
+    end_to_end = config.resolved().end_to_end
+    if end_to_end.epochs:
+        report["end_to_end"] = train_end_to_end(model, fp_model, images, end_to_end, device=device, seed=config.seed,
+                                                progress=progress, run=run)
+        seconds["end_to_end"], clock = time.perf_counter() - clock, time.perf_counter()
     if config.bias_correction and not run.done("bias correction"):
         correct_bias(model, images[: config.init_size].to(device))
         broadcast_state(model)
@@ -395,6 +408,7 @@ def quantize(
     on_estimate: Callable[[float], None] | None = None,
     resume_dir: str | Path | None = None,
     losses: dict | None = None,
+    seconds: dict | None = None,
 ) -> nn.Module:
     """Quantize a timm model of a supported family (``isvit.families``) with the method of ``config``
     and return the quantized model.
@@ -419,7 +433,9 @@ def quantize(
     ``losses`` (``isvit`` only): a dict that is filled with each stage's reconstruction losses,
     ``{"stage1": {unit: (before, after, restored)}, "stage3": {...}}`` (``reconstruct_blocks``), the
     losses on the first check images before and after each unit's training: what the benchmarks
-    compare between recipes (e.g. the start of stage 3 with and without stage 1).
+    compare between recipes (e.g. the start of stage 3 with and without stage 1); with the
+    end-to-end stage also ``"end_to_end": {"end to end epoch N": [loss of each step]}``.
+    ``seconds`` (``isvit`` only): a dict filled with each stage's duration in seconds.
     """
     check_supported(model)  # an architecture isvit cannot wrap is refused before any work
     if not inplace:
@@ -437,7 +453,7 @@ def quantize(
     progress = progress and distributed.is_main()
     torch.manual_seed(config.seed + distributed.rank())  # QDrop's masks: a stream of its own on each rank
     if config.method == "isvit":
-        report = _isvit(model, images, config, device, progress, run, on_estimate)
+        report = _isvit(model, images, config, device, progress, run, on_estimate, seconds)
         if losses is not None:
             losses.update(report)
     else:

@@ -1,0 +1,159 @@
+"""The end-to-end stage: after block reconstruction, the whole quantized model trained at once
+towards the full-precision model's outputs.
+
+Block-wise reconstruction trains each unit against its own full-precision output, so an error that
+only shows downstream (a small change of a block's output that the later blocks amplify) is never
+trained against. Here one loss is taken at the model's output, on the calibration images:
+
+    "kl" : KL(p_fp || p_q) of the output distributions (softmax over the last axis), per image
+    "mse": each output token's squared error divided by its full-precision variance (the "token"
+           loss of reconstruct.py), for models whose outputs are features
+
+What trains (``trainable``): the step size of every enabled uniform quantizer, weights' and
+activations' (LSQ in the log domain, ``quantizers.UniformQuantizer.learnable_scale``), and the float
+parameters that are not quantized weights (biases, LayerNorm affines, position embeddings, class
+tokens). The quantized weights keep their values: their integer codes move only as their step
+sizes do (the end-to-end step-size training of EfficientQAT, plus the parameters that fold into
+the next scale and bias). Adam with cosine decay to 0 over all the epochs' steps; each epoch is one
+pass over the calibration images in an order drawn from ``seed`` and the epoch.
+
+At the end of every epoch the learnt step-size factors are folded into the scales
+(``freeze_scale``) and the state is saved with ``run`` (the optimizer's moments with it): a run
+killed between epochs and started again computes exactly what an uninterrupted one does. In a
+process group every rank draws the same batches, computes the part of each batch it holds, and the
+gradients are summed over the ranks before each step (``distributed.sum_gradients``), as in the
+block stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .config import EndToEnd
+from .distributed import local_part, sum_gradients
+from .modules import QuantConv2d, QuantLinear
+from .quantizers import UniformQuantizer, named_quantizers
+from .resume import ResumeState
+
+
+def trainable(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(step-size factors, float parameters) that the stage trains: every enabled, calibrated uniform
+    quantizer's learnable step size (a grid with outlier channels of its own keeps its two scales,
+    which a per-tensor integer product needs), and every float parameter but the weights of the
+    quantized layers."""
+    scales = [q.learnable_scale() for _, q in named_quantizers(model, "all")
+              if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated
+              and not (q.outlier_ratio > 0 and q.is_per_channel)]
+    quantized = {id(m.weight) for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    scale_ids = {id(p) for p in scales}
+    floats = [p for p in model.parameters()
+              if p.dtype.is_floating_point and id(p) not in quantized and id(p) not in scale_ids]
+    return scales, floats
+
+
+def freeze(model: nn.Module) -> None:
+    """Fold every learnt step-size factor into its scale (the model has no extra parameter left)."""
+    for q in model.modules():
+        if isinstance(q, UniformQuantizer):
+            q.freeze_scale()
+
+
+def output_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per image: the KL divergence of the output distributions ("kl"), or the mean over the output's
+    tokens of the squared error relative to the target token's variance ("mse")."""
+    out, target = out.float(), target.float()
+    if loss == "kl":
+        log_q, log_p = out.log_softmax(dim=-1), target.log_softmax(dim=-1)
+        per = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    else:
+        per = (out - target).pow(2).sum(dim=-1) / target.var(dim=-1, unbiased=False).clamp_min(1e-6)
+    return per.reshape(out.shape[0], -1).mean(dim=1)
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, images: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, images.shape[0], batch_size)]) if len(images) else torch.empty(0)
+
+
+@torch.no_grad()
+def evaluate_loss(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, device, loss: str = "kl",
+                  batch_size: int = 32) -> float:
+    """The stage's loss of ``qmodel`` on ``images``, averaged over them (for reports and tests)."""
+    out, target = _outputs(qmodel, images, device, batch_size), _outputs(fp_model, images, device, batch_size)
+    return output_loss(out, target, loss).mean().item()
+
+
+def train_end_to_end(
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    images: torch.Tensor,
+    settings: EndToEnd,
+    *,
+    device,
+    seed: int = 0,
+    progress: bool = True,
+    run: ResumeState | None = None,
+    desc: str = "end to end",
+) -> dict[str, list[float]]:
+    """Train ``qmodel`` (quantized, in place) towards ``fp_model`` on the calibration ``images`` for
+    ``settings.epochs`` epochs; returns {"epoch N": [loss of each step]} (each rank's: the summed
+    loss of the whole batch). ``run`` saves the state after each epoch and skips the epochs it has."""
+    run = run or ResumeState()
+    if settings.epochs == 0:
+        return {}
+    shard = distributed.split(images.shape[0])
+    local = images[shard.slice]
+    targets = _outputs(fp_model, local, device, settings.micro_batch)  # this rank's images' outputs
+    steps_per_epoch = math.ceil(images.shape[0] / settings.batch_size)
+    total_steps = settings.epochs * steps_per_epoch
+    report, state = {}, None
+    modes = [(m, m.training) for m in qmodel.modules()]
+    qmodel.eval()  # dropout / drop-path off: the function trained is the eval-mode one
+    try:
+        for epoch in range(1, settings.epochs + 1):
+            name = f"{desc} epoch {epoch}"
+            if run.done(name):
+                report[name], state = run.result(name)["losses"], run.result(name)
+                continue
+            scales, floats = trainable(qmodel)
+            groups = [g for g in ({"params": scales, "lr": settings.scale_lr}, {"params": floats, "lr": settings.lr})
+                      if g["params"]]
+            optimizer = torch.optim.Adam(groups)
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+            if state is not None:  # the moments and the schedule where the last epoch left them
+                optimizer.load_state_dict(state["optimizer"])
+                schedule.load_state_dict(state["schedule"])
+            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            losses = []
+            bar = tqdm(order.split(settings.batch_size), desc=f"{desc} {epoch}/{settings.epochs}",
+                       disable=not progress, leave=False)
+            for batch in bar:
+                optimizer.zero_grad(set_to_none=True)
+                loss = 0.0
+                with torch.enable_grad():
+                    for chunk in local_part(batch, shard).split(settings.micro_batch):
+                        out = qmodel(local[chunk].to(device))
+                        part = output_loss(out, targets[chunk].to(device), settings.loss).sum() / len(batch)
+                        part.backward()
+                        loss += part.item()
+                loss = sum_gradients(optimizer, loss)
+                optimizer.step()
+                schedule.step()
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4g}")
+            freeze(qmodel)
+            state = {"losses": losses, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            report[name] = losses
+            run.finish(name, qmodel, state)
+    finally:
+        freeze(qmodel)
+        for module, mode in modes:
+            module.training = mode
+    return report
