@@ -72,6 +72,15 @@ def logits_of(model, images, batch_size=100):
     return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
+def heldout_scores(qmodel, held, labels, fp_logits) -> dict:
+    """``qmodel``'s held-out top-1, top-1 agreement with full precision and mean KL divergence from it."""
+    logits = logits_of(qmodel, held)
+    pred = logits.argmax(1)
+    kl = F.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True, reduction="batchmean")
+    return {"top1": round(100 * (pred == labels).float().mean().item(), 2),
+            "agree": round(100 * (pred == fp_logits.argmax(1)).float().mean().item(), 2), "kl": round(kl.item(), 4)}
+
+
 def heldout_split(model, cache: str, calib_size: int = 640, seed: int = 123):
     """imagenet-calib-1000 preprocessed for ``model`` (decoded once, kept in ``cache``), split by
     ``seed`` into ``calib_size`` calibration images and the held-out rest: ((images, labels), (images, labels))."""
@@ -127,14 +136,9 @@ def main() -> None:
             name = text.replace("=", "-").replace(",", "_") or "default"
             save_quantized(qmodel, args.save_dir / f"{name}.safetensors", model_name="vit_tiny_patch16_224",
                            config=config, data_config=isvit.resolve_data_config(model))
-        logits = logits_of(qmodel, held)
-        pred = logits.argmax(1)
-        kl = F.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True, reduction="batchmean")
         row = {
             "setting": text,
-            "top1": round(100 * (pred == held_labels).float().mean().item(), 2),
-            "agree": round(100 * (pred == fp_pred).float().mean().item(), 2),
-            "kl": round(kl.item(), 4),
+            **heldout_scores(qmodel, held, held_labels, fp_logits),
             "seconds": round(seconds, 1),
             "baseline": not args.no_baseline and text == settings[0] and text not in args.settings,
             "note": args.note,

@@ -1,0 +1,89 @@
+"""Does the end-to-end stage (isvit/endtoend.py) pay, and with which settings? Held-out images say.
+
+    python benchmarks/studies/e2e_heldout.py --set preset=fast,w_bits=3,a_bits=3 \\
+        --e2e epochs=1 --e2e epochs=2 --e2e epochs=2,lr=3e-4,scale_lr=3e-3 --threads 2 --note "why"
+
+The block stages run once (``--set``, fields as in tune_heldout.py, on tune_heldout.py's split of
+imagenet-calib-1000: 640 calibration images, 360 held out); each ``--e2e`` (``EndToEnd`` fields) then
+trains a copy of that model end to end on the same calibration images, as ``quantize`` does after
+stage 3. One JSON line per setting (the block stages alone first) goes to ``--out``: held-out top-1,
+agreement with full precision, KL to it, and the end-to-end stage's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import isvit
+from isvit.config import EndToEnd
+from isvit.endtoend import train_end_to_end
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where tune_heldout.py lives
+import tune_heldout  # benchmarks/tune_heldout.py
+
+
+def parse_end_to_end(text: str) -> EndToEnd:
+    fields = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        fields[key] = value
+    return EndToEnd(**fields)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="preset=fast,w_bits=3,a_bits=3", help="the block stages' config fields")
+    parser.add_argument("--e2e", action="append", default=[], help="EndToEnd fields, e.g. epochs=2,lr=1e-4")
+    parser.add_argument("--calib-size", type=int, default=640)
+    parser.add_argument("--split-seed", type=int, default=123)
+    parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
+    parser.add_argument("--out", default="results/studies/e2e_heldout.jsonl")
+    parser.add_argument("--note", default="", help="what the runs are for, and whether the machine was shared")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = isvit.create_model("vit_tiny_patch16_224", tune_heldout.SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    (calib, _), (held, labels) = tune_heldout.heldout_split(model, args.cache, args.calib_size, args.split_seed)
+    fp_logits = tune_heldout.logits_of(model, held)
+    config = tune_heldout.config_of(tune_heldout.parse_setting(args.set))
+    start = time.perf_counter()
+    blocks = isvit.quantize(model, calib, config, progress=False)
+    block_seconds = time.perf_counter() - start
+    common = {"setting": args.set, "note": args.note, "block_seconds": round(block_seconds, 1),
+              "split": f"{len(calib)} calibration / {len(held)} held-out images of imagenet-calib-1000 "
+                       f"(split seed {args.split_seed})", "config": config.to_dict(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    rows = [{"end_to_end": None, "seconds": 0.0, **tune_heldout.heldout_scores(blocks, held, labels, fp_logits)}]
+    for text in args.e2e:
+        settings = parse_end_to_end(text)
+        qmodel = copy.deepcopy(blocks)
+        start = time.perf_counter()
+        losses = train_end_to_end(qmodel, model, calib, settings, device="cpu", seed=config.seed, progress=False)
+        rows.append({"end_to_end": dataclasses.asdict(settings), "seconds": round(time.perf_counter() - start, 1),
+                     "epoch_losses": {k: [round(v[0], 4), round(v[-1], 4)] for k, v in losses.items()},
+                     **tune_heldout.heldout_scores(qmodel, held, labels, fp_logits)})
+    with open(args.out, "a") as f:
+        for row in rows:
+            line = json.dumps({**row, **common})
+            print(line, flush=True)
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
