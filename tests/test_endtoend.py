@@ -5,6 +5,7 @@ run is stopped between its epochs, and is off unless asked for. Its process-grou
 summed over the ranks) is checked with the block stage's in test_distributed.py."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import isvit
 from isvit import cli
 from isvit.config import EndToEnd, IsvitConfig
-from isvit.endtoend import evaluate_loss, output_loss, train_end_to_end, trainable
+from isvit.endtoend import augment, evaluate_loss, output_loss, train_end_to_end, trainable
 from isvit.quantizers import named_quantizers
 from isvit.resume import ResumeState
 
@@ -51,16 +52,17 @@ def test_output_losses_are_zero_for_equal_outputs_and_positive_otherwise():
 
 
 def test_the_stage_lowers_the_kl_on_held_out_images_and_keeps_the_weight_codes():
-    calib, held_out = random_images(32, seed=1), random_images(32, seed=7)
+    # 64 images: on 32 the stage fits them at the held-out images' expense with 2 threads' rounding
+    calib, held_out = random_images(64, seed=1), random_images(64, seed=7)
     qmodel, fp = block_quantized(calib)
     before = evaluate_loss(qmodel, fp, held_out, "cpu")
     layers = {name: m for name, m in qmodel.named_modules() if hasattr(m, "weight_quantizer")}
     codes = {name: m.weight_quantizer.codes(m.weight) for name, m in layers.items()}
     weights = {name: m.weight.detach().clone() for name, m in layers.items()}
-    losses = train_end_to_end(qmodel, fp, calib, EndToEnd(epochs=6, batch_size=8), device="cpu", progress=False)
+    losses = train_end_to_end(qmodel, fp, calib, EndToEnd(epochs=4, batch_size=8), device="cpu", progress=False)
     after = evaluate_loss(qmodel, fp, held_out, "cpu")
-    assert list(losses) == [f"end to end epoch {e}" for e in range(1, 7)] and all(len(v) == 4 for v in losses.values())
-    assert after < 0.92 * before, (before, after)  # 0.71 -> 0.61 here (W3/A3)
+    assert list(losses) == [f"end to end epoch {e}" for e in range(1, 5)] and all(len(v) == 8 for v in losses.values())
+    assert after < 0.9 * before, (before, after)  # 0.68 -> 0.52 with 1 thread, 0.74 -> 0.57 with 2 (W3/A3)
     # the quantized weights kept their values; their codes move only as their step sizes do (a few at most)
     assert all(torch.equal(m.weight, weights[name]) for name, m in layers.items())
     moved = sum((m.weight_quantizer.codes(m.weight) != codes[name]).sum().item() for name, m in layers.items())
@@ -99,6 +101,34 @@ def test_a_run_stopped_between_epochs_resumes_to_the_uninterrupted_model(tmp_pat
     resumed = isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path).state_dict()
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_augmented_views_are_one_draw_per_batch_and_resume_alike(tmp_path, monkeypatch):
+    images = random_images(4, seed=3)
+    views = [augment(images, torch.Generator().manual_seed(s)) for s in range(6)]
+    assert all(v.shape == images.shape for v in views) and not all(torch.equal(v, images) for v in views)
+    # one view for the batch: its halves cut alike are the view's halves
+    assert torch.equal(augment(images[:2], torch.Generator().manual_seed(4)), views[4][:2])
+    calib = random_images(16, seed=1)
+    config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=16, iters=1, batch_size=8, rotate=False,
+                                     end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, augment=True))
+    uninterrupted = isvit.quantize(small_vit(), calib, config, progress=False).state_dict()
+    plain = isvit.quantize(small_vit(), calib, dataclasses.replace(
+        config, end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3)), progress=False).state_dict()
+    assert not torch.equal(uninterrupted["head.bias"], plain["head.bias"])  # the views changed the training
+    finish = ResumeState.finish
+
+    def stopped_after_epoch_1(self, step, model, result=None):
+        finish(self, step, model, result)
+        if step == "end to end epoch 1":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeState, "finish", stopped_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path)
+    monkeypatch.setattr(ResumeState, "finish", finish)
+    resumed = isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path).state_dict()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_the_stage_is_off_unless_asked_for_and_reports_its_losses_and_time():

@@ -1,7 +1,8 @@
 """Does the end-to-end stage (isvit/endtoend.py) pay, and with which settings? Held-out images say.
 
     python benchmarks/studies/e2e_heldout.py --set preset=fast,w_bits=3,a_bits=3 \\
-        --e2e epochs=1 --e2e epochs=2 --e2e epochs=2,lr=3e-4,scale_lr=3e-3 --threads 2 --note "why"
+        --e2e epochs=1 --e2e epochs=2 --e2e epochs=2,lr=3e-4,scale_lr=3e-3 --e2e epochs=2,augment=True \\
+        --threads 2 --note "why"
 
 The block stages run once (``--set``, fields as in tune_heldout.py, on tune_heldout.py's split of
 imagenet-calib-1000: 640 calibration images, 360 held out); each ``--e2e`` (``EndToEnd`` fields) then
@@ -35,6 +36,9 @@ def parse_end_to_end(text: str) -> EndToEnd:
     fields = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
+        if value in ("True", "False"):
+            fields[key] = value == "True"
+            continue
         for cast in (int, float):
             try:
                 value = cast(value)

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-batch-size", type=_positive_int, help="its batch size (default 32)")
     e2e.add_argument("--e2e-lr", type=float, help="learning rate of the biases, LayerNorms and embeddings (default 1e-4)")
     e2e.add_argument("--e2e-scale-lr", type=float, help="learning rate of the step sizes, on log(scale) (default 1e-3)")
+    e2e.add_argument("--e2e-augment", action=argparse.BooleanOptionalAction, default=None,
+                     help="train on a random view of each batch (a flip, a crop of 60-100%%) with the full-precision "
+                          "outputs computed on it (default: off)")
     e2e.add_argument("--e2e-loss", choices=E2E_LOSSES,
                      help="kl: of the output distributions (classifiers; default), mse: of each output token "
                           "relative to its variance (feature extractors)")
@@ -504,6 +507,7 @@ CONFIG_OPTIONS = (
     ("--e2e-lr", "lr", "end_to_end"),
     ("--e2e-scale-lr", "scale_lr", "end_to_end"),
     ("--e2e-loss", "loss", "end_to_end"),
+    ("--e2e-augment", "augment", "end_to_end"),
 )
 
 

@@ -111,6 +111,9 @@ class EndToEnd:
     lr: float = 1e-4
     scale_lr: float = 1e-3
     loss: str = "kl"
+    # each batch flipped left-right with probability 1/2 and cut to a random square of 60-100% of
+    # its side, resized back (one draw per batch); the full-precision targets are computed on it
+    augment: bool = False
     micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
 
     def __post_init__(self):
@@ -122,6 +125,7 @@ class EndToEnd:
         for name in ("lr", "scale_lr"):
             _check(getattr(self, name) >= 0, f"end-to-end {name} must be zero or positive, got {getattr(self, name)!r}")
         _check(self.loss in E2E_LOSSES, f"unknown end-to-end loss {self.loss!r}; choose one of {', '.join(E2E_LOSSES)}")
+        _check(isinstance(self.augment, bool), f"end-to-end augment must be True or False, got {self.augment!r}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ trained against. Here one loss is taken at the model's output, on the calibratio
     "mse": each output token's squared error divided by its full-precision variance (the "token"
            loss of reconstruct.py), for models whose outputs are features
 
+With ``augment``, each batch is a random view of the images (a flip and a crop, ``augment``) and
+the full-precision targets are computed on it: the block stages have fitted the calibration images
+themselves far better than other images, and the same images seen again teach little.
+
 What trains (``trainable``): the step size of every enabled uniform quantizer, weights' and
 activations' (LSQ in the log domain, ``quantizers.UniformQuantizer.learnable_scale``), and the float
 parameters that are not quantized weights (biases, LayerNorm affines, position embeddings, class
@@ -30,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -61,6 +66,20 @@ def freeze(model: nn.Module) -> None:
     for q in model.modules():
         if isinstance(q, UniformQuantizer):
             q.freeze_scale()
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``images`` flipped left-right with probability 1/2 and cut to one random square of 60-100%
+    of the shorter side, resized back (bilinear): one draw from ``generator`` for the whole batch,
+    so that every rank of a process group draws alike whatever part of the batch it holds."""
+    flip, side, top, left = torch.rand(4, generator=generator).tolist()
+    h, w = images.shape[-2:]
+    size = round(min(h, w) * (0.6 + 0.4 * side))
+    top, left = round(top * (h - size)), round(left * (w - size))
+    out = images[..., top:top + size, left:left + size]
+    if out.shape[-2:] != (h, w):
+        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+    return out.flip(-1) if flip < 0.5 else out
 
 
 def output_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -109,7 +128,8 @@ def train_end_to_end(
         return {}
     shard = distributed.split(images.shape[0])
     local = images[shard.slice]
-    targets = _outputs(fp_model, local, device, settings.micro_batch)  # this rank's images' outputs
+    # this rank's images' full-precision outputs (with augmentation: computed for each batch as drawn)
+    targets = None if settings.augment else _outputs(fp_model, local, device, settings.micro_batch)
     steps_per_epoch = math.ceil(images.shape[0] / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
     report, state = {}, None
@@ -130,17 +150,27 @@ def train_end_to_end(
             if state is not None:  # the moments and the schedule where the last epoch left them
                 optimizer.load_state_dict(state["optimizer"])
                 schedule.load_state_dict(state["schedule"])
-            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+            order = torch.randperm(images.shape[0], generator=generator)
             losses = []
             bar = tqdm(order.split(settings.batch_size), desc=f"{desc} {epoch}/{settings.epochs}",
                        disable=not progress, leave=False)
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = 0.0
+                # the batch's view (augment): one seed, so that every chunk and rank cuts it alike
+                view = int(torch.randint(2 ** 62, (), generator=generator)) if settings.augment else None
                 with torch.enable_grad():
                     for chunk in local_part(batch, shard).split(settings.micro_batch):
-                        out = qmodel(local[chunk].to(device))
-                        part = output_loss(out, targets[chunk].to(device), settings.loss).sum() / len(batch)
+                        x = local[chunk].to(device)
+                        if view is None:
+                            target = targets[chunk].to(device)
+                        else:
+                            x = augment(x, torch.Generator().manual_seed(view))
+                            with torch.no_grad():
+                                target = fp_model(x)
+                        out = qmodel(x)
+                        part = output_loss(out, target, settings.loss).sum() / len(batch)
                         part.backward()
                         loss += part.item()
                 loss = sum_gradients(optimizer, loss)
