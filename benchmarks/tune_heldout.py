@@ -97,15 +97,20 @@ def heldout_split(model, cache: str, calib_size: int = 640, seed: int = 123):
     return (images[calib], labels[calib]), (images[held], labels[held])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--set", action="append", default=[], dest="settings")
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the held-out split (``heldout_split``) and of the run, shared with the studies."""
     parser.add_argument("--calib-size", type=int, default=640)
     parser.add_argument("--split-seed", type=int, default=123)
     parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
-    parser.add_argument("--out", default="results/tune_heldout.jsonl")
     parser.add_argument("--note", default="", help="what the runs are for, and whether the machine was shared")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", action="append", default=[], dest="settings")
+    parser.add_argument("--out", default="results/tune_heldout.jsonl")
+    add_split_arguments(parser)
     parser.add_argument("--baseline", help="the setting to compare against (default: preset=fast at the first --set's bits)")
     parser.add_argument("--no-baseline", action="store_true", help="run the --set settings only")
     parser.add_argument("--save-dir", type=Path, help="also write each quantized model there (integer checkpoint)")

@@ -82,23 +82,29 @@ def test_it_trains_step_sizes_and_the_float_parameters_but_not_the_quantized_wei
     assert {"cls_token", "pos_embed", "norm.weight", "blocks.0.norm1.bias", "head.bias"} <= names
 
 
+def resumed_after_a_stop(monkeypatch, folder, calib, config, step):
+    """The state dict of ``quantize`` stopped (KeyboardInterrupt) right after saving ``step`` in
+    ``folder``, then started again with the same arguments."""
+    finish = ResumeState.finish
+
+    def stopped_after_step(self, saved, model, result=None):
+        finish(self, saved, model, result)
+        if saved == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeState, "finish", stopped_after_step)
+    with pytest.raises(KeyboardInterrupt):
+        isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=folder)
+    monkeypatch.setattr(ResumeState, "finish", finish)
+    return isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=folder).state_dict()
+
+
 def test_a_run_stopped_between_epochs_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):
     calib = random_images(16, seed=1)
     config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=16, iters=2, batch_size=8, rotate=False,
                                      end_to_end=EndToEnd(epochs=3, batch_size=6, lr=1e-3, scale_lr=1e-2))
     uninterrupted = isvit.quantize(small_vit(), calib, config, progress=False).state_dict()
-    finish = ResumeState.finish
-
-    def killed_after_epoch_2(self, step, model, result=None):
-        finish(self, step, model, result)
-        if step == "end to end epoch 2":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumeState, "finish", killed_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path)
-    monkeypatch.setattr(ResumeState, "finish", finish)
-    resumed = isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path).state_dict()
+    resumed = resumed_after_a_stop(monkeypatch, tmp_path, calib, config, "end to end epoch 2")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
@@ -116,18 +122,7 @@ def test_augmented_views_are_one_draw_per_batch_and_resume_alike(tmp_path, monke
     plain = isvit.quantize(small_vit(), calib, dataclasses.replace(
         config, end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3)), progress=False).state_dict()
     assert not torch.equal(uninterrupted["head.bias"], plain["head.bias"])  # the views changed the training
-    finish = ResumeState.finish
-
-    def stopped_after_epoch_1(self, step, model, result=None):
-        finish(self, step, model, result)
-        if step == "end to end epoch 1":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ResumeState, "finish", stopped_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path)
-    monkeypatch.setattr(ResumeState, "finish", finish)
-    resumed = isvit.quantize(small_vit(), calib, config, progress=False, resume_dir=tmp_path).state_dict()
+    resumed = resumed_after_a_stop(monkeypatch, tmp_path, calib, config, "end to end epoch 1")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 

@@ -53,12 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="preset=fast,w_bits=3,a_bits=3", help="the block stages' config fields")
     parser.add_argument("--e2e", action="append", default=[], help="EndToEnd fields, e.g. epochs=2,lr=1e-4")
-    parser.add_argument("--calib-size", type=int, default=640)
-    parser.add_argument("--split-seed", type=int, default=123)
-    parser.add_argument("--cache", default="/tmp/isvit_calib1000.pt", help="decoded images are kept here")
     parser.add_argument("--out", default="results/studies/e2e_heldout.jsonl")
-    parser.add_argument("--note", default="", help="what the runs are for, and whether the machine was shared")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

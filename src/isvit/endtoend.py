@@ -42,7 +42,7 @@ from . import distributed
 from .config import EndToEnd
 from .distributed import local_part, sum_gradients
 from .modules import QuantConv2d, QuantLinear
-from .quantizers import UniformQuantizer, named_quantizers
+from .reconstruct import freeze_scales, scale_parameters
 from .resume import ResumeState
 
 
@@ -51,21 +51,12 @@ def trainable(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]
     quantizer's learnable step size (a grid with outlier channels of its own keeps its two scales,
     which a per-tensor integer product needs), and every float parameter but the weights of the
     quantized layers."""
-    scales = [q.learnable_scale() for _, q in named_quantizers(model, "all")
-              if isinstance(q, UniformQuantizer) and q.enabled and q.is_calibrated
-              and not (q.outlier_ratio > 0 and q.is_per_channel)]
+    scales = scale_parameters(model, weights=True)
     quantized = {id(m.weight) for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
     scale_ids = {id(p) for p in scales}
     floats = [p for p in model.parameters()
               if p.dtype.is_floating_point and id(p) not in quantized and id(p) not in scale_ids]
     return scales, floats
-
-
-def freeze(model: nn.Module) -> None:
-    """Fold every learnt step-size factor into its scale (the model has no extra parameter left)."""
-    for q in model.modules():
-        if isinstance(q, UniformQuantizer):
-            q.freeze_scale()
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -178,12 +169,12 @@ def train_end_to_end(
                 schedule.step()
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4g}")
-            freeze(qmodel)
+            freeze_scales(qmodel)  # the learnt factors folded into the scales: what a resumed run starts from
             state = {"losses": losses, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
             report[name] = losses
             run.finish(name, qmodel, state)
     finally:
-        freeze(qmodel)
+        freeze_scales(qmodel)
         for module, mode in modes:
             module.training = mode
     return report
