@@ -285,9 +285,6 @@ class IsvitConfig:
     fold: bool = True  # stage 2: per-channel post-LayerNorm grids folded into LayerNorm + Linear
     gptq: bool = False  # stage 3 starts from GPTQ-rounded weights (default: round to nearest, the paper's)
     init_size: int = 64  # calibration images that initialise the activation grids
-    # Augmented views of each calibration image (a flip and a crop, drawn with ``seed``) added to the
-    # images the reconstruction and the end-to-end stage train on: more images for the same steps
-    views: int = 0
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -297,8 +294,6 @@ class IsvitConfig:
         _check(self.end_to_end is None or isinstance(self.end_to_end, EndToEnd),
                f"end_to_end must be an EndToEnd, got {type(self.end_to_end).__name__}")
         _check(_positive_int(self.init_size), f"init_size must be a positive integer, got {self.init_size!r}")
-        _check(isinstance(self.views, int) and not isinstance(self.views, bool) and self.views >= 0,
-               f"views must be zero or a positive integer, got {self.views!r}")
 
     @classmethod
     def from_preset(cls, preset: str = "paper", *, w_bits: int = 4, a_bits: int = 4, **changes) -> IsvitConfig:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
 from .distributed import broadcast_state
-from .endtoend import augment, train_end_to_end
+from .endtoend import train_end_to_end
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
@@ -328,18 +328,6 @@ def _training_free(model: nn.Module, images: torch.Tensor, config: Config, progr
     broadcast_state(model)
 
 
-def with_views(images: torch.Tensor, views: int, seed: int) -> torch.Tensor:
-    """``images`` followed by ``views`` augmented views of each (``endtoend.augment``: a flip and a
-    crop of 60-100% of the side, resized back; one draw per image per view, from ``seed``): a
-    larger calibration set for the reconstruction, since the block stages fit the images they
-    train on much better than others. Every rank draws the same views."""
-    if not views:
-        return images
-    generator = torch.Generator().manual_seed(seed + 7919)
-    extra = [augment(image[None], generator)[0] for _ in range(views) for image in images]
-    return torch.cat([images, torch.stack(extra)])
-
-
 def _isvit(
     model: nn.Module, images: torch.Tensor, config: IsvitConfig, device: torch.device, progress: bool, run: ResumeState,
     on_estimate: Callable[[float], None] | None = None, seconds: dict | None = None,
@@ -359,7 +347,6 @@ def _isvit(
     """
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
-    images = with_views(images, config.views, config.seed)
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
         p.requires_grad_(False)
