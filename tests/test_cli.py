@@ -77,7 +77,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     argv = quantize_args(tmp_path, "--method", "isvit", "--w-bits", "4", "--a-bits", "4", "--limit", "8",
                          "--calib-size", "8", "--batch-size", "8", "--preset", "fast", "--iters", "1",
                          "--recon-batch-size", "4", "--no-stage1", "--no-fold", "--softmax-quantizer",
-                         "log2sqrt2", "--cache-dtype", "float16", "--learn-scales", "--loss", "mse",
+                         "log2sqrt2", "--cache-dtype", "float16", "--compute-dtype", "bfloat16", "--learn-scales", "--loss", "mse",
                          "--cache-device", "cpu", "--gptq", "--qdrop", "0.5", "--outlier-ratio", "12", "--no-fp",
                          "--no-rotate", "--act-percentile", "0.995", "--rounding", "ste", "--json", str(out))
     assert main(argv) == 0
@@ -87,6 +87,7 @@ def test_isvit_with_ablation_flags(tmp_path, capsys, training, quantized_by_cli,
     assert result["stage1"] is False and result["fold"] is False
     assert result["softmax_quantizer"] == "log2sqrt2" and recon["learn_scales"] is True
     assert recon["loss"] == "mse" and recon["cache_device"] == "cpu" and recon["cache_dtype"] == "float16"
+    assert recon["compute_dtype"] == "bfloat16"
     assert result["gptq"] is True and recon["qdrop"] == 0.5 and result["outlier_ratio"] == 12.0
     assert result["rotate"] is False and result["act_percentile"] == 0.995 and "fp_top1" not in result
     assert recon["rounding"] == "ste" and recon["round_lr"] is None  # the latent weights, not the preset's offsets

@@ -148,8 +148,8 @@ def test_the_end_to_end_options_are_isvits_alone(monkeypatch, capsys):
             "--w-bits", "4", "--a-bits", "4", "--method", "repq", "--e2e-epochs", "2"]
     assert "--method repq does not read --e2e-epochs" in error_of(capsys, argv)
     args = cli.build_parser().parse_args([*argv[:-4], "--method", "isvit", "--preset", "fast", "--e2e-epochs", "2",
-                                          "--e2e-lr", "1e-5", "--e2e-loss", "mse"])
-    assert cli.build_config(args).end_to_end == EndToEnd(epochs=2, lr=1e-5, loss="mse")
+                                          "--e2e-lr", "1e-5", "--e2e-loss", "mse", "--e2e-compute-dtype", "bfloat16"])
+    assert cli.build_config(args).end_to_end == EndToEnd(epochs=2, lr=1e-5, loss="mse", compute_dtype="bfloat16")
 
 
 @needs_shared

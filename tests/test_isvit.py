@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import isvit
-from isvit import pipeline
+from isvit import pipeline, reconstruct
 from isvit.config import PRESETS, IsvitConfig, Reconstruction, RepqConfig
 from isvit.pipeline import (
     ESTIMATE_STEPS,
     DurationEstimate,
+    applied_config,
     calibrate_activations,
     calibrate_weights,
     fold_post_layernorm,
@@ -354,6 +355,50 @@ def test_half_precision_cache_on_a_named_device_trains_as_well_as_float32(traini
     # logits move by about its quantization error), but not how good the result is: measured
     # 0.98x (bfloat16) and 1.05x (float16) the float32 cache's mean |logit error|.
     assert errors[dtype] <= 1.15 * errors["float32"], errors
+
+
+def test_bfloat16_compute_runs_the_units_matrix_products_in_bf16_and_trains_as_well_as_float32():
+    x = random_images(48)
+    fp, q = activations_quantized(small_vit(), x)
+    fold_post_layernorm(q)
+    set_quantizers(q, True, "weight")
+    calibrate_weights(q)
+    unit, inputs, targets = unit_data(fp, q, x, 1, sequential=True)
+    before = reconstruction_loss(unit, inputs, targets, "cpu")
+    after, dtypes = {}, {}
+    for compute in ("float32", "bfloat16"):
+        trained = copy.deepcopy(unit)
+        seen = set()
+        hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+                 for m in trained.modules() if isinstance(m, torch.nn.Linear)]
+        settings = Reconstruction(iters=40, batch_size=16, lr=1e-4, compute_dtype=compute)
+        reconstruct_unit(trained, inputs, targets, settings, "cpu", progress=False)
+        for hook in hooks:
+            hook.remove()
+        dtypes[compute] = seen
+        after[compute] = reconstruction_loss(trained, inputs, targets, "cpu")  # evaluated in float32
+    assert dtypes == {"float32": {torch.float32}, "bfloat16": {torch.bfloat16}}
+    assert after["float32"] < 0.8 * before
+    assert after["bfloat16"] < 0.8 * before and after["bfloat16"] < 1.1 * after["float32"], (before, after)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_compute_is_bfloat16_only_where_the_device_has_fast_bf16_and_is_recorded_as_run(monkeypatch, fast):
+    monkeypatch.setattr(reconstruct, "has_fast_bfloat16", lambda device: fast)
+    expected = "bfloat16" if fast else "float32"
+    assert reconstruct.compute_dtype_on("cpu", "auto") == expected
+    assert reconstruct.compute_dtype_on("cpu", "float32") == "float32"  # an explicit dtype stands
+    assert reconstruct.compute_dtype_on("cpu", "bfloat16") == "bfloat16"
+    x = random_images(8)
+    config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, iters=1, batch_size=4, compute_dtype="auto")
+    qmodel = isvit.quantize(small_vit(), x, config, progress=False)
+    assert applied_config(qmodel, config).reconstruction.compute_dtype == expected
+    assert config.resolved().reconstruction.compute_dtype == "auto"  # the config itself keeps asking
+
+
+def test_the_config_rejects_an_unknown_compute_dtype():
+    with pytest.raises(isvit.IsvitError, match="compute_dtype must be one of float32, bfloat16"):
+        Reconstruction(compute_dtype="float16")
 
 
 def test_quant_config_rejects_a_bad_cache_device():

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
-from .config import CACHE_DTYPES, CONFIGS, E2E_LOSSES, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
+from .config import CACHE_DTYPES, COMPUTE_DTYPES, CONFIGS, E2E_LOSSES, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
 from .data import (
     ImageFolderDataset,
     build_transform,
@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also learn the uniform quantizers' scales (default: the preset's, off)")
     sos.add_argument("--scale-lr", type=float, help="learning rate of the learnt scales, on log(scale), with "
                                                     "--learn-scales (default: the preset's)")
+    sos.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
+                     help="bfloat16: the reconstruction's forward and backward under torch.autocast, faster on CPUs "
+                          "with AVX-512 BF16 or AMX and on GPUs; auto: bfloat16 where the device has fast bf16, "
+                          "float32 elsewhere (default: the preset's)")
     sos.add_argument("--cache-dtype", choices=CACHE_DTYPES,
                      help="precision of the cached block inputs/outputs (default float32; float16 halves their memory)")
     sos.add_argument("--cache-device", help="where the cached block inputs/outputs live, e.g. cpu while the "
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-augment", action=argparse.BooleanOptionalAction, default=None,
                      help="train on a random view of each batch (a flip, a crop of 60-100%%) with the full-precision "
                           "outputs computed on it (default: off)")
+    e2e.add_argument("--e2e-compute-dtype", choices=COMPUTE_DTYPES,
+                     help="as --compute-dtype, for the end-to-end stage (default: the preset's)")
     e2e.add_argument("--e2e-loss", choices=E2E_LOSSES,
                      help="kl: of the output distributions (classifiers; default), mse: of each output token "
                           "relative to its variance (feature extractors)")
@@ -500,6 +506,7 @@ CONFIG_OPTIONS = (
     ("--round-reg", "round_reg", "reconstruction"),
     ("--learn-scales", "learn_scales", "reconstruction"),
     ("--scale-lr", "scale_lr", "reconstruction"),
+    ("--compute-dtype", "compute_dtype", "reconstruction"),
     ("--cache-dtype", "cache_dtype", "reconstruction"),
     ("--cache-device", "cache_device", "reconstruction"),
     ("--e2e-epochs", "epochs", "end_to_end"),
@@ -508,6 +515,7 @@ CONFIG_OPTIONS = (
     ("--e2e-scale-lr", "scale_lr", "end_to_end"),
     ("--e2e-loss", "loss", "end_to_end"),
     ("--e2e-augment", "augment", "end_to_end"),
+    ("--e2e-compute-dtype", "compute_dtype", "end_to_end"),
 )
 
 

@@ -42,7 +42,7 @@ from . import distributed
 from .config import EndToEnd
 from .distributed import local_part, sum_gradients
 from .modules import QuantConv2d, QuantLinear
-from .reconstruct import freeze_scales, scale_parameters
+from .reconstruct import autocast, freeze_scales, scale_parameters
 from .resume import ResumeState
 
 
@@ -160,7 +160,8 @@ def train_end_to_end(
                             x = augment(x, torch.Generator().manual_seed(view))
                             with torch.no_grad():
                                 target = fp_model(x)
-                        out = qmodel(x)
+                        with autocast(device, settings.compute_dtype):
+                            out = qmodel(x)
                         part = output_loss(out, target, settings.loss).sum() / len(batch)
                         part.backward()
                         loss += part.item()

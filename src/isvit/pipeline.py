@@ -39,6 +39,7 @@ from .gptq import gptq_unit
 from .modules import QuantLinear
 from .quantizers import Quantizer, named_quantizers
 from .reconstruct import (
+    compute_dtype_on,
     has_enabled_quantizer,
     output_importance,
     reconstruct_unit,
@@ -464,8 +465,15 @@ def quantize(
 def applied_config(model: nn.Module, config: Config) -> Config:
     """``config`` as ``quantize`` carried it out on ``model``: resolved (the preset's settings filled
     in), and ``rotate`` says whether the model was rotated (the presets skip a rotation the model
-    cannot take, with a warning). Saved files and reports record this, not what the preset asked."""
-    return dataclasses.replace(config.resolved(), rotate=is_rotated(model))
+    cannot take, with a warning). A reconstruction's compute dtype "auto" is recorded as the one it
+    ran in on the model's device. Saved files and reports record this, not what the preset asked."""
+    applied = dataclasses.replace(config.resolved(), rotate=is_rotated(model))
+    if isinstance(applied, IsvitConfig):
+        recon = applied.reconstruction
+        device = next(model.parameters()).device
+        applied = dataclasses.replace(applied, reconstruction=dataclasses.replace(
+            recon, compute_dtype=compute_dtype_on(device, recon.compute_dtype)))
+    return applied
 
 
 def _rotate(model: nn.Module, config: Config) -> None:

@@ -163,6 +163,32 @@ def run_unit(unit: nn.Module, x: torch.Tensor, device, batch_size: int, out_dtyp
     return torch.cat(outs)
 
 
+def has_fast_bfloat16(device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices faster than float32 ones: a CUDA GPU with bf16
+    support, or a CPU with AVX-512 BF16 or AMX (elsewhere oneDNN converts, which is slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def compute_dtype_on(device, compute_dtype: str) -> str:
+    """The compute dtype a reconstruction on ``device`` runs in: "auto" is bfloat16 where the device
+    has fast bf16 arithmetic (``has_fast_bfloat16``), float32 elsewhere."""
+    if compute_dtype == "auto":
+        return "bfloat16" if has_fast_bfloat16(device) else "float32"
+    return compute_dtype
+
+
+def autocast(device, compute_dtype: str):
+    """torch.autocast on ``device``'s kind in ``compute_dtype`` (a no-op where that is float32)."""
+    dtype = compute_dtype_on(device, compute_dtype)
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
 def reconstruct_unit(
     unit: Unit,
     inputs: torch.Tensor,
@@ -222,7 +248,9 @@ def reconstruct_unit(
                 x = inputs[chunk].to(device, torch.float32)
                 y = targets[chunk].to(device, torch.float32)
                 with torch.enable_grad():
-                    part = token_errors(unit(x), y, settings.loss, importance).mean() * (len(chunk) / len(idx))
+                    with autocast(device, settings.compute_dtype):
+                        out = unit(x)
+                    part = token_errors(out.float(), y, settings.loss, importance).mean() * (len(chunk) / len(idx))
                     part.backward()
                 loss += part.item()
             loss = sum_gradients(optimizer, loss)  # process group: gradients and loss summed over the ranks
