@@ -18,6 +18,7 @@ from isvit.checkpoint import load_quantized, save_quantized
 from isvit.config import PRESETS, EndToEnd, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig, config_from_dict
 from isvit.export import export_onnx
 from isvit.pipeline import applied_config
+from isvit.reconstruct import compute_dtype_on
 from isvit.runtime import load_onnx
 
 from conftest import CALIB_DIR, SMALL_VIT, VIT_TINY_WEIGHTS, error_of, random_images, small_vit
@@ -38,6 +39,18 @@ EXAMPLES = {
                                      softmax_quantizer="log2sqrt2", bias_correction=True, act_percentile=0.995,
                                      end_to_end=EndToEnd(epochs=1, batch_size=6, lr=1e-3, loss="mse")),
 }
+
+
+def as_run_on_cpu(config):
+    """``config.resolved()`` with the compute dtypes "auto" as they run on this machine's CPU (what
+    ``applied_config`` records)."""
+    config = config.resolved()
+    if not isinstance(config, IsvitConfig):
+        return config
+    recon, e2e = config.reconstruction, config.end_to_end
+    return dataclasses.replace(
+        config, reconstruction=dataclasses.replace(recon, compute_dtype=compute_dtype_on("cpu", recon.compute_dtype)),
+        end_to_end=dataclasses.replace(e2e, compute_dtype=compute_dtype_on("cpu", e2e.compute_dtype)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +119,7 @@ def test_every_methods_config_round_trips_through_a_checkpoint_and_onnx_metadata
     images = random_images(12, seed=0)
     qmodel = isvit.quantize(small_vit(), images, config, progress=False)
     applied = applied_config(qmodel, config)
-    assert applied == config.resolved()  # nothing asked for was skipped
+    assert applied == as_run_on_cpu(config)  # nothing asked for was skipped
     path = tmp_path / "q.safetensors"
     save_quantized(qmodel, path, model_name=SMALL_VIT[0], config=config, data_config={"input_size": [3, 64, 64]},
                    model_args=SMALL_VIT[1])
@@ -143,7 +156,7 @@ def test_the_command_lines_config_round_trips_through_json_checkpoint_and_onnx(t
 def applied_config_of_args(argv):
     """The config the command line builds, as the run applies it (every option above is honoured)."""
     args = cli.build_parser().parse_args(argv)
-    return cli.build_config(args).resolved()
+    return as_run_on_cpu(cli.build_config(args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +206,9 @@ def test_no_reparam_is_a_deprecated_alias_of_no_fold(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------
 
 OLD_CONFIGS = {
+    # the fast preset as it was then: float32 (its reconstruction's compute dtype did not exist yet)
     "isvit_fast_w4a4": IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=16, iters=3, batch_size=8,
-                                               rotate=True),
+                                               rotate=True, compute_dtype="float32", end_to_end=EndToEnd()),
     "isvit_paper_w6a6": IsvitConfig.from_preset("paper", w_bits=6, a_bits=6, calib_size=16, iters=3, batch_size=8,
                                                 fold=False, qdrop=0.25, rotate=False),
     "repq_w4a4": RepqConfig(w_bits=4, a_bits=4, calib_size=16),

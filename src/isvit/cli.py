@@ -104,7 +104,7 @@ DATA_HELP = "evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG"
 # What each preset does, for --help; what each costs is measured in docs, not repeated here.
 PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above "
-    "(hours on a CPU). fast: for CPUs, 100 iterations per block at <=4 bits, 30 above, batch 32, QDrop, and at <=4 "
+    "(hours on a CPU). fast: for CPUs, 140 iterations per block at <=4 bits (in bf16 where the device is fast at it), 30 above, batch 32, QDrop, and at <=4 "
     "bits rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets (minutes "
     "on a CPU). thorough: for GPUs, the fast preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, "
     "training the latent weights (ste). On a CPU, paper and thorough print their expected duration after the first "

@@ -176,7 +176,7 @@ PAPER = Preset(above_4_bits=Reconstruction(), low_bits=Reconstruction(iters=1000
 # a larger learning rate and the token-normalised loss make up for 16x fewer iterations than the
 # paper's, and QDrop. At <= 4 bits it adds what lowered the held-out KL divergence there: activation
 # grids searched down to the 0.99 percentile, the rotation, the Fisher-weighted loss, learnt rounding
-# offsets and 100 iterations per unit. The learnt roundings' learning rates and AdaRound's regulariser
+# offsets and more iterations per unit. The learnt roundings' learning rates and AdaRound's regulariser
 # are larger than AdaRound's usual ones because at so few iterations the usual ones leave most
 # rounding variables undecided (docs/methods.md, --rounding). At <= 4 bits the reconstruction runs
 # in bf16 where the device is fast at it (held-out W3/A3: the same KL as float32 in 0.78x the time),
@@ -191,8 +191,9 @@ FAST = Preset(above_4_bits=_FAST,
 # bits, 1000 above), training the latent weights, which did better than the offsets on one block at
 # long schedules, with AdaRound's usual settings (docs/methods.md, presets and --rounding).
 _THOROUGH = dataclasses.replace(_FAST, iters=1000, round_reg=0.1)
-THOROUGH = Preset(above_4_bits=_THOROUGH, low_bits=dataclasses.replace(_THOROUGH, iters=3000, loss="fisher"),
-                  low_bits_act_percentile=0.99, low_bits_rotate=True)
+THOROUGH = Preset(above_4_bits=_THOROUGH,
+                  low_bits=dataclasses.replace(_THOROUGH, iters=3000, loss="fisher", compute_dtype="auto"),
+                  low_bits_act_percentile=0.99, low_bits_rotate=True, end_to_end=EndToEnd(compute_dtype="auto"))
 PRESETS = {"paper": PAPER, "fast": FAST, "thorough": THOROUGH}
 
 
@@ -417,6 +418,8 @@ def legacy_fields(method: str, d: dict, written: bool) -> dict:
             w_bits, a_bits = out.get("w_bits", 4), out.get("a_bits", 4)
             if written and recon.get("rounding", "ste") == "ste":
                 recon["round_lr"] = None  # recorded as None: "ste" learns no rounding
+            if written:
+                recon["compute_dtype"] = "float32"  # QuantConfig's reconstruction ran in float32
             out["reconstruction"] = preset.at(w_bits, a_bits, **recon)
     else:  # QuantConfig ignored the I&S-ViT fields for repq/minmax; they must have their defaults
         given = [k for k in (*ISVIT_ONLY_DEFAULTS, *RECONSTRUCTION_FIELDS)

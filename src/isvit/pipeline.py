@@ -465,14 +465,16 @@ def quantize(
 def applied_config(model: nn.Module, config: Config) -> Config:
     """``config`` as ``quantize`` carried it out on ``model``: resolved (the preset's settings filled
     in), and ``rotate`` says whether the model was rotated (the presets skip a rotation the model
-    cannot take, with a warning). A reconstruction's compute dtype "auto" is recorded as the one it
-    ran in on the model's device. Saved files and reports record this, not what the preset asked."""
+    cannot take, with a warning). The compute dtype "auto" of the reconstruction and the end-to-end
+    stage is recorded as the one they ran in on the model's device. Saved files and reports record
+    this, not what the preset asked."""
     applied = dataclasses.replace(config.resolved(), rotate=is_rotated(model))
     if isinstance(applied, IsvitConfig):
-        recon = applied.reconstruction
         device = next(model.parameters()).device
-        applied = dataclasses.replace(applied, reconstruction=dataclasses.replace(
-            recon, compute_dtype=compute_dtype_on(device, recon.compute_dtype)))
+        recon, e2e = applied.reconstruction, applied.end_to_end
+        applied = dataclasses.replace(
+            applied, reconstruction=dataclasses.replace(recon, compute_dtype=compute_dtype_on(device, recon.compute_dtype)),
+            end_to_end=dataclasses.replace(e2e, compute_dtype=compute_dtype_on(device, e2e.compute_dtype)))
     return applied
 
 
