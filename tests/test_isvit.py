@@ -371,7 +371,7 @@ def test_bfloat16_compute_runs_the_units_matrix_products_in_bf16_and_trains_as_w
     for compute in ("float32", "bfloat16"):
         trained = copy.deepcopy(unit)
         seen = set()
-        hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        hooks = [m.register_forward_hook(lambda m, i, out, seen=seen: seen.add(out.dtype))
                  for m in trained.modules() if isinstance(m, torch.nn.Linear)]
         settings = Reconstruction(iters=40, batch_size=16, lr=1e-4, compute_dtype=compute)
         reconstruct_unit(trained, inputs, targets, settings, "cpu", progress=False)

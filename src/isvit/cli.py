@@ -46,7 +46,18 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .checkpoint import atomic_write, float32_size, load_quantized, save_quantized
-from .config import CACHE_DTYPES, COMPUTE_DTYPES, CONFIGS, E2E_LOSSES, LOSSES, METHODS, PRESETS, ROUNDINGS, Config, IsvitConfig
+from .config import (
+    CACHE_DTYPES,
+    COMPUTE_DTYPES,
+    CONFIGS,
+    E2E_LOSSES,
+    LOSSES,
+    METHODS,
+    PRESETS,
+    ROUNDINGS,
+    Config,
+    IsvitConfig,
+)
 from .data import (
     ImageFolderDataset,
     build_transform,
