@@ -17,8 +17,7 @@ from isvit import cli
 from isvit.checkpoint import load_quantized, save_quantized
 from isvit.config import PRESETS, EndToEnd, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig, config_from_dict
 from isvit.export import export_onnx
-from isvit.pipeline import applied_config
-from isvit.reconstruct import compute_dtype_on
+from isvit.pipeline import applied_config, compute_dtypes_on
 from isvit.runtime import load_onnx
 
 from conftest import CALIB_DIR, SMALL_VIT, VIT_TINY_WEIGHTS, error_of, random_images, small_vit
@@ -44,13 +43,7 @@ EXAMPLES = {
 def as_run_on_cpu(config):
     """``config.resolved()`` with the compute dtypes "auto" as they run on this machine's CPU (what
     ``applied_config`` records)."""
-    config = config.resolved()
-    if not isinstance(config, IsvitConfig):
-        return config
-    recon, e2e = config.reconstruction, config.end_to_end
-    return dataclasses.replace(
-        config, reconstruction=dataclasses.replace(recon, compute_dtype=compute_dtype_on("cpu", recon.compute_dtype)),
-        end_to_end=dataclasses.replace(e2e, compute_dtype=compute_dtype_on("cpu", e2e.compute_dtype)))
+    return compute_dtypes_on(config.resolved(), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

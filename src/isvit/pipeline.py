@@ -469,13 +469,18 @@ def applied_config(model: nn.Module, config: Config) -> Config:
     stage is recorded as the one they ran in on the model's device. Saved files and reports record
     this, not what the preset asked."""
     applied = dataclasses.replace(config.resolved(), rotate=is_rotated(model))
-    if isinstance(applied, IsvitConfig):
-        device = next(model.parameters()).device
-        recon, e2e = applied.reconstruction, applied.end_to_end
-        applied = dataclasses.replace(
-            applied, reconstruction=dataclasses.replace(recon, compute_dtype=compute_dtype_on(device, recon.compute_dtype)),
-            end_to_end=dataclasses.replace(e2e, compute_dtype=compute_dtype_on(device, e2e.compute_dtype)))
-    return applied
+    return compute_dtypes_on(applied, next(model.parameters()).device)
+
+
+def compute_dtypes_on(config: Config, device) -> Config:
+    """A resolved ``config`` with the compute dtypes "auto" of its reconstruction and end-to-end
+    stage replaced by the ones they run in on ``device`` (``compute_dtype_on``)."""
+    if not isinstance(config, IsvitConfig):
+        return config
+    recon, e2e = config.reconstruction, config.end_to_end
+    return dataclasses.replace(
+        config, reconstruction=dataclasses.replace(recon, compute_dtype=compute_dtype_on(device, recon.compute_dtype)),
+        end_to_end=dataclasses.replace(e2e, compute_dtype=compute_dtype_on(device, e2e.compute_dtype)))
 
 
 def _rotate(model: nn.Module, config: Config) -> None:
