@@ -259,6 +259,29 @@ def test_softmax_error_measures_each_quantizer_on_every_blocks_maps():
     assert exact["mse"] == exact["rel_mse"] == exact["out_rel"] == 0.0 and abs(exact["row_sum"] - 1) < 1e-6
 
 
+# benchmarks/studies/heldout_blocks.py: each unit's loss on calibration images beside held-out ones
+
+def test_heldout_blocks_measures_every_units_own_and_accumulated_error():
+    import isvit
+    from isvit.wrap import forward_units
+
+    from conftest import random_images, small_vit
+
+    heldout_blocks = importlib.import_module("heldout_blocks")
+    fp, x = small_vit(), random_images(8, seed=2)
+    qmodel = isvit.quantize(small_vit(), random_images(8, seed=1), isvit.MinmaxConfig(w_bits=3, a_bits=3, calib_size=8),
+                            progress=False)
+    losses = heldout_blocks.unit_losses(qmodel, fp, x, batch_size=3)  # batches of 3, 3 and 2 images
+    assert list(losses) == [u.name for u in forward_units(qmodel)] == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    first = losses["patch_embed"]
+    assert first["local"] == pytest.approx(first["cumulative"])  # the first unit has the images as input
+    assert all(v > 0 for name, unit in losses.items() for k, v in unit.items() if (name, k) != ("patch_embed", "first_token"))
+    assert losses["head"]["first_token"] == pytest.approx(losses["head"]["cumulative"])  # one output per image
+    # the model against itself makes no error
+    itself = heldout_blocks.unit_losses(fp, fp, x, batch_size=3)
+    assert all(v == 0 for unit in itself.values() for v in unit.values())
+
+
 def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monkeypatch, isvit_accuracy):
     monkeypatch.setattr(record.subprocess, "run", lambda *a, **k: pytest.fail("nothing may run"))
     old = tmp_path / "old.json"

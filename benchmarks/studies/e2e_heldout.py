@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import isvit
+from isvit.checkpoint import load_quantized
 from isvit.config import EndToEnd
 from isvit.endtoend import train_end_to_end
 
@@ -53,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="preset=fast,w_bits=3,a_bits=3", help="the block stages' config fields")
     parser.add_argument("--e2e", action="append", default=[], help="EndToEnd fields, e.g. epochs=2,lr=1e-4")
+    parser.add_argument("--load", type=Path, help="start from this integer checkpoint of the block stages on this split "
+                        "(e.g. heldout_blocks.py --save) instead of running them")
     parser.add_argument("--out", default="results/studies/e2e_heldout.jsonl")
     tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
@@ -61,11 +64,15 @@ def main() -> None:
     model = isvit.create_model("vit_tiny_patch16_224", tune_heldout.SHARED / "models" / "vit_tiny_patch16_224.safetensors")
     (calib, _), (held, labels) = tune_heldout.heldout_split(model, args.cache, args.calib_size, args.split_seed)
     fp_logits = tune_heldout.logits_of(model, held)
-    config = tune_heldout.config_of(tune_heldout.parse_setting(args.set))
-    start = time.perf_counter()
-    blocks = isvit.quantize(model, calib, config, progress=False)
-    block_seconds = time.perf_counter() - start
-    common = {"setting": args.set, "note": args.note, "block_seconds": round(block_seconds, 1),
+    if args.load:
+        blocks, info = load_quantized(args.load)
+        config, block_seconds = info["config"], None
+    else:
+        config = tune_heldout.config_of(tune_heldout.parse_setting(args.set))
+        start = time.perf_counter()
+        blocks = isvit.quantize(model, calib, config, progress=False)
+        block_seconds = round(time.perf_counter() - start, 1)
+    common = {"setting": str(args.load) if args.load else args.set, "note": args.note, "block_seconds": block_seconds,
               "split": f"{len(calib)} calibration / {len(held)} held-out images of imagenet-calib-1000 "
                        f"(split seed {args.split_seed})", "config": config.to_dict(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "date": datetime.date.today().isoformat()}
@@ -76,7 +83,8 @@ def main() -> None:
         start = time.perf_counter()
         losses = train_end_to_end(qmodel, model, calib, settings, device="cpu", seed=config.seed, progress=False)
         rows.append({"end_to_end": dataclasses.asdict(settings), "seconds": round(time.perf_counter() - start, 1),
-                     "epoch_losses": {k: [round(v[0], 4), round(v[-1], 4)] for k, v in losses.items()},
+                     "epoch_losses": {k: [round(v[0], 4), round(v[-1], 4)] for k, v in losses.items() if "epoch" in k},
+                     "kept_images_losses": [round(v, 4) for v in losses.get("end to end held-out", [])],
                      **tune_heldout.heldout_scores(qmodel, held, labels, fp_logits)})
     with open(args.out, "a") as f:
         for row in rows:
