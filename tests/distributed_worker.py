@@ -95,6 +95,8 @@ def quantize_cases(inputs: Path | None) -> dict[str, tuple]:
             end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2))),
         "vit isvit end to end augmented": (small_vit, calib_images, isvit_config(  # one view of a batch on both ranks
             end_to_end=EndToEnd(epochs=1, batch_size=6, lr=1e-3, augment=True))),
+        "vit isvit end to end holdout": (small_vit, calib_images, isvit_config(  # 3 kept images, 2 on one rank
+            end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2, holdout=3))),
     }
     if inputs is not None and (inputs / "real_calib.pt").is_file():
         cases["vit-ti repq"] = (real_vit, lambda: torch.load(inputs / "real_calib.pt"),

@@ -6,6 +6,7 @@ summed over the ranks) is checked with the block stage's in test_distributed.py.
 
 import copy
 import dataclasses
+import itertools
 import json
 
 import pytest
@@ -81,6 +82,37 @@ def test_the_stage_lowers_the_kl_on_held_out_images_and_keeps_the_weight_codes(c
     assert not any("log_scale_step" in k for k in qmodel.state_dict())
 
 
+def test_a_holdout_stops_at_the_first_epoch_that_raised_its_loss_and_undoes_that_epoch():
+    calib = random_images(40, seed=1)
+    qmodel, fp = block_quantized(calib)
+    blocks = copy.deepcopy(qmodel.state_dict())
+    # learning rates far too large: the first epoch makes the model worse on the 8 kept images
+    report = train_end_to_end(qmodel, fp, calib, EndToEnd(epochs=3, batch_size=8, lr=0.3, scale_lr=1.0, holdout=8),
+                              device="cpu", progress=False)
+    assert list(report) == ["end to end epoch 1", "end to end held-out"]
+    assert len(report["end to end epoch 1"]) == 4  # 32 images trained on, in batches of 8: not the kept ones
+    before, after = report["end to end held-out"]
+    assert after > before
+    assert all(torch.equal(v, blocks[k]) for k, v in qmodel.state_dict().items())  # the epoch undone
+    # the preset's learning rates: it runs while each epoch lowers the kept images' loss, ends at the lowest
+    qmodel, fp = block_quantized(calib)
+    report = train_end_to_end(qmodel, fp, calib, EndToEnd(epochs=3, batch_size=8, holdout=8), device="cpu",
+                              progress=False)
+    held = report.pop("end to end held-out")
+    assert len(held) == len(report) + 1 and min(held) < held[0]
+    assert all(b < a for a, b in itertools.pairwise(held[:-1]))  # no epoch but the last may have raised it
+    assert evaluate_loss(qmodel, fp, calib[-8:], "cpu") == pytest.approx(min(held), rel=1e-5)
+
+
+def test_a_holdout_that_leaves_no_image_to_train_on_is_refused_in_one_sentence():
+    qmodel, fp = block_quantized(random_images(8, seed=1))
+    with pytest.raises(isvit.IsvitError, match="holdout \\(8 images\\) leaves none of the 8 calibration images"):
+        train_end_to_end(qmodel, fp, random_images(8, seed=1), EndToEnd(epochs=1, holdout=8), device="cpu",
+                         progress=False)
+    with pytest.raises(isvit.IsvitError, match="holdout must be a whole number"):
+        EndToEnd(holdout=-1)
+
+
 def test_it_trains_step_sizes_and_the_float_parameters_but_not_the_quantized_weights():
     qmodel, _ = block_quantized(random_images(8, seed=1))
     scales, floats = trainable(qmodel)
@@ -117,6 +149,17 @@ def test_a_run_stopped_between_epochs_resumes_to_the_uninterrupted_model(tmp_pat
     resumed = resumed_after_a_stop(monkeypatch, tmp_path, calib, config, "end to end epoch 2")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_run_with_a_holdout_stopped_between_epochs_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):
+    calib = random_images(20, seed=1)
+    config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=20, iters=2, batch_size=8, rotate=False,
+                                     end_to_end=EndToEnd(epochs=3, batch_size=6, lr=1e-3, scale_lr=1e-2, holdout=4))
+    losses = {}
+    uninterrupted = isvit.quantize(small_vit(), calib, config, progress=False, losses=losses).state_dict()
+    ran = [k for k in losses["end_to_end"] if "epoch" in k]
+    resumed = resumed_after_a_stop(monkeypatch, tmp_path, calib, config, ran[-1] if len(ran) == 1 else ran[-2])
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_augmented_views_are_one_draw_per_batch_and_resume_alike(tmp_path, monkeypatch):
@@ -158,8 +201,10 @@ def test_the_end_to_end_options_are_isvits_alone(monkeypatch, capsys):
             "--w-bits", "4", "--a-bits", "4", "--method", "repq", "--e2e-epochs", "2"]
     assert "--method repq does not read --e2e-epochs" in error_of(capsys, argv)
     args = cli.build_parser().parse_args([*argv[:-4], "--method", "isvit", "--preset", "fast", "--e2e-epochs", "2",
-                                          "--e2e-lr", "1e-5", "--e2e-loss", "mse", "--e2e-compute-dtype", "bfloat16"])
-    assert cli.build_config(args).end_to_end == EndToEnd(epochs=2, lr=1e-5, loss="mse", compute_dtype="bfloat16")
+                                          "--e2e-lr", "1e-5", "--e2e-loss", "mse", "--e2e-compute-dtype", "bfloat16",
+                                          "--e2e-holdout", "16"])
+    assert cli.build_config(args).end_to_end == EndToEnd(epochs=2, lr=1e-5, loss="mse", compute_dtype="bfloat16",
+                                                         holdout=16)
 
 
 @needs_shared
@@ -167,9 +212,12 @@ def test_the_command_line_records_each_epochs_loss_and_each_stages_time(tmp_path
     out = tmp_path / "r.json"
     argv = ["quantize", "--model", "vit_tiny_patch16_224", "--weights", str(VIT_TINY_WEIGHTS), "--calib",
             str(CALIB_DIR), "--calib-size", "4", "--method", "isvit", "--preset", "fast", "--w-bits", "4", "--a-bits",
-            "4", "--iters", "1", "--recon-batch-size", "4", "--e2e-epochs", "1", "--e2e-batch-size", "2", "--quiet",
+            "4", "--iters", "1", "--recon-batch-size", "4", "--e2e-epochs", "1", "--e2e-batch-size", "2",
+            "--e2e-holdout", "1", "--quiet",
             "--save", str(tmp_path / "q.safetensors"), "--json", str(out)]
     assert cli.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["end_to_end"]["epochs"] == 1 and set(result["end_to_end_losses"]["end to end epoch 1"]) == {"first", "last"}
+    assert list(result["end_to_end_losses"]) == ["end to end epoch 1"]
+    assert len(result["end_to_end_held_out"]) == 2  # the kept image's loss before the epoch and after it
     assert set(result["stage_seconds"]) == {"initialise", "stage1", "stage2+3", "end_to_end"}

@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "outputs computed on it (default: off)")
     e2e.add_argument("--e2e-compute-dtype", choices=COMPUTE_DTYPES,
                      help="as --compute-dtype, for the end-to-end stage (default: the preset's)")
+    e2e.add_argument("--e2e-holdout", type=int, metavar="N",
+                     help="keep N calibration images out of its training and stop at the first epoch that raises "
+                          "its loss on them, undoing that epoch (default: the preset's)")
     e2e.add_argument("--e2e-loss", choices=E2E_LOSSES,
                      help="kl: of the output distributions (classifiers; default), mse: of each output token "
                           "relative to its variance (feature extractors)")
@@ -527,6 +530,7 @@ CONFIG_OPTIONS = (
     ("--e2e-loss", "loss", "end_to_end"),
     ("--e2e-augment", "augment", "end_to_end"),
     ("--e2e-compute-dtype", "compute_dtype", "end_to_end"),
+    ("--e2e-holdout", "holdout", "end_to_end"),
 )
 
 
@@ -620,9 +624,12 @@ def run_quantize(args) -> dict:
         result["reconstruction_losses"] = {stage: {unit: {"before": before, "after": after, "restored": restored}
                                                    for unit, (before, after, restored) in units.items()}
                                            for stage, units in losses.items()}
-    if end_to_end:  # each epoch's loss at its first and its last step
+    if end_to_end:  # each epoch's loss at its first and its last step; the held-out images' before and after each
+        held_out = end_to_end.pop("end to end held-out", None)
         result["end_to_end_losses"] = {epoch: {"first": steps[0], "last": steps[-1]}
                                        for epoch, steps in end_to_end.items()}
+        if held_out:
+            result["end_to_end_held_out"] = held_out
     timings = f"calibration {calib_seconds:.1f} s"
     if loader is not None:
         metrics = evaluate(qmodel, loader, device=device, progress=_progress(args), desc=f"W{config.w_bits}/A{config.a_bits}")

@@ -123,6 +123,9 @@ class EndToEnd:
     augment: bool = False
     micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
     compute_dtype: str = "float32"  # the quantized model's forward and backward, as Reconstruction's
+    # calibration images (the last ones) kept out of the training, on which the loss is measured
+    # after each epoch: the stage stops at the first epoch that raised it, and undoes that epoch
+    holdout: int = 0
 
     def __post_init__(self):
         _check(self.compute_dtype in COMPUTE_DTYPES,
@@ -132,6 +135,8 @@ class EndToEnd:
         for name in ("batch_size", "micro_batch"):
             _check(_positive_int(getattr(self, name)),
                    f"end-to-end {name} must be a positive integer, got {getattr(self, name)!r}")
+        _check(isinstance(self.holdout, int) and not isinstance(self.holdout, bool) and self.holdout >= 0,
+               f"end-to-end holdout must be a whole number of images (0: none), got {self.holdout!r}")
         for name in ("lr", "scale_lr"):
             _check(getattr(self, name) >= 0, f"end-to-end {name} must be zero or positive, got {getattr(self, name)!r}")
         _check(self.loss in E2E_LOSSES, f"unknown end-to-end loss {self.loss!r}; choose one of {', '.join(E2E_LOSSES)}")

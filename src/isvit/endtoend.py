@@ -21,9 +21,15 @@ sizes do (the end-to-end step-size training of EfficientQAT, plus the parameters
 the next scale and bias). Adam with cosine decay to 0 over all the epochs' steps; each epoch is one
 pass over the calibration images in an order drawn from ``seed`` and the epoch.
 
+With ``holdout``, that many of the calibration images (the last ones) are kept out of the training
+and choose when it stops: the stage's loss on them is measured before the first epoch and after
+each; when an epoch raised it, the model goes back to where that epoch started and the stage ends
+(it fits its images long before it has run all its epochs on some models and not on others).
+
 At the end of every epoch the learnt step-size factors are folded into the scales
-(``freeze_scale``) and the state is saved with ``run`` (the optimizer's moments with it): a run
-killed between epochs and started again computes exactly what an uninterrupted one does. In a
+(``freeze_scale``) and the state is saved with ``run`` (the optimizer's moments and the held-out
+losses with it): a run killed between epochs and started again computes exactly what an
+uninterrupted one does. In a
 process group every rank draws the same batches, computes the part of each batch it holds, and the
 gradients are summed over the ranks before each step (``distributed.sum_gradients``), as in the
 block stage.
@@ -31,6 +37,7 @@ block stage.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -41,6 +48,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import EndToEnd
 from .distributed import local_part, sum_gradients
+from .errors import IsvitError
 from .modules import QuantConv2d, QuantLinear
 from .reconstruct import autocast, freeze_scales, scale_parameters
 from .resume import ResumeState
@@ -112,26 +120,45 @@ def train_end_to_end(
     desc: str = "end to end",
 ) -> dict[str, list[float]]:
     """Train ``qmodel`` (quantized, in place) towards ``fp_model`` on the calibration ``images`` for
-    ``settings.epochs`` epochs; returns {"epoch N": [loss of each step]} (each rank's: the summed
-    loss of the whole batch). ``run`` saves the state after each epoch and skips the epochs it has."""
+    ``settings.epochs`` epochs (fewer where ``settings.holdout`` stops it); returns
+    {"<desc> epoch N": [loss of each step]} (each rank's: the summed loss of the whole batch) and,
+    with a holdout, {"<desc> held-out": [loss before, after epoch 1, ...]}. ``run`` saves the state
+    after each epoch and skips the epochs it has."""
     run = run or ResumeState()
     if settings.epochs == 0:
         return {}
-    shard = distributed.split(images.shape[0])
-    local = images[shard.slice]
+    if settings.holdout >= images.shape[0]:
+        raise IsvitError(f"the end-to-end stage's holdout ({settings.holdout} images) leaves none of the "
+                         f"{images.shape[0]} calibration images to train on")
+    images, kept = images[: images.shape[0] - settings.holdout], images[images.shape[0] - settings.holdout:]
+    shard, kept_shard = distributed.split(images.shape[0]), distributed.split(kept.shape[0])
+    local, kept = images[shard.slice], kept[kept_shard.slice]
     # this rank's images' full-precision outputs (with augmentation: computed for each batch as drawn)
     targets = None if settings.augment else _outputs(fp_model, local, device, settings.micro_batch)
+    kept_targets = _outputs(fp_model, kept, device, settings.micro_batch)
+
+    def held_out_loss() -> float:  # every rank's part of the kept images together
+        out = _outputs(qmodel, kept, device, settings.micro_batch)
+        local_loss = output_loss(out, kept_targets, settings.loss).mean().item() if len(kept) else 0.0
+        return distributed.mean_over_ranks(local_loss, len(kept))
+
     steps_per_epoch = math.ceil(images.shape[0] / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
-    report, state = {}, None
+    report, state, held = {}, None, []
     modes = [(m, m.training) for m in qmodel.modules()]
     qmodel.eval()  # dropout / drop-path off: the function trained is the eval-mode one
     try:
         for epoch in range(1, settings.epochs + 1):
             name = f"{desc} epoch {epoch}"
             if run.done(name):
-                report[name], state = run.result(name)["losses"], run.result(name)
+                state = run.result(name)
+                report[name], held = state["losses"], state["held_out"]
+                if state["stopped"]:
+                    break
                 continue
+            if settings.holdout and not held:
+                held = [held_out_loss()]  # the block stages' model
+            start = copy.deepcopy(qmodel.state_dict()) if settings.holdout else None
             scales, floats = trainable(qmodel)
             groups = [g for g in ({"params": scales, "lr": settings.scale_lr}, {"params": floats, "lr": settings.lr})
                       if g["params"]]
@@ -171,11 +198,22 @@ def train_end_to_end(
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4g}")
             freeze_scales(qmodel)  # the learnt factors folded into the scales: what a resumed run starts from
-            state = {"losses": losses, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            stopped = False
+            if settings.holdout:
+                held = [*held, held_out_loss()]
+                stopped = held[-1] > min(held[:-1])
+                if stopped:  # this epoch made it worse: back to where it started, and no more epochs
+                    qmodel.load_state_dict(start)
+            state = {"losses": losses, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "held_out": held, "stopped": stopped}
             report[name] = losses
             run.finish(name, qmodel, state)
+            if stopped:
+                break
     finally:
         freeze_scales(qmodel)
         for module, mode in modes:
             module.training = mode
+    if held:
+        report[f"{desc} held-out"] = held
     return report
