@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import isvit
-from isvit import cli, pipeline
 from isvit.checkpoint import load_quantized, save_quantized
 from isvit.config import IsvitConfig, Reconstruction, activation_percentiles
 from isvit.pipeline import calibrate_weights, fold_post_layernorm, set_quantizers
@@ -257,35 +256,6 @@ def test_the_fisher_loss_lowers_its_unit_loss(make):
     reconstruct_unit(unit, inputs, targets, settings, "cpu", importance=weight, progress=False)
     after = reconstruction_loss(unit, inputs, targets, "cpu", loss="fisher", importance=weight)
     assert after < 0.9 * before, (before, after)
-
-
-def test_a_uniform_share_mixes_the_fisher_map_with_the_token_loss_and_all_of_it_is_the_token_loss(monkeypatch):
-    calib = random_images(8, seed=2)
-    seen = []
-    train = pipeline.reconstruct_unit
-    monkeypatch.setattr(pipeline, "reconstruct_unit", lambda *a, importance=None, **k: (
-        seen.append(importance), train(*a, importance=importance, **k))[1])
-
-    def quantized(**fields):
-        config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=8, iters=2, batch_size=4,
-                                         rotate=False, **fields)
-        return isvit.quantize(small_vit(), calib, config, progress=False).state_dict()
-
-    fisher = quantized(loss="fisher")
-    maps, seen[:] = list(seen), []
-    mixed = quantized(loss="fisher", fisher_uniform=0.25)
-    # each map 1/4 uniform: the same mean (1), every weight at least 1/4, the Fisher map's shape in the rest
-    for m, mix in zip(maps, seen):
-        assert torch.allclose(mix, 0.75 * m + 0.25) and mix.min() >= 0.25 and mix.mean().item() == pytest.approx(1.0)
-    assert any(not torch.equal(fisher[k], mixed[k]) for k in fisher)
-    # all of it uniform: the "token" loss, bit for bit
-    token, all_uniform = quantized(loss="token"), quantized(loss="fisher", fisher_uniform=1.0)
-    assert all(torch.equal(token[k], all_uniform[k]) for k in token)
-    with pytest.raises(isvit.IsvitError, match="fisher_uniform must be in"):
-        Reconstruction(fisher_uniform=1.5)
-    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--save", "q", "--method", "isvit",
-                                          "--preset", "fast", "--w-bits", "3", "--a-bits", "3", "--fisher-uniform", "0.5"])
-    assert cli.build_config(args).resolved().reconstruction.fisher_uniform == 0.5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,9 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "variance, as the next LayerNorm sees it) or fisher (token, each output weighted by its "
                           "Fisher importance for the final prediction) (default: the preset's; fisher in the fast and thorough "
                           "presets at <= 4 bits)")
-    sos.add_argument("--fisher-uniform", type=float, metavar="W",
-                     help="with --loss fisher: the share W of each output's weight that is uniform, the rest its "
-                          "Fisher importance (default: the preset's)")
     sos.add_argument("--qdrop", type=float, metavar="P",
                      help="QDrop: while training, each activation keeps its float value with probability P "
                           "(default: the preset's, 0.5 fast, 0 paper)")
@@ -517,7 +514,6 @@ CONFIG_OPTIONS = (
     ("--recon-batch-size", "batch_size", "reconstruction"),
     ("--lr", "lr", "reconstruction"),
     ("--loss", "loss", "reconstruction"),
-    ("--fisher-uniform", "fisher_uniform", "reconstruction"),
     ("--qdrop", "qdrop", "reconstruction"),
     ("--rounding", "rounding", "reconstruction"),
     ("--round-lr", "round_lr", "reconstruction"),

@@ -57,10 +57,6 @@ class Reconstruction:
     batch_size: int = 64
     lr: float = 4e-5
     loss: str = "mse"  # "token": each token's squared error relative to its target's variance; "fisher"
-    # "fisher": this share of every position's weight is uniform (the "token" loss), the rest the
-    # Fisher map's. The map puts most of a late block's weight on ViT's class token, one token an
-    # image, which a few hundred calibration images then teach the block by heart
-    fisher_uniform: float = 0.0
     qdrop: float = 0.0  # QDrop: while training, each activation keeps its float value with this probability
     rounding: str = "ste"  # stage 3 trains "ste" (the latent weights, the paper's), "adaround" or "offset"
     round_lr: float | None = None  # learnt rounding's learning rate (None with "ste", which learns none)
@@ -86,7 +82,6 @@ class Reconstruction:
         _check(self.loss in LOSSES, f"unknown reconstruction loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         _check(self.rounding in ROUNDINGS, f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         _check(0.0 <= self.qdrop < 1.0, f"qdrop must be in [0, 1), got {self.qdrop!r}")
-        _check(0.0 <= self.fisher_uniform <= 1.0, f"fisher_uniform must be in [0, 1], got {self.fisher_uniform!r}")
         for name in ("lr", "scale_lr"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
         _check(self.round_lr is None or self.round_lr > 0, f"round_lr must be positive, got {self.round_lr!r}")

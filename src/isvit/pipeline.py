@@ -355,7 +355,6 @@ def _isvit(
     importance = None
     if settings.loss == "fisher":
         importance = output_importance(forward_units(fp_model), images, device, settings.batch_size, config.seed)
-        importance = [(1 - settings.fisher_uniform) * m + settings.fisher_uniform for m in importance]
     wrap_model(model, config.placement())
     run.restore(model)
     set_quantizers(model, False, "weight")
