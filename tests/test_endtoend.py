@@ -104,11 +104,30 @@ def test_a_holdout_stops_at_the_first_epoch_that_raised_its_loss_and_undoes_that
     assert evaluate_loss(qmodel, fp, calib[-8:], "cpu") == pytest.approx(min(held), rel=1e-5)
 
 
+def test_quantize_keeps_the_held_out_images_from_the_block_stages_too():
+    calib = random_images(12, seed=1)
+    fields = dict(w_bits=4, a_bits=4, iters=2, batch_size=4, rotate=False)
+    with_holdout, without = {}, {}
+    isvit.quantize(small_vit(), calib, IsvitConfig.from_preset(
+        "fast", calib_size=12, end_to_end=EndToEnd(epochs=1, batch_size=4, holdout=4), **fields),
+        progress=False, losses=with_holdout)
+    # the block stages of a run on the first 8 images alone: the same losses, unit for unit
+    isvit.quantize(small_vit(), calib[:8], IsvitConfig.from_preset("fast", calib_size=8, **fields), progress=False,
+                   losses=without)
+    for stage in ("stage1", "stage3"):
+        assert with_holdout[stage] == without[stage]
+    assert len(with_holdout["end_to_end"]["end to end held-out"]) == 2
+
+
 def test_a_holdout_that_leaves_no_image_to_train_on_is_refused_in_one_sentence():
     qmodel, fp = block_quantized(random_images(8, seed=1))
     with pytest.raises(isvit.IsvitError, match="holdout \\(8 images\\) leaves none of the 8 calibration images"):
         train_end_to_end(qmodel, fp, random_images(8, seed=1), EndToEnd(epochs=1, holdout=8), device="cpu",
                          progress=False)
+    config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=8, iters=1, rotate=False,
+                                     end_to_end=EndToEnd(epochs=1, holdout=8))
+    with pytest.raises(isvit.IsvitError, match="holdout \\(8 images\\) leaves none"):  # before the block stages
+        isvit.quantize(small_vit(), random_images(8, seed=1), config, progress=False)
     with pytest.raises(isvit.IsvitError, match="holdout must be a whole number"):
         EndToEnd(holdout=-1)
 

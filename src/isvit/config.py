@@ -123,8 +123,9 @@ class EndToEnd:
     augment: bool = False
     micro_batch: int = 32  # a batch is run in chunks of this many images, gradients accumulated
     compute_dtype: str = "float32"  # the quantized model's forward and backward, as Reconstruction's
-    # calibration images (the last ones) kept out of the training, on which the loss is measured
-    # after each epoch: the stage stops at the first epoch that raised it, and undoes that epoch
+    # calibration images (the last ones) that no stage trains on, the block stages included; the
+    # stage's loss on them is measured after each epoch: it stops at the first epoch that raised it,
+    # and undoes that epoch
     holdout: int = 0
 
     def __post_init__(self):

@@ -348,6 +348,15 @@ def _isvit(
     """
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
+    end_to_end = config.resolved().end_to_end
+    # the end-to-end stage's kept images (the last ones) are no stage's training images: the block
+    # stages fit their images far better than others, so kept images they saw would not tell it when to stop
+    all_images = images
+    if end_to_end.epochs and end_to_end.holdout:
+        if end_to_end.holdout >= images.shape[0]:
+            raise IsvitError(f"the end-to-end stage's holdout ({end_to_end.holdout} images) leaves none of the "
+                             f"{images.shape[0]} calibration images to train on")
+        images = images[: images.shape[0] - end_to_end.holdout]
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
         p.requires_grad_(False)
@@ -386,10 +395,9 @@ def _isvit(
         importance=importance, progress=progress, desc="stage 3", estimate=estimate, run=run,
     )
     seconds["stage2+3"], clock = time.perf_counter() - clock, time.perf_counter()
-    end_to_end = config.resolved().end_to_end
     if end_to_end.epochs:
-        report["end_to_end"] = train_end_to_end(model, fp_model, images, end_to_end, device=device, seed=config.seed,
-                                                progress=progress, run=run)
+        report["end_to_end"] = train_end_to_end(model, fp_model, all_images, end_to_end, device=device,
+                                                seed=config.seed, progress=progress, run=run)
         seconds["end_to_end"], clock = time.perf_counter() - clock, time.perf_counter()
     if config.bias_correction and not run.done("bias correction"):
         correct_bias(model, images[: config.init_size].to(device))
