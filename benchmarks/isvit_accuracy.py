@@ -83,10 +83,14 @@ OPTIONS = {
     "ste": ["--rounding", "ste"],
     # issue 21, item 4: 100 iterations per unit at <= 4 bits, measured while the preset trained 60 (now the preset's)
     "iters100": ["--iters", "100"],
+    # issue 30: the end-to-end stage after the preset's block stages, with the settings held-out images liked best
+    # at W3/A3 (2 epochs, learning rates 3e-4 and 3e-3; results/studies/e2e_heldout.jsonl)
+    "e2e": ["--e2e-epochs", "2", "--e2e-lr", "3e-4", "--e2e-scale-lr", "3e-3"],
 }
 for _bits in ("3", "4"):
     for _name, _flags in {**ABLATION, **OPTIONS}.items():
         SETTINGS[f"w{_bits}a{_bits}-{_name}"] = (_bits, _flags)
+SETTINGS["w6a6-e2e"] = ("6", OPTIONS["e2e"])
 
 
 @cache
