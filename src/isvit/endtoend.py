@@ -31,10 +31,9 @@ images), and images they fitted would say the first epoch made things worse when
 At the end of every epoch the learnt step-size factors are folded into the scales
 (``freeze_scale``) and the state is saved with ``run`` (the optimizer's moments and the held-out
 losses with it): a run killed between epochs and started again computes exactly what an
-uninterrupted one does. In a
-process group every rank draws the same batches, computes the part of each batch it holds, and the
-gradients are summed over the ranks before each step (``distributed.sum_gradients``), as in the
-block stage.
+uninterrupted one does. In a process group every rank draws the same batches, computes the part of
+each batch it holds, and the gradients are summed over the ranks before each step
+(``distributed.sum_gradients``), as in the block stage.
 """
 
 from __future__ import annotations
@@ -83,6 +82,15 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.flip(-1) if flip < 0.5 else out
 
 
+def split_holdout(images: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the images trained on, the last ``holdout`` images kept out); a holdout that leaves no image
+    to train on is refused in one sentence."""
+    if holdout >= images.shape[0]:
+        raise IsvitError(f"the end-to-end stage's holdout ({holdout} images) leaves none of the "
+                         f"{images.shape[0]} calibration images to train on")
+    return images[: images.shape[0] - holdout], images[images.shape[0] - holdout:]
+
+
 def output_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Per image: the KL divergence of the output distributions ("kl"), or the mean over the output's
     tokens of the squared error relative to the target token's variance ("mse")."""
@@ -129,10 +137,7 @@ def train_end_to_end(
     run = run or ResumeState()
     if settings.epochs == 0:
         return {}
-    if settings.holdout >= images.shape[0]:
-        raise IsvitError(f"the end-to-end stage's holdout ({settings.holdout} images) leaves none of the "
-                         f"{images.shape[0]} calibration images to train on")
-    images, kept = images[: images.shape[0] - settings.holdout], images[images.shape[0] - settings.holdout:]
+    images, kept = split_holdout(images, settings.holdout)
     shard, kept_shard = distributed.split(images.shape[0]), distributed.split(kept.shape[0])
     local, kept = images[shard.slice], kept[kept_shard.slice]
     # this rank's images' full-precision outputs (with augmentation: computed for each batch as drawn)
@@ -154,8 +159,8 @@ def train_end_to_end(
             name = f"{desc} epoch {epoch}"
             if run.done(name):
                 state = run.result(name)
-                report[name], held = state["losses"], state["held_out"]
-                if state["stopped"]:
+                report[name], held = state["losses"], state.get("held_out", [])
+                if state.get("stopped"):
                     break
                 continue
             if settings.holdout and not held:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
 from .distributed import broadcast_state
-from .endtoend import train_end_to_end
+from .endtoend import split_holdout, train_end_to_end
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
@@ -352,11 +352,8 @@ def _isvit(
     # the end-to-end stage's kept images (the last ones) are no stage's training images: the block
     # stages fit their images far better than others, so kept images they saw would not tell it when to stop
     all_images = images
-    if end_to_end.epochs and end_to_end.holdout:
-        if end_to_end.holdout >= images.shape[0]:
-            raise IsvitError(f"the end-to-end stage's holdout ({end_to_end.holdout} images) leaves none of the "
-                             f"{images.shape[0]} calibration images to train on")
-        images = images[: images.shape[0] - end_to_end.holdout]
+    if end_to_end.epochs:
+        images, _ = split_holdout(images, end_to_end.holdout)
     fp_model = copy.deepcopy(model)
     for p in fp_model.parameters():
         p.requires_grad_(False)
