@@ -106,7 +106,7 @@ def test_a_holdout_stops_at_the_first_epoch_that_raised_its_loss_and_undoes_that
 
 def test_quantize_keeps_the_held_out_images_from_the_block_stages_too():
     calib = random_images(12, seed=1)
-    fields = dict(w_bits=4, a_bits=4, iters=2, batch_size=4, rotate=False)
+    fields = {"w_bits": 4, "a_bits": 4, "iters": 2, "batch_size": 4, "rotate": False}
     with_holdout, without = {}, {}
     isvit.quantize(small_vit(), calib, IsvitConfig.from_preset(
         "fast", calib_size=12, end_to_end=EndToEnd(epochs=1, batch_size=4, holdout=4), **fields),
