@@ -509,6 +509,21 @@ def test_sulq_initialisation_picks_the_mse_best_shift():
     assert len(chosen) >= 3  # the cases really exercise different shifts
 
 
+def test_sulq_under_bf16_autocast_is_float32_sulq_rounded_and_keeps_zero_at_zero():
+    """In bfloat16 the grid's ymin = log2(eta) rounds (-3.3219 -> -3.3125 for eta 0.1) and the first
+    level 2^ymin - eta would be 6.5e-4, not 0: every near-zero probability of an attention row would
+    gain it. The quantizer computes in float32 whatever its input's dtype."""
+    x = softmax_of_random_logits((2, 3, 20, 20), spread=6.0, seed=43).bfloat16()
+    q = SULQuantizer(3)
+    q.calibrate(torch.cat([x.float().reshape(-1), torch.zeros(1)]))
+    q.eta, q.ymin = torch.tensor([0.1]), torch.log2(torch.tensor([0.1]))  # the case above: first level 0
+    exact = q(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = q(x)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, exact.bfloat16())
+    assert torch.equal(q(torch.zeros(4).bfloat16()), torch.zeros(4).bfloat16())
+
+
 # ---------------------------------------------------------------------------------------------
 # Switches
 # ---------------------------------------------------------------------------------------------
