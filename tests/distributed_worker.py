@@ -93,6 +93,8 @@ def quantize_cases(inputs: Path | None) -> dict[str, tuple]:
         # the end-to-end stage: every rank draws the same batches, its gradients summed over the ranks
         "vit isvit end to end": (small_vit, calib_images, isvit_config(
             end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2))),
+        "vit isvit end to end rounding and grids": (small_vit, calib_images, isvit_config(  # offsets, SULQ grids
+            end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2, round_lr=3e-2, softmax_lr=1e-2))),
         "vit isvit end to end augmented": (small_vit, calib_images, isvit_config(  # one view of a batch on both ranks
             end_to_end=EndToEnd(epochs=1, batch_size=6, lr=1e-3, augment=True))),
         "vit isvit end to end holdout": (small_vit, calib_images, isvit_config(  # 3 kept images, 2 on one rank

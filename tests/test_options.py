@@ -89,6 +89,33 @@ def test_learnt_rounding_moves_each_weight_by_at_most_one_code(mode):
     assert torch.equal(q(weight.detach()), weight.detach())
 
 
+def test_offsets_of_limit_one_move_a_weight_on_its_grid_one_code_at_a_learnt_step():
+    """The end-to-end stage's offsets: a weight already on its grid moves one code up or down (at
+    most), on the grid of the step size learnt beside them, which the fold then keeps."""
+    torch.manual_seed(0)
+    q = UniformQuantizer(3, per_channel=True, channel_dim=0)
+    weight = torch.nn.Parameter(torch.randn(6, 10))
+    q.calibrate(weight.detach())
+    with torch.no_grad():
+        weight.copy_(q(weight))  # on the grid, as the block stages leave it
+    codes = q.codes(weight.detach())
+    step = q.learnable_scale()
+    v = q.start_learnt_rounding(weight, "offset", limit=1.0)
+    assert torch.equal(q(weight), weight.detach())  # started where it was
+    with torch.no_grad():
+        v.copy_(torch.randn_like(v) * 5)
+        step.fill_(0.05)
+    out = q(weight)
+    out.sum().backward()
+    assert v.grad is not None and step.grad is not None  # both trained through one forward
+    q.finish_learnt_rounding(weight)
+    q.freeze_scale()
+    assert torch.equal(q(weight.detach()), weight.detach()) and torch.allclose(weight, out)
+    moved = q.codes(weight.detach()) - codes
+    assert moved.abs().max() <= 1  # |codes / 1.05 - codes| < 0.4 and the offset at most 1: one code
+    assert (moved != 0).float().mean() > 0.3
+
+
 def test_the_adaround_regulariser_vanishes_on_hard_decisions_and_anneals():
     q = UniformQuantizer(3)
     q.rounding_mode = "adaround"

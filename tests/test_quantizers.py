@@ -20,6 +20,7 @@ from isvit.quantizers import (
     SULQuantizer,
     UniformQuantizer,
     check_bits,
+    fake_quant_sulq,
     outlier_channels,
     search_split_range,
     search_uniform_range,
@@ -509,6 +510,31 @@ def test_sulq_initialisation_picks_the_mse_best_shift():
     assert len(chosen) >= 3  # the cases really exercise different shifts
 
 
+def test_sulq_grid_gradients_are_the_straight_through_estimators():
+    """fake_quant_sulq's gradients to x, eta, ymin and the step (the end-to-end stage's learnt grid)
+    equal autograd's through the same formula with round() passed straight through where the code
+    is in range and the clamped code held constant where it is not."""
+    levels = 8
+    x = softmax_of_random_logits((2, 3, 20, 20), spread=4.0, seed=40).requires_grad_()
+    eta, ymin, step = (torch.tensor([v], requires_grad=True) for v in (0.01, -6.0, 0.7))  # codes out of range both ways
+    out = fake_quant_sulq(x, eta, ymin, step, levels)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(41))
+    got = torch.autograd.grad(out, (x, eta, ymin, step), upstream)
+    ref_in = [t.detach().clone().requires_grad_() for t in (x, eta, ymin, step)]
+    rx, reta, rymin, rstep = ref_in
+    u = (torch.log2(rx + reta) - rymin) / rstep
+    rounded = u.round()
+    inside = (rounded >= 0) & (rounded <= levels - 1)
+    assert inside.any() and (rounded < 0).any() and (rounded > levels - 1).any()
+    code = torch.where(inside, u + (rounded - u).detach(), rounded.clamp(0, levels - 1).detach())
+    ref = torch.exp2(code * rstep + rymin) - reta
+    assert torch.allclose(out, ref, atol=1e-6)
+    expected = torch.autograd.grad(ref, ref_in, upstream)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert b.abs().max() > 0
+
+
 def test_sulq_under_bf16_autocast_is_float32_sulq_rounded_and_keeps_zero_at_zero():
     """In bfloat16 the grid's ymin = log2(eta) rounds (-3.3219 -> -3.3125 for eta 0.1) and the first
     level 2^ymin - eta would be 6.5e-4, not 0: every near-zero probability of an attention row would
@@ -522,6 +548,28 @@ def test_sulq_under_bf16_autocast_is_float32_sulq_rounded_and_keeps_zero_at_zero
         low = q(x)
     assert low.dtype == torch.bfloat16 and torch.equal(low, exact.bfloat16())
     assert torch.equal(q(torch.zeros(4).bfloat16()), torch.zeros(4).bfloat16())
+
+
+def test_a_learnt_sulq_grid_folds_into_its_buffers():
+    x = softmax_of_random_logits((2, 3, 20, 20), spread=3.0, seed=42)
+    q = SULQuantizer(3)
+    q.calibrate(x)
+    keys = set(q.state_dict())
+    grid = q.learnable_grid()
+    assert q.learnable_grid() is grid and torch.equal(q(x), SULQuantizer.quantize(q, x))
+    with torch.no_grad():
+        grid.copy_(torch.tensor([0.3, 0.2]))
+    eta, ymin, ymax = (t.clone() for t in (q.eta, q.ymin, q.ymax))
+    first = q.table()[0]
+    learnt = q(x)
+    assert not torch.equal(learnt, q._quantize_with(x, eta, ymin, ymax))  # the offsets are used
+    q.freeze_grid()
+    assert set(q.state_dict()) == keys and not list(q.parameters())
+    assert torch.allclose(q.eta, eta * math.exp(0.3)) and torch.allclose(q.ymax, ymax + 0.2)
+    assert q.ymin > ymin and torch.allclose(q.table()[0], first, atol=1e-7)  # the first level stays put
+    assert torch.equal(q(x), learnt)
+    q.freeze_grid()  # nothing learnt: nothing changes
+    assert torch.equal(q(x), learnt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--e2e-batch-size", type=_positive_int, help="its batch size (default 32)")
     e2e.add_argument("--e2e-lr", type=float, help="learning rate of the biases, LayerNorms and embeddings (default 1e-4)")
     e2e.add_argument("--e2e-scale-lr", type=float, help="learning rate of the step sizes, on log(scale) (default 1e-3)")
+    e2e.add_argument("--e2e-round-lr", type=float,
+                     help="also train each quantized weight's rounding (one code up or down an epoch) at this "
+                          "learning rate, in steps (default 0: not trained)")
+    e2e.add_argument("--e2e-softmax-lr", type=float,
+                     help="also train the post-Softmax SULQ grids (log eta, the top of the log2 range) at this learning rate "
+                          "(default 0: not trained)")
     e2e.add_argument("--e2e-augment", action=argparse.BooleanOptionalAction, default=None,
                      help="train on a random view of each batch (a flip, a crop of 60-100%%) with the full-precision "
                           "outputs computed on it (default: off)")
@@ -527,6 +533,8 @@ CONFIG_OPTIONS = (
     ("--e2e-batch-size", "batch_size", "end_to_end"),
     ("--e2e-lr", "lr", "end_to_end"),
     ("--e2e-scale-lr", "scale_lr", "end_to_end"),
+    ("--e2e-round-lr", "round_lr", "end_to_end"),
+    ("--e2e-softmax-lr", "softmax_lr", "end_to_end"),
     ("--e2e-loss", "loss", "end_to_end"),
     ("--e2e-augment", "augment", "end_to_end"),
     ("--e2e-compute-dtype", "compute_dtype", "end_to_end"),

@@ -111,7 +111,9 @@ class EndToEnd:
     error relative to its variance ("mse", for feature extractors). It trains every uniform
     quantizer's step size (in the log domain, ``scale_lr``) and the float parameters that are not
     quantized weights (biases, LayerNorm affines, position embeddings: ``lr``); the integer codes
-    of the weights move only through their step sizes."""
+    of the weights move through their step sizes and, with ``round_lr`` above 0, through a learnt
+    rounding offset of each weight (at most one code up or down an epoch); ``softmax_lr`` above 0
+    also trains the post-Softmax SULQ grids (eta and the top of the log2 range)."""
 
     epochs: int = 0  # passes over the calibration images; 0: no end-to-end stage
     batch_size: int = 32
@@ -127,6 +129,8 @@ class EndToEnd:
     # stage's loss on them is measured after each epoch: it stops at the first epoch that raised it,
     # and undoes that epoch
     holdout: int = 0
+    round_lr: float = 0.0  # the weights' rounding offsets (in steps; 0: not trained)
+    softmax_lr: float = 0.0  # SULQ's log(eta) and the top of its log2 range (0: not trained)
 
     def __post_init__(self):
         _check(self.compute_dtype in COMPUTE_DTYPES,
@@ -138,7 +142,7 @@ class EndToEnd:
                    f"end-to-end {name} must be a positive integer, got {getattr(self, name)!r}")
         _check(isinstance(self.holdout, int) and not isinstance(self.holdout, bool) and self.holdout >= 0,
                f"end-to-end holdout must be a whole number of images (0: none), got {self.holdout!r}")
-        for name in ("lr", "scale_lr"):
+        for name in ("lr", "scale_lr", "round_lr", "softmax_lr"):
             _check(getattr(self, name) >= 0, f"end-to-end {name} must be zero or positive, got {getattr(self, name)!r}")
         _check(self.loss in E2E_LOSSES, f"unknown end-to-end loss {self.loss!r}; choose one of {', '.join(E2E_LOSSES)}")
         _check(isinstance(self.augment, bool), f"end-to-end augment must be True or False, got {self.augment!r}")

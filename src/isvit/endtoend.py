@@ -18,8 +18,13 @@ activations' (LSQ in the log domain, ``quantizers.UniformQuantizer.learnable_sca
 parameters that are not quantized weights (biases, LayerNorm affines, position embeddings, class
 tokens). The quantized weights keep their values: their integer codes move only as their step
 sizes do (the end-to-end step-size training of EfficientQAT, plus the parameters that fold into
-the next scale and bias). Adam with cosine decay to 0 over all the epochs' steps; each epoch is one
-pass over the calibration images in an order drawn from ``seed`` and the epoch.
+the next scale and bias). Two more kinds train where their learning rates are above 0: each
+quantized weight's rounding offset (``round_lr``; in steps, within one code up or down of where the
+block stages left it, through the rounding's straight-through estimator, written into the weight
+at the end of each epoch) and the post-Softmax SULQ grids (``softmax_lr``: log eta and the top of
+the log2 range, the first level held, ``quantizers.SULQuantizer.learnable_grid``). Adam with cosine
+decay to 0 over all the epochs' steps; each epoch is one pass over the calibration images in an
+order drawn from ``seed`` and the epoch.
 
 With ``holdout``, that many of the calibration images (the last ones) are kept out of the training
 and choose when it stops: the stage's loss on them is measured before the first epoch and after
@@ -28,12 +33,12 @@ each; when an epoch raised it, the model goes back to where that epoch started a
 those fit their own images far better than others (held-out W3/A3: KL 0.39 on them, 2.05 on other
 images), and images they fitted would say the first epoch made things worse when it did not.
 
-At the end of every epoch the learnt step-size factors are folded into the scales
-(``freeze_scale``) and the state is saved with ``run`` (the optimizer's moments and the held-out
-losses with it): a run killed between epochs and started again computes exactly what an
-uninterrupted one does. In a process group every rank draws the same batches, computes the part of
-each batch it holds, and the gradients are summed over the ranks before each step
-(``distributed.sum_gradients``), as in the block stage.
+At the end of every epoch what was learnt is folded into the model (``finish_training``: the
+offsets into the weights, the factors into the scales and grids) and the state is saved with
+``run`` (the optimizer's moments and the held-out losses with it): a run killed between epochs and
+started again computes exactly what an uninterrupted one does. In a process group every rank
+draws the same batches, computes the part of each batch it holds, and the gradients are summed
+over the ranks before each step (``distributed.sum_gradients``), as in the block stage.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ from .config import EndToEnd
 from .distributed import local_part, sum_gradients
 from .errors import IsvitError
 from .modules import QuantConv2d, QuantLinear
-from .reconstruct import autocast, freeze_scales, scale_parameters
+from .quantizers import SULQuantizer, named_quantizers
+from .reconstruct import autocast, freeze_scales, rounded_layers, scale_parameters
 from .resume import ResumeState
 
 
@@ -66,6 +72,36 @@ def trainable(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]
     floats = [p for p in model.parameters()
               if p.dtype.is_floating_point and id(p) not in quantized and id(p) not in scale_ids]
     return scales, floats
+
+
+def start_training(model: nn.Module, settings: EndToEnd) -> list[dict]:
+    """The optimizer's parameter groups, in a fixed order (a resumed run's moments must find their
+    parameters): step sizes, float parameters, and where their learning rates are above 0 the
+    weights' rounding offsets (one code up or down from where they are) and the post-Softmax SULQ
+    grids. ``finish_training`` writes what they learnt back into the model."""
+    scales, floats = trainable(model)
+    groups = [{"params": scales, "lr": settings.scale_lr}, {"params": floats, "lr": settings.lr}]
+    if settings.round_lr > 0:
+        roundings = [m.weight_quantizer.start_learnt_rounding(m.weight, "offset", limit=1.0)
+                     for m in rounded_layers(model)]
+        groups.append({"params": roundings, "lr": settings.round_lr})
+    if settings.softmax_lr > 0:
+        grids = [q.learnable_grid() for _, q in named_quantizers(model)
+                 if isinstance(q, SULQuantizer) and q.enabled and q.is_calibrated]
+        groups.append({"params": grids, "lr": settings.softmax_lr})
+    return [g for g in groups if g["params"]]
+
+
+def finish_training(model: nn.Module) -> None:
+    """The learnt rounding written into the weights (on their grids, at the learnt step size), then
+    the step sizes and SULQ grids folded into their quantizers' buffers."""
+    for m in rounded_layers(model):
+        if m.weight_quantizer.learning_rounding:
+            m.weight_quantizer.finish_learnt_rounding(m.weight)
+    for q in model.modules():
+        if isinstance(q, SULQuantizer):
+            q.freeze_grid()
+    freeze_scales(model)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -166,10 +202,7 @@ def train_end_to_end(
             if settings.holdout and not held:
                 held = [held_out_loss()]  # the block stages' model
             start = copy.deepcopy(qmodel.state_dict()) if settings.holdout else None
-            scales, floats = trainable(qmodel)
-            groups = [g for g in ({"params": scales, "lr": settings.scale_lr}, {"params": floats, "lr": settings.lr})
-                      if g["params"]]
-            optimizer = torch.optim.Adam(groups)
+            optimizer = torch.optim.Adam(start_training(qmodel, settings))
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
             if state is not None:  # the moments and the schedule where the last epoch left them
@@ -204,7 +237,7 @@ def train_end_to_end(
                 schedule.step()
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4g}")
-            freeze_scales(qmodel)  # the learnt factors folded into the scales: what a resumed run starts from
+            finish_training(qmodel)  # what was learnt, folded into the model: what a resumed run starts from
             stopped = False
             if settings.holdout:
                 held = [*held, held_out_loss()]
@@ -218,7 +251,7 @@ def train_end_to_end(
             if stopped:
                 break
     finally:
-        freeze_scales(qmodel)
+        finish_training(qmodel)
         for module, mode in modes:
             module.training = mode
     if held:

@@ -30,6 +30,7 @@ The grids:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -125,8 +126,41 @@ class _ScaledSTE(torch.autograd.Function):
         return grad * factor, None, None
 
 
+class _SULQGridFakeQuant(torch.autograd.Function):
+    """SULQ with gradients to its grid too (``eta``, ``ymin``, ``step``; each of one element), for
+    the end-to-end stage. With z = q step + ymin and u = (log2(x + eta) - ymin) / step, the
+    rounding's straight-through estimator (q = u where the code is in range) gives
+    d x^/d step = 2^z ln2 (q - [in] u), d x^/d ymin = 2^z ln2 [out], d x^/d eta = [in] 2^z / (x + eta) - 1."""
+
+    @staticmethod
+    def forward(ctx, x, eta, ymin, step, levels):
+        shifted = x + eta
+        u = torch.log2(shifted).sub_(ymin).div_(step)
+        code, inside = _clamp_in_place(u.round(), levels, want_mask=True)
+        power = code.mul(step).add_(ymin).exp2_()  # 2^z = x^ + eta
+        ctx.grid_shape = eta.shape
+        ctx.save_for_backward(shifted, u, code, inside, power)
+        return power - eta
+
+    @staticmethod
+    def backward(ctx, grad):
+        shifted, u, code, inside, power = ctx.saved_tensors
+        ln2 = math.log(2.0)
+        ratio = torch.where(inside, power / shifted, 0.0)
+        grad_x = grad * ratio if ctx.needs_input_grad[0] else None
+        shape = ctx.grid_shape
+        grad_eta = (grad * (ratio - 1)).sum().reshape(shape) if ctx.needs_input_grad[1] else None
+        grad_ymin = (grad * torch.where(inside, 0.0, power * ln2)).sum().reshape(shape) if ctx.needs_input_grad[2] else None
+        grad_step = None
+        if ctx.needs_input_grad[3]:
+            grad_step = (grad * power * ln2 * (code - torch.where(inside, u, 0.0))).sum().reshape(shape)
+        return grad_x, grad_eta, grad_ymin, grad_step, None
+
+
 def fake_quant_sulq(x: torch.Tensor, eta, ymin, step, levels: int) -> torch.Tensor:
     """SULQ: ``2^(clamp(round((log2(x + eta) - ymin) / step)) * step + ymin) - eta``."""
+    if _wants_grad(eta, ymin, step):
+        return _SULQGridFakeQuant.apply(x, eta, ymin, step, levels)
     want_grad = _wants_grad(x)
     with torch.no_grad():
         shifted = x + eta
@@ -324,8 +358,11 @@ class UniformQuantizer(Quantizer):
     #
     # ``finish_learnt_rounding`` writes the chosen codes back as the weight itself, exactly on the grid.
 
-    def start_learnt_rounding(self, weight: torch.Tensor, mode: str = "adaround") -> nn.Parameter:
-        """Start learning the rounding of ``weight`` (this quantizer's layer weight); returns the variables."""
+    def start_learnt_rounding(self, weight: torch.Tensor, mode: str = "adaround", limit: float = 0.5) -> nn.Parameter:
+        """Start learning the rounding of ``weight`` (this quantizer's layer weight); returns the
+        variables. ``limit`` bounds an "offset" (in steps): 1/2 chooses between the two codes around
+        a float weight; 1 lets a weight already on its grid move one code up or down (the end-to-end
+        stage's offsets, started where the block stages left the codes)."""
         if mode == "adaround":
             scale = self._broadcast(self.scale, weight)
             rest = (weight.detach() / scale - torch.floor(weight.detach() / scale)).clamp(0.0, 1.0)
@@ -334,7 +371,7 @@ class UniformQuantizer(Quantizer):
             v = torch.zeros_like(weight.detach())
         else:
             raise ValueError(f"unknown rounding mode {mode!r}")
-        self.rounding_mode = mode
+        self.rounding_mode, self.rounding_limit = mode, float(limit)
         self.rounding = nn.Parameter(v)
         return self.rounding
 
@@ -352,11 +389,12 @@ class UniformQuantizer(Quantizer):
         return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
 
     def _quantize_learnt_rounding(self, weight: torch.Tensor, hard: bool = False) -> torch.Tensor:
-        scale = self._broadcast(self.scale, weight).to(weight.dtype)
         zero_point = self._broadcast(self.zero_point, weight).to(weight.dtype)
-        if self.rounding_mode == "offset":
-            shifted = weight.detach() + self.rounding.clamp(-0.5, 0.5) * scale
+        if self.rounding_mode == "offset":  # the step may be learnt beside the offsets (end to end)
+            scale = self._broadcast(self.current_scale(), weight).to(weight.dtype)
+            shifted = weight.detach() + self.rounding.clamp(-self.rounding_limit, self.rounding_limit) * scale
             return fake_quant_uniform(shifted, scale, zero_point, self.levels)
+        scale = self._broadcast(self.scale, weight).to(weight.dtype)
         up = (self.rounding >= 0).to(weight.dtype) if hard else self.soft_rounding()
         code = (torch.floor(weight.detach() / scale) + up + zero_point).clamp(0, self.levels - 1)
         return (code - zero_point) * scale
@@ -550,7 +588,38 @@ class SULQuantizer(Quantizer):
         return fake_quant_sulq(x.float(), eta, ymin, step, self.levels).to(x.dtype)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quantize_with(x, self.eta, self.ymin, self.ymax)
+        return self._quantize_with(x, *self.current_grid())
+
+    # -- learnt grid (the end-to-end stage) -------------------------------------------------------
+    # While learnt, the grid is ``eta * exp(g[0])`` and ``ymax + g[1]`` with a trainable ``grid_step``
+    # g that starts at 0 (eta stays positive); ``ymin`` follows eta so that the first level
+    # ``2^ymin - eta`` keeps its value: it is the calibration's smallest input, about 0, where most of
+    # an attention map lies, and moving it by 1e-3 adds 1e-3 to each of those (a row of 197 tokens
+    # would gain a fifth of its mass). ``freeze_grid`` folds it back into the buffers.
+
+    def learnable_grid(self) -> nn.Parameter:
+        """Make eta and the top of the log2 range trainable (see above); returns that parameter."""
+        if getattr(self, "grid_step", None) is None:
+            self._first_level = (torch.exp2(self.ymin) - self.eta).clamp_min(0).detach()
+            self.grid_step = nn.Parameter(torch.zeros(2, device=self.eta.device))
+        return self.grid_step
+
+    def current_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self._parameters.get("grid_step")
+        if g is None:
+            return self.eta, self.ymin, self.ymax
+        eta = self.eta * g[0].exp()
+        return eta, torch.log2(self._first_level + eta), self.ymax + g[1]
+
+    @torch.no_grad()
+    def freeze_grid(self) -> None:
+        """Fold the learnt offsets into ``eta``, ``ymin``, ``ymax`` and drop the parameter (a range
+        that the training turned around is put back to ymax > ymin)."""
+        if self._parameters.get("grid_step") is None:
+            return
+        eta, ymin, ymax = (t.detach().clone() for t in self.current_grid())
+        del self._parameters["grid_step"]
+        self.eta, self.ymin, self.ymax = eta, ymin, torch.maximum(ymax, ymin + 1e-3)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         step = (self.ymax - self.ymin) / (self.levels - 1)
