@@ -282,6 +282,34 @@ def test_heldout_blocks_measures_every_units_own_and_accumulated_error():
     assert all(v == 0 for unit in itself.values() for v in unit.values())
 
 
+# benchmarks/studies/grid_sensitivity.py: held-out scores of copies with the activation grids nudged
+
+def test_grid_sensitivity_nudges_only_the_activation_scales_and_by_the_seed():
+    import torch
+
+    import isvit
+    from isvit.quantizers import UniformQuantizer, named_quantizers
+
+    from conftest import random_images, small_vit
+
+    grid_sensitivity = importlib.import_module("grid_sensitivity")
+    qmodel = isvit.quantize(small_vit(), random_images(8, seed=1), isvit.MinmaxConfig(w_bits=4, a_bits=4, calib_size=8),
+                            progress=False)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    same = grid_sensitivity.perturbed(qmodel, 0.0, seed=0).state_dict()
+    assert all(torch.equal(same[k], v) for k, v in before.items())
+    nudged = grid_sensitivity.perturbed(qmodel, 1e-3, seed=0).state_dict()
+    assert all(torch.equal(qmodel.state_dict()[k], v) for k, v in before.items())  # the model itself untouched
+    scales = {f"{name}.scale" for name, q in named_quantizers(qmodel, "activation") if isinstance(q, UniformQuantizer)}
+    changed = {k for k, v in before.items() if not torch.equal(nudged[k], v)}
+    assert changed == scales and scales
+    assert all(torch.allclose(nudged[k], before[k], rtol=1e-2) for k in changed)
+    again = grid_sensitivity.perturbed(qmodel, 1e-3, seed=0).state_dict()
+    other = grid_sensitivity.perturbed(qmodel, 1e-3, seed=1).state_dict()
+    assert all(torch.equal(again[k], nudged[k]) for k in scales)
+    assert any(not torch.equal(other[k], nudged[k]) for k in scales)
+
+
 def test_resumed_only_summarises_the_rows_found_and_runs_nothing(tmp_path, monkeypatch, isvit_accuracy):
     monkeypatch.setattr(record.subprocess, "run", lambda *a, **k: pytest.fail("nothing may run"))
     old = tmp_path / "old.json"
