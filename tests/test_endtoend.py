@@ -123,6 +123,14 @@ def test_the_rounding_offsets_move_a_code_at_most_one_step_an_epoch_and_stay_on_
     assert moved > 0.1 * sum(c.numel() for c in codes.values())
 
 
+def test_the_stages_leave_no_gradient_buffers_behind():
+    calib = random_images(16, seed=1)
+    config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=16, iters=2, batch_size=8, rotate=False)
+    for end_to_end in (EndToEnd(), EndToEnd(epochs=1, batch_size=8, round_lr=3e-2, softmax_lr=1e-2)):
+        qmodel = isvit.quantize(small_vit(), calib, dataclasses.replace(config, end_to_end=end_to_end), progress=False)
+        assert all(p.grad is None for p in qmodel.parameters())
+
+
 def test_a_holdout_stops_at_the_first_epoch_that_raised_its_loss_and_undoes_that_epoch():
     calib = random_images(40, seed=1)
     qmodel, fp = block_quantized(calib)

@@ -252,6 +252,8 @@ def train_end_to_end(
                 break
     finally:
         finish_training(qmodel)
+        for p in qmodel.parameters():  # no gradient buffers left behind (a model's size in memory)
+            p.grad = None
         for module, mode in modes:
             module.training = mode
     if held:

@@ -282,6 +282,8 @@ def reconstruct_blocks(
         if sequential:
             x_q = run_unit(q_unit, x_q, device, settings.batch_size, cache_dtype, cache_device)
         x_fp = y_fp
+    for p in qmodel.parameters():  # the units' extras (class token, position embedding) keep gradients too
+        p.grad = None
     run.finish(desc, qmodel, report)
     return report
 

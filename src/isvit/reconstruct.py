@@ -268,6 +268,8 @@ def reconstruct_unit(
             if on_step is not None:
                 on_step(step)
     finally:
+        for p in unit.parameters():  # no gradient buffers left behind (a model's size in memory)
+            p.grad = None
         for module, mode in modes:
             module.training = mode
         for q in dropping:
