@@ -21,7 +21,10 @@ import torch.distributed as dist
 
 import isvit
 from isvit.checkpoint import load_quantized
+from isvit import distributed
 from isvit.config import EndToEnd
+from isvit.distributed import sum_gradients
+from isvit.endtoend import output_loss, start_training
 from isvit.export import load_onnx
 from isvit.resume import tensors_digest
 
@@ -93,7 +96,9 @@ def quantize_cases(inputs: Path | None) -> dict[str, tuple]:
         # the end-to-end stage: every rank draws the same batches, its gradients summed over the ranks
         "vit isvit end to end": (small_vit, calib_images, isvit_config(
             end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2))),
-        "vit isvit end to end rounding and grids": (small_vit, calib_images, isvit_config(  # offsets, SULQ grids
+        # with the rounding offsets and SULQ grids: the same state on every rank (their discrete
+        # choices make float-order differences other codes, so one process is compared by gradient)
+        "vit isvit end to end rounding and grids": (small_vit, calib_images, isvit_config(
             end_to_end=EndToEnd(epochs=2, batch_size=6, lr=1e-3, scale_lr=1e-2, round_lr=3e-2, softmax_lr=1e-2))),
         "vit isvit end to end augmented": (small_vit, calib_images, isvit_config(  # one view of a batch on both ranks
             end_to_end=EndToEnd(epochs=1, batch_size=6, lr=1e-3, augment=True))),
@@ -113,6 +118,23 @@ def quantize_case(make_model, make_images, config, resume_dir=None) -> tuple[tor
         x = probe() if config.method == "isvit" else make_images()[:2]
         logits = qmodel(x)
     return logits, tensors_digest(qmodel.state_dict().items())
+
+
+def end_to_end_gradients() -> torch.Tensor:
+    """The end-to-end stage's gradient of every group it trains (step sizes, floats, rounding
+    offsets, SULQ grids) for one batch of all the calibration images, as the stage computes it: each
+    rank its share of the batch, the gradients summed over the ranks (one process: all of it)."""
+    qmodel, fp = isvit.quantize(small_vit(), calib_images(), isvit_config(), progress=False), small_vit()
+    optimizer = torch.optim.Adam(start_training(qmodel, EndToEnd(round_lr=3e-2, softmax_lr=1e-2)))
+    images = calib_images()
+    x = images[distributed.split(len(images)).slice]
+    with torch.no_grad():
+        target = fp(x)
+    optimizer.zero_grad(set_to_none=True)  # as each of the stage's steps starts
+    loss = output_loss(qmodel(x), target, "kl").sum() / len(images)
+    loss.backward()
+    sum_gradients(optimizer, loss.item())
+    return torch.cat([p.grad.reshape(-1) for group in optimizer.param_groups for p in group["params"]])
 
 
 def quantize_all(out: Path, inputs: Path | None) -> dict:
@@ -141,7 +163,7 @@ def main() -> None:
     if task != "group":
         raise SystemExit(f"unknown task {task}")
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    results = {"eval": eval_cases(inputs), "quantize": quantize_all(out, inputs)}
+    results = {"eval": eval_cases(inputs), "quantize": quantize_all(out, inputs), "gradients": end_to_end_gradients()}
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
