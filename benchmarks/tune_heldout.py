@@ -106,6 +106,17 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 
+def open_split(args: argparse.Namespace):
+    """What the held-out scripts start from, with ``add_split_arguments``' options: torch's threads
+    set, the shared ViT-Ti, the split and the full-precision logits of the held-out images:
+    (model, calibration images, held-out images, their labels, the logits)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
+    (calib, _), (held, labels) = heldout_split(model, args.cache, args.calib_size, args.split_seed)
+    return model, calib, held, labels, logits_of(model, held)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--set", action="append", default=[], dest="settings")
@@ -115,8 +126,6 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="run the --set settings only")
     parser.add_argument("--save-dir", type=Path, help="also write each quantized model there (integer checkpoint)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = list(args.settings)
     if not args.no_baseline and settings:
         first = parse_setting(settings[0])
@@ -124,9 +133,7 @@ def main() -> None:
         if baseline not in settings:
             settings.insert(0, baseline)
 
-    model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
-    (calib, _), (held, held_labels) = heldout_split(model, args.cache, args.calib_size, args.split_seed)
-    fp_logits = logits_of(model, held)
+    model, calib, held, held_labels, fp_logits = open_split(args)
     fp_pred = fp_logits.argmax(1)
     print(f"full precision: held-out top-1 {100 * (fp_pred == held_labels).float().mean():.2f} on {len(held)} images")
     for text in settings:

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 import isvit
-from isvit.checkpoint import load_quantized
 from isvit import distributed
+from isvit.checkpoint import load_quantized
 from isvit.config import EndToEnd
 from isvit.distributed import sum_gradients
 from isvit.endtoend import output_loss, start_training

@@ -59,11 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/studies/e2e_heldout.jsonl")
     tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = isvit.create_model("vit_tiny_patch16_224", tune_heldout.SHARED / "models" / "vit_tiny_patch16_224.safetensors")
-    (calib, _), (held, labels) = tune_heldout.heldout_split(model, args.cache, args.calib_size, args.split_seed)
-    fp_logits = tune_heldout.logits_of(model, held)
+    model, calib, held, labels, fp_logits = tune_heldout.open_split(args)
     if args.load:
         blocks, info = load_quantized(args.load)
         config, block_seconds = info["config"], None

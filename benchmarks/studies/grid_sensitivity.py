@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import isvit
 from isvit.checkpoint import load_quantized
 from isvit.quantizers import UniformQuantizer, named_quantizers
 
@@ -55,11 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/studies/grid_sensitivity.jsonl")
     tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = isvit.create_model("vit_tiny_patch16_224", tune_heldout.SHARED / "models" / "vit_tiny_patch16_224.safetensors")
-    _, (held, labels) = tune_heldout.heldout_split(model, args.cache, args.calib_size, args.split_seed)
-    fp_logits = tune_heldout.logits_of(model, held)
+    _, _, held, labels, fp_logits = tune_heldout.open_split(args)
     qmodel, _ = load_quantized(args.load)
     as_is = tune_heldout.heldout_scores(qmodel, held, labels, fp_logits)
     draws = [tune_heldout.heldout_scores(perturbed(qmodel, args.rel, seed), held, labels, fp_logits)
