@@ -100,7 +100,8 @@ def test_trained_with_the_rounding_and_the_softmax_grids_it_lowers_the_held_out_
     train_end_to_end(qmodel, fp, calib, EndToEnd(epochs=2, batch_size=8, round_lr=3e-2, softmax_lr=3e-2),
                      device="cpu", progress=False)
     after = evaluate_loss(qmodel, fp, held_out, "cpu")
-    assert after < 0.9 * before, (before, after)  # 0.74 -> 0.47 with 2 threads (step sizes and floats alone: 0.53)
+    # 0.68 -> 0.49 with 1 thread, 0.74 -> 0.62 with 2 (step sizes and floats alone: 0.57, 0.53)
+    assert after < 0.9 * before, (before, after)
     assert set(qmodel.state_dict()) == keys  # offsets and grids folded in; nothing learnable left behind
     assert all(not torch.equal(torch.cat([q.eta, q.ymin, q.ymax]), g) for q, g in zip(sulq, grids, strict=True))
 
