@@ -24,7 +24,7 @@ from isvit import distributed
 from isvit.checkpoint import load_quantized
 from isvit.config import EndToEnd
 from isvit.distributed import sum_gradients
-from isvit.endtoend import output_loss, start_training
+from isvit.endtoend import backward_batch, start_training
 from isvit.export import load_onnx
 from isvit.resume import tensors_digest
 
@@ -122,18 +122,18 @@ def quantize_case(make_model, make_images, config, resume_dir=None) -> tuple[tor
 
 def end_to_end_gradients() -> torch.Tensor:
     """The end-to-end stage's gradient of every group it trains (step sizes, floats, rounding
-    offsets, SULQ grids) for one batch of all the calibration images, as the stage computes it: each
-    rank its share of the batch, the gradients summed over the ranks (one process: all of it)."""
+    offsets, SULQ grids) for one batch of all the calibration images, computed by the stage's own
+    step (``endtoend.backward_batch``, then the sum over the ranks; one process: all of it)."""
     qmodel, fp = isvit.quantize(small_vit(), calib_images(), isvit_config(), progress=False), small_vit()
-    optimizer = torch.optim.Adam(start_training(qmodel, EndToEnd(round_lr=3e-2, softmax_lr=1e-2)))
+    settings = EndToEnd(round_lr=3e-2, softmax_lr=1e-2, micro_batch=4)
+    optimizer = torch.optim.Adam(start_training(qmodel, settings))
     images = calib_images()
-    x = images[distributed.split(len(images)).slice]
+    shard = distributed.split(len(images))
+    local = images[shard.slice]
     with torch.no_grad():
-        target = fp(x)
-    optimizer.zero_grad(set_to_none=True)  # as each of the stage's steps starts
-    loss = output_loss(qmodel(x), target, "kl").sum() / len(images)
-    loss.backward()
-    sum_gradients(optimizer, loss.item())
+        targets = fp(local)
+    loss = backward_batch(qmodel, fp, local, targets, torch.arange(len(images)), shard, settings, device="cpu")
+    sum_gradients(optimizer, loss)
     return torch.cat([p.grad.reshape(-1) for group in optimizer.param_groups for p in group["params"]])
 
 

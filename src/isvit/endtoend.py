@@ -153,6 +153,32 @@ def evaluate_loss(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, 
     return output_loss(out, target, loss).mean().item()
 
 
+def backward_batch(qmodel: nn.Module, fp_model: nn.Module, local: torch.Tensor, targets: torch.Tensor | None,
+                   batch: torch.Tensor, shard, settings: EndToEnd, *, device, view: int | None = None) -> float:
+    """The gradient of the loss of ``batch`` (indices into all the calibration images) on this
+    rank's part of it (``local``: this rank's images, ``targets``: their full-precision outputs),
+    run in chunks of ``settings.micro_batch`` and added to the parameters' ``.grad``; each image
+    weighs 1/len(batch), so that the ranks' gradients summed (``distributed.sum_gradients``) are the
+    whole batch's. With ``view`` (a seed), the chunks are cut by ``augment`` and their targets
+    computed on the view. Returns this rank's part of the loss."""
+    loss = 0.0
+    with torch.enable_grad():
+        for chunk in local_part(batch, shard).split(settings.micro_batch):
+            x = local[chunk].to(device)
+            if view is None:
+                target = targets[chunk].to(device)
+            else:
+                x = augment(x, torch.Generator().manual_seed(view))
+                with torch.no_grad():
+                    target = fp_model(x)
+            with autocast(device, settings.compute_dtype):
+                out = qmodel(x)
+            part = output_loss(out, target, settings.loss).sum() / len(batch)
+            part.backward()
+            loss += part.item()
+    return loss
+
+
 def train_end_to_end(
     qmodel: nn.Module,
     fp_model: nn.Module,
@@ -215,23 +241,9 @@ def train_end_to_end(
                        disable=not progress, leave=False)
             for batch in bar:
                 optimizer.zero_grad(set_to_none=True)
-                loss = 0.0
                 # the batch's view (augment): one seed, so that every chunk and rank cuts it alike
                 view = int(torch.randint(2 ** 62, (), generator=generator)) if settings.augment else None
-                with torch.enable_grad():
-                    for chunk in local_part(batch, shard).split(settings.micro_batch):
-                        x = local[chunk].to(device)
-                        if view is None:
-                            target = targets[chunk].to(device)
-                        else:
-                            x = augment(x, torch.Generator().manual_seed(view))
-                            with torch.no_grad():
-                                target = fp_model(x)
-                        with autocast(device, settings.compute_dtype):
-                            out = qmodel(x)
-                        part = output_loss(out, target, settings.loss).sum() / len(batch)
-                        part.backward()
-                        loss += part.item()
+                loss = backward_batch(qmodel, fp_model, local, targets, batch, shard, settings, device=device, view=view)
                 loss = sum_gradients(optimizer, loss)
                 optimizer.step()
                 schedule.step()
