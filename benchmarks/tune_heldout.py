@@ -108,13 +108,13 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_split(args: argparse.Namespace):
     """What the held-out scripts start from, with ``add_split_arguments``' options: torch's threads
-    set, the shared ViT-Ti, the split and the full-precision logits of the held-out images:
-    (model, calibration images, held-out images, their labels, the logits)."""
+    set, the shared ViT-Ti, the split (``heldout_split``) and the full-precision logits of the
+    held-out images: (model, (calibration images, labels), (held-out images, labels), the logits)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = isvit.create_model("vit_tiny_patch16_224", SHARED / "models" / "vit_tiny_patch16_224.safetensors")
-    (calib, _), (held, labels) = heldout_split(model, args.cache, args.calib_size, args.split_seed)
-    return model, calib, held, labels, logits_of(model, held)
+    calib, (held, labels) = heldout_split(model, args.cache, args.calib_size, args.split_seed)
+    return model, calib, (held, labels), logits_of(model, held)
 
 
 def main() -> None:
@@ -133,7 +133,7 @@ def main() -> None:
         if baseline not in settings:
             settings.insert(0, baseline)
 
-    model, calib, held, held_labels, fp_logits = open_split(args)
+    model, (calib, _), (held, held_labels), fp_logits = open_split(args)
     fp_pred = fp_logits.argmax(1)
     print(f"full precision: held-out top-1 {100 * (fp_pred == held_labels).float().mean():.2f} on {len(held)} images")
     for text in settings:

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/studies/e2e_heldout.jsonl")
     tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
-    model, calib, held, labels, fp_logits = tune_heldout.open_split(args)
+    model, (calib, _), (held, labels), fp_logits = tune_heldout.open_split(args)
     if args.load:
         blocks, info = load_quantized(args.load)
         config, block_seconds = info["config"], None

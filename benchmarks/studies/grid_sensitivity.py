@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/studies/grid_sensitivity.jsonl")
     tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
-    _, _, held, labels, fp_logits = tune_heldout.open_split(args)
+    _, _, (held, labels), fp_logits = tune_heldout.open_split(args)
     qmodel, _ = load_quantized(args.load)
     as_is = tune_heldout.heldout_scores(qmodel, held, labels, fp_logits)
     draws = [tune_heldout.heldout_scores(perturbed(qmodel, args.rel, seed), held, labels, fp_logits)

@@ -78,10 +78,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/studies/heldout_blocks.jsonl")
     tune_heldout.add_split_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = isvit.create_model(MODEL, tune_heldout.SHARED / "models" / f"{MODEL}.safetensors")
-    (calib, calib_labels), (held, labels) = tune_heldout.heldout_split(model, args.cache, args.calib_size, args.split_seed)
+    model, (calib, calib_labels), (held, labels), fp_logits = tune_heldout.open_split(args)
     seconds = None
     if args.load:
         qmodel, info = load_quantized(args.load)
@@ -97,7 +94,6 @@ def main() -> None:
     fp_model = copy.deepcopy(model)
     if config.wants_rotation():  # the quantized model's units work in the rotated basis
         _rotate(fp_model, config)
-    fp_logits = tune_heldout.logits_of(model, held)
     seen = calib[: len(held)]
     row = {
         "setting": args.set if not args.load else str(args.load),
