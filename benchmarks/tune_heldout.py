@@ -15,7 +15,9 @@ are read as ``qdrop`` and ``fold``. Compare settings run by one invocation: ``--
 comparison has its same-code baseline beside it (``--no-baseline`` skips it). Prints one JSON line
 per setting and appends it to --out; each line records the resolved config (``config.to_dict()``), the split, the
 threads, the torch version, the date and ``--note`` (what the run is for, and whether the machine
-was shared), so no line is edited by hand.
+was shared), so no line is edited by hand. ``--calib-flips`` adds each calibration image's left-right mirror
+image to the calibration set (twice the images for the same training steps; the held-out images
+are not mirrored).
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--baseline", help="the setting to compare against (default: preset=fast at the first --set's bits)")
     parser.add_argument("--no-baseline", action="store_true", help="run the --set settings only")
     parser.add_argument("--save-dir", type=Path, help="also write each quantized model there (integer checkpoint)")
+    parser.add_argument("--calib-flips", action="store_true",
+                        help="calibrate on the calibration images and their left-right mirror images (twice as many)")
     args = parser.parse_args()
     settings = list(args.settings)
     if not args.no_baseline and settings:
@@ -134,6 +138,10 @@ def main() -> None:
             settings.insert(0, baseline)
 
     model, (calib, _), (held, held_labels), fp_logits = open_split(args)
+    split = f"{len(calib)} calibration / {len(held)} held-out images of imagenet-calib-1000 (split seed {args.split_seed})"
+    if args.calib_flips:  # the mirror images are extra calibration images; the held-out ones stay as they are
+        calib = torch.cat([calib, calib.flip(-1)])
+        split += ", the calibration images also mirrored left-right"
     fp_pred = fp_logits.argmax(1)
     print(f"full precision: held-out top-1 {100 * (fp_pred == held_labels).float().mean():.2f} on {len(held)} images")
     for text in settings:
@@ -154,8 +162,7 @@ def main() -> None:
             "seconds": round(seconds, 1),
             "baseline": not args.no_baseline and text == settings[0] and text not in args.settings,
             "note": args.note,
-            "split": f"{len(calib)} calibration / {len(held)} held-out images of imagenet-calib-1000 "
-                     f"(split seed {args.split_seed})",
+            "split": split,
             "config": config.to_dict(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

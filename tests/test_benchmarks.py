@@ -378,6 +378,30 @@ def test_tune_heldout_settings_are_config_fields_and_the_earlier_names_still_rea
             tune_heldout.config_of(tune_heldout.parse_setting(json.loads(line)["setting"]))
 
 
+def test_tune_heldout_calib_flips_calibrates_on_the_images_and_their_mirror_images(monkeypatch, tmp_path):
+    import torch
+
+    tune_heldout = importlib.import_module("tune_heldout")
+    generator = torch.Generator().manual_seed(0)
+    calib, held = torch.randn(4, 3, 2, 5, generator=generator), torch.randn(6, 3, 2, 5, generator=generator)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(30, 3))
+    monkeypatch.setattr(tune_heldout, "open_split", lambda args: (
+        model, (calib, torch.zeros(4)), (held, torch.zeros(6, dtype=torch.long)), model(held).detach()))
+    seen = []
+    monkeypatch.setattr(tune_heldout.isvit, "quantize", lambda m, images, config, progress: seen.append(images) or m)
+    out = tmp_path / "rows.jsonl"
+    for flips in ([], ["--calib-flips"]):
+        monkeypatch.setattr(sys, "argv", ["tune_heldout.py", "--no-baseline", "--set", "preset=fast,iters=1",
+                                          "--out", str(out), *flips])
+        tune_heldout.main()
+    assert torch.equal(seen[0], calib)
+    assert torch.equal(seen[1], torch.cat([calib, calib.flip(-1)]))  # each image, then each one mirrored
+    plain, flipped = (json.loads(line) for line in out.read_text().splitlines())
+    assert plain["split"] == "4 calibration / 6 held-out images of imagenet-calib-1000 (split seed 123)"
+    assert flipped["split"] == plain["split"] + ", the calibration images also mirrored left-right"
+    assert flipped["kl"] == plain["kl"] == 0.0  # the same (unquantized) model scored on the same held-out images
+
+
 def test_unit_probe_settings_take_the_earlier_qdrop_name_and_a_learnt_roundings_default_lr():
     from isvit.config import Reconstruction
 
