@@ -84,8 +84,11 @@ OPTIONS = {
     # issue 21, item 4: 100 iterations per unit at <= 4 bits, measured while the preset trained 60 (now the preset's)
     "iters100": ["--iters", "100"],
     # issue 30: the end-to-end stage after the preset's block stages, with the settings held-out images liked best
-    # at W3/A3 (2 epochs, learning rates 3e-4 and 3e-3; results/studies/e2e_heldout.jsonl)
+    # at W3/A3 (2 epochs, learning rates 3e-4 and 3e-3; results/studies/e2e_heldout.jsonl); at 3 bits the
+    # preset's own since 2026-12-07 (its rows of before ran after 140 iterations per unit: --iters 140)
     "e2e": ["--e2e-epochs", "2", "--e2e-lr", "3e-4", "--e2e-scale-lr", "3e-3"],
+    # the fast preset at <= 3 bits before it took the end-to-end stage (140 iterations per unit, no stage)
+    "no-e2e-iters140": ["--e2e-epochs", "0", "--iters", "140"],
 }
 for _bits in ("3", "4"):
     for _name, _flags in {**ABLATION, **OPTIONS}.items():

@@ -7,7 +7,8 @@ held-out set (the other 360) on which each setting is scored by top-1, top-1 agr
 full-precision model and the mean KL divergence from it (less noisy than top-1 on 360 images).
 Each ``--set`` is a comma-separated list of config fields (method=isvit, w_bits=4 and a_bits=4
 unless given): for isvit those of ``IsvitConfig`` and of its ``Reconstruction``, applied to the
-preset's (``IsvitConfig.from_preset``, e.g. ``preset=fast,iters=30,qdrop=0.5,fold=False``); for
+preset's (``IsvitConfig.from_preset``, e.g. ``preset=fast,iters=30,qdrop=0.5,fold=False``), and
+``e2e_``-prefixed fields of its end-to-end stage (``EndToEnd``: ``e2e_epochs=0`` turns it off); for
 repq and minmax those of ``RepqConfig`` and ``MinmaxConfig``. The names of isvit's earlier
 QuantConfig, ``drop_prob`` and ``reparameterize`` (in the commands of results/tune_heldout.jsonl),
 are read as ``qdrop`` and ``fold``. Compare settings run by one invocation: ``--baseline`` (default
@@ -23,6 +24,7 @@ are not mirrored).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -59,11 +61,16 @@ def parse_setting(text: str) -> dict:
 
 def config_of(fields: dict) -> Config:
     """The method's config from ``parse_setting``'s fields: for isvit, the preset's (default
-    "paper", as ``IsvitConfig``'s) with the other fields, of ``IsvitConfig`` or ``Reconstruction``."""
+    "paper", as ``IsvitConfig``'s) with the other fields, of ``IsvitConfig`` or ``Reconstruction``,
+    and ``e2e_``-prefixed ones of the preset's end-to-end stage at those bits (``e2e_epochs=0``: off)."""
     fields = dict(fields)
     method = fields.pop("method")
     if method == "isvit":
-        return IsvitConfig.from_preset(fields.pop("preset", "paper"), **fields)
+        e2e = {k[len("e2e_"):]: fields.pop(k) for k in list(fields) if k.startswith("e2e_")}
+        config = IsvitConfig.from_preset(fields.pop("preset", "paper"), **fields)
+        if e2e:
+            config = dataclasses.replace(config, end_to_end=dataclasses.replace(config.resolved().end_to_end, **e2e))
+        return config
     if method not in CONFIGS:
         raise SystemExit(f"unknown method {method!r}; choose one of {', '.join(CONFIGS)}")
     return CONFIGS[method](**fields)

@@ -187,10 +187,11 @@ def test_without_stage1_the_same_steps_go_to_stage3(isvit_accuracy):
     from isvit.config import PRESETS
 
     # ViT-Ti: stage 1 trains 13 units (all but the patch embedding), stage 3 all 14
-    iters = PRESETS["fast"].low_bits.iters
-    assert isvit_accuracy.same_steps_iters("fast", 3) == round((13 + 14) * iters / 14) == 270
+    iters = PRESETS["fast"].at(3, 3).iters
+    assert isvit_accuracy.same_steps_iters("fast", 3) == round((13 + 14) * iters / 14) == 193
     flags = isvit_accuracy.setting_flags("w3a3-no-stage1-same-steps", "fast")
-    assert flags == ["--w-bits", "3", "--a-bits", "3", "--no-stage1", "--iters", "270"]
+    assert flags == ["--w-bits", "3", "--a-bits", "3", "--no-stage1", "--iters", "193"]
+    assert isvit_accuracy.same_steps_iters("fast", 4) == round((13 + 14) * PRESETS["fast"].at(4, 4).iters / 14) == 270
     for bits in ("3", "4"):  # the whole ablation at both bit-widths
         for name in ("log2sqrt2", "uniform-softmax", "no-stage1", "no-reparam", "no-outlier-split"):
             assert isvit_accuracy.setting_flags(f"w{bits}a{bits}-{name}", "fast")[:4] == ["--w-bits", bits, "--a-bits", bits]
@@ -363,7 +364,9 @@ def test_a_row_recorded_with_a_renamed_flag_is_resumed_by_the_command_with_its_n
 
 
 def test_tune_heldout_settings_are_config_fields_and_the_earlier_names_still_read():
-    from isvit.config import IsvitConfig, MinmaxConfig
+    import dataclasses
+
+    from isvit.config import PRESETS, IsvitConfig, MinmaxConfig
 
     tune_heldout = importlib.import_module("tune_heldout")
     config = tune_heldout.config_of(tune_heldout.parse_setting("preset=fast,iters=3,drop_prob=0.25,reparameterize=False"))
@@ -372,6 +375,11 @@ def test_tune_heldout_settings_are_config_fields_and_the_earlier_names_still_rea
         IsvitConfig.from_preset("fast", w_bits=3, a_bits=3, qdrop=0.25, fold=False)
     assert tune_heldout.config_of(tune_heldout.parse_setting("method=minmax,w_bits=8,a_bits=8,calib_size=16")) == \
         MinmaxConfig(w_bits=8, a_bits=8, calib_size=16)
+    # e2e_ fields change the preset's end-to-end stage at those bits: off, or another learning rate
+    off = tune_heldout.config_of(tune_heldout.parse_setting("preset=fast,w_bits=3,a_bits=3,iters=140,e2e_epochs=0"))
+    assert off.resolved().end_to_end.epochs == 0 and off.resolved().reconstruction.iters == 140
+    lr = tune_heldout.config_of(tune_heldout.parse_setting("preset=fast,w_bits=3,a_bits=3,e2e_lr=1e-3"))
+    assert lr.resolved().end_to_end == dataclasses.replace(PRESETS["fast"].end_to_end_at(3, 3), lr=1e-3)
     # every setting recorded in results/ still makes its config
     for path in sorted((BENCHMARKS.parent / "results").glob("tune_heldout*.jsonl")):
         for line in path.read_text().splitlines():

@@ -41,9 +41,13 @@ EXAMPLES = {
 
 
 def as_run_on_cpu(config):
-    """``config.resolved()`` with the compute dtypes "auto" as they run on this machine's CPU (what
-    ``applied_config`` records)."""
-    return compute_dtypes_on(config.resolved(), "cpu")
+    """``config.resolved()`` with the compute dtypes "auto" as they run on this machine's CPU and the
+    loss "auto" of an end-to-end stage that runs as a classifier takes it ("kl"): what
+    ``applied_config`` records for the classifiers these tests quantize."""
+    config = compute_dtypes_on(config.resolved(), "cpu")
+    if isinstance(config, IsvitConfig) and config.end_to_end.epochs and config.end_to_end.loss == "auto":
+        config = dataclasses.replace(config, end_to_end=dataclasses.replace(config.end_to_end, loss="kl"))
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

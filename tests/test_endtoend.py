@@ -14,20 +14,23 @@ import torch
 
 import isvit
 from isvit import cli
-from isvit.config import EndToEnd, IsvitConfig
+from isvit.checkpoint import load_quantized, save_quantized
+from isvit.config import PRESETS, EndToEnd, IsvitConfig
 from isvit.endtoend import (
     augment,
     evaluate_loss,
     finish_training,
+    loss_of,
     output_loss,
     start_training,
     train_end_to_end,
     trainable,
 )
+from isvit.pipeline import applied_config
 from isvit.quantizers import SULQuantizer, named_quantizers
 from isvit.resume import ResumeState
 
-from conftest import CALIB_DIR, VIT_TINY_WEIGHTS, error_of, random_images, small_vit
+from conftest import CALIB_DIR, SMALL_VIT, VIT_TINY_WEIGHTS, error_of, random_images, small_vit
 
 needs_shared = pytest.mark.skipif(not VIT_TINY_WEIGHTS.is_file(), reason="../shared is not present")
 
@@ -48,7 +51,7 @@ def block_quantized(calib, bits=3, **fields):
     """``confident_vit`` after I&S-ViT's block stages (a short schedule, in float32 on every CPU), and
     its float original."""
     config = IsvitConfig.from_preset("fast", w_bits=bits, a_bits=bits, calib_size=len(calib), iters=4, batch_size=8,
-                                     rotate=False, **{"compute_dtype": "float32", **fields})
+                                     rotate=False, end_to_end=EndToEnd(), **{"compute_dtype": "float32", **fields})
     return isvit.quantize(confident_vit(), calib, config, progress=False), confident_vit()
 
 
@@ -59,6 +62,17 @@ def test_output_losses_are_zero_for_equal_outputs_and_positive_otherwise():
     tokens = torch.randn(3, 5, 8)
     assert torch.equal(output_loss(tokens, tokens, "mse"), torch.zeros(3))
     assert output_loss(2 * tokens, tokens, "mse").shape == (3,)
+
+
+def test_the_auto_loss_is_kl_for_a_classifier_and_mse_for_a_feature_tower():
+    assert EndToEnd().loss == "auto"
+    assert loss_of(small_vit(), "auto") == "kl" and loss_of(small_vit(num_classes=0), "auto") == "mse"
+    assert loss_of(small_vit(num_classes=0), "kl") == "kl"  # what the caller names stands
+    # the config recorded with the quantized model names the loss the stage took
+    config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=4, iters=1, batch_size=4, rotate=False,
+                                     end_to_end=EndToEnd(epochs=1, batch_size=4))
+    tower = isvit.quantize(small_vit(num_classes=0), random_images(4), config, progress=False)
+    assert applied_config(tower, config).end_to_end.loss == "mse"
 
 
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
@@ -88,6 +102,22 @@ def test_the_stage_lowers_the_kl_on_held_out_images_and_keeps_the_weight_codes(c
     assert moved < 0.05 * sum(c.numel() for c in codes.values())
     # nothing learnable is left behind: the step sizes are folded into the scales
     assert not any("log_scale_step" in k for k in qmodel.state_dict())
+
+
+def test_a_model_after_the_stage_saves_and_reloads_to_the_same_outputs(tmp_path):
+    # the fast preset at 3 bits, its end-to-end stage included: the learnt step sizes are what is saved
+    calib = random_images(16, seed=1)
+    config = IsvitConfig.from_preset("fast", w_bits=3, a_bits=3, calib_size=16, iters=2, batch_size=8, rotate=False,
+                                     compute_dtype="float32")
+    assert config.resolved().end_to_end.epochs == 2
+    qmodel = isvit.quantize(small_vit(), calib, config, progress=False)
+    path = tmp_path / "e2e.safetensors"
+    save_quantized(qmodel, path, model_name=SMALL_VIT[0], config=config, data_config={}, model_args=SMALL_VIT[1])
+    rebuilt, info = load_quantized(path)
+    recorded = info["config"].end_to_end  # as the stage ran: the loss "auto" took "kl" for a classifier
+    assert (recorded.epochs, recorded.loss) == (2, "kl")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(calib), qmodel(calib))
 
 
 def test_trained_with_the_rounding_and_the_softmax_grids_it_lowers_the_held_out_kl():
@@ -258,10 +288,14 @@ def test_augmented_views_are_one_draw_per_batch_and_resume_alike(tmp_path, monke
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_the_stage_is_off_unless_asked_for_and_reports_its_losses_and_time():
+def test_the_stage_is_on_in_the_fast_preset_at_3_bits_alone_and_reports_its_losses_and_time():
     calib = random_images(8, seed=1)
     assert IsvitConfig().resolved().end_to_end.epochs == 0
-    assert all(p.end_to_end.epochs == 0 for p in isvit.PRESETS.values())
+    epochs = {(name, bits): IsvitConfig.from_preset(name, w_bits=w, a_bits=a).resolved().end_to_end.epochs
+              for name in isvit.PRESETS for bits, (w, a) in {3: (3, 3), "w3a4": (3, 4), 4: (4, 4), 6: (6, 6)}.items()}
+    assert {key for key, n in epochs.items() if n} == {("fast", 3), ("fast", "w3a4")}
+    # its time is paid with fewer block iterations than at 4 bits
+    assert PRESETS["fast"].at(3, 3).iters < PRESETS["fast"].at(4, 4).iters
     losses, seconds = {}, {}
     config = IsvitConfig.from_preset("fast", w_bits=4, a_bits=4, calib_size=8, iters=1, batch_size=8, rotate=False,
                                      end_to_end=EndToEnd(epochs=1, batch_size=4))

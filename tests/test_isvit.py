@@ -8,7 +8,7 @@ import torch
 
 import isvit
 from isvit import pipeline, reconstruct
-from isvit.config import PRESETS, IsvitConfig, Reconstruction, RepqConfig
+from isvit.config import PRESETS, EndToEnd, IsvitConfig, Reconstruction, RepqConfig
 from isvit.pipeline import (
     ESTIMATE_STEPS,
     DurationEstimate,
@@ -308,10 +308,11 @@ def test_the_thorough_preset_is_the_fast_recipe_with_the_gpu_budget(bits, iters)
     assert IsvitConfig.from_preset("thorough", iters=5).resolved().reconstruction.iters == 5
 
 
-@pytest.mark.parametrize("w_bits, a_bits, iters, compute", [(3, 3, 140, "auto"), (4, 4, 140, "auto"), (4, 8, 140, "auto"),
+@pytest.mark.parametrize("w_bits, a_bits, iters, compute", [(3, 3, 100, "auto"), (4, 4, 140, "auto"), (4, 8, 140, "auto"),
                                                        (6, 6, 30, "float32"), (8, 8, 30, "float32")])
 def test_the_fast_preset_trains_140_iterations_per_unit_in_bf16_at_low_bits_and_30_above(w_bits, a_bits, iters, compute):
-    # <= 4 bits: 140 iterations, paid for by bf16 where the device has it (docs/results.md, the fast preset's history)
+    # <= 4 bits: 140 iterations, paid for by bf16 where the device has it (docs/results.md, the fast preset's history);
+    # <= 3 bits: 100, which pay for the end-to-end stage
     config = IsvitConfig(preset="fast", w_bits=w_bits, a_bits=a_bits)
     recon = config.resolved().reconstruction
     assert recon == PRESETS["fast"].at(w_bits, a_bits)
@@ -500,6 +501,12 @@ def test_reconstruction_steps_count_the_units_of_each_stage():
     # stage 1: the two blocks and the head (the patch embedding has a weight quantizer only); stage 3: all four
     assert reconstruction_steps(model, config) == (3 + 4) * 7
     assert reconstruction_steps(model, IsvitConfig.from_preset(stage1=False, iters=7)) == 4 * 7
+    # the end-to-end stage: ceil(66 / 16) = 5 steps an epoch (2 images kept out), each worth one step
+    # of both blocks at half the blocks' batch of 32
+    e2e = EndToEnd(epochs=3, batch_size=16, holdout=2)
+    config = IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=7, batch_size=32, end_to_end=e2e)
+    assert reconstruction_steps(model, config, images=68) == (3 + 4) * 7 + 3 * 5 * 2 // 2
+    assert reconstruction_steps(model, config) == (3 + 4) * 7  # no images counted: the blocks' steps alone
 
 
 def test_quantize_isvit_reports_the_estimate_once_and_other_methods_never():

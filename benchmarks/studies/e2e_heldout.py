@@ -4,7 +4,7 @@
         --e2e epochs=1 --e2e epochs=2 --e2e epochs=2,lr=3e-4,scale_lr=3e-3 --e2e epochs=2,augment=True \\
         --threads 2 --note "why"
 
-The block stages run once (``--set``, fields as in tune_heldout.py, on tune_heldout.py's split of
+The block stages run once without any end-to-end stage (``--set``, fields as in tune_heldout.py, on tune_heldout.py's split of
 imagenet-calib-1000: 640 calibration images, 360 held out); each ``--e2e`` (``EndToEnd`` fields) then
 trains a copy of that model end to end on the same calibration images, as ``quantize`` does after
 stage 3. One JSON line per setting (the block stages alone first) goes to ``--out``: held-out top-1,
@@ -64,7 +64,8 @@ def main() -> None:
         blocks, info = load_quantized(args.load)
         config, block_seconds = info["config"], None
     else:
-        config = tune_heldout.config_of(tune_heldout.parse_setting(args.set))
+        # the block stages alone (the preset's own end-to-end stage, where it has one, off)
+        config = dataclasses.replace(tune_heldout.config_of(tune_heldout.parse_setting(args.set)), end_to_end=EndToEnd())
         start = time.perf_counter()
         blocks = isvit.quantize(model, calib, config, progress=False)
         block_seconds = round(time.perf_counter() - start, 1)

@@ -75,6 +75,7 @@ from .openvino_ir import check_destination, write_openvino
 from .pipeline import applied_config, quantize
 from .quantizers import SOFTMAX_QUANTIZERS
 from .runtime import PRECISIONS, RUNTIMES, load_onnx
+from .wrap import is_block
 
 
 def _positive_int(text: str) -> int:
@@ -115,9 +116,9 @@ DATA_HELP = "evaluation images: a folder with labels.txt or DIR/<wnid>/*.JPEG"
 # What each preset does, for --help; what each costs is measured in docs, not repeated here.
 PRESET_HELP = (
     "paper (default): the paper's settings, Adam 4e-5, batch 64, 1000 iterations per block at <=4 bits, 200 above "
-    "(hours on a CPU). fast: for CPUs, 140 iterations per block at <=4 bits (in bf16 where the device is fast at it), 30 above, batch 32, QDrop, and at <=4 "
-    "bits rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets (minutes "
-    "on a CPU). thorough: for GPUs, the fast preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, "
+    "(hours on a CPU). fast: for CPUs, 140 iterations per block at 4 bits (in bf16 where the device is fast at it), 30 above, batch 32, QDrop, and at <=4 "
+    "bits rotation, activation percentiles from 0.99, the Fisher-weighted loss and learnt rounding offsets; at <=3 bits "
+    "100 iterations per block and 2 end-to-end epochs (minutes on a CPU). thorough: for GPUs, the fast preset's recipe with 3000 iterations per block at <=4 bits, 1000 above, "
     "training the latent weights (ste). On a CPU, paper and thorough print their expected duration after the first "
     "steps; see docs/results.md#cost for measured times"
 )
@@ -258,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep N calibration images out of its training and stop at the first epoch that raises "
                           "its loss on them, undoing that epoch (default: the preset's)")
     e2e.add_argument("--e2e-loss", choices=E2E_LOSSES,
-                     help="kl: of the output distributions (classifiers; default), mse: of each output token "
-                          "relative to its variance (feature extractors)")
+                     help="kl: of the output distributions (classifiers), mse: of each output token relative to "
+                          "its variance (feature extractors), auto: kl where the model has a classifier, else mse (default)")
     qu.add_argument("--save", metavar="OUT", help="write the quantized model to OUT: integer weight codes and "
                                                   "quantizer parameters in one safetensors file")
     qu.add_argument("--resume", metavar="DIR", help="save the calibration's state in DIR after each finished step; "
@@ -571,9 +572,9 @@ def build_config(args) -> Config:
                              f"{'they are' if len(ignored) > 1 else 'it is'} I&S-ViT's (--method isvit)")
         return CONFIGS[args.method](**fields)
     end_to_end = {field: value for field, whose, value in given.values() if whose == "end_to_end"}
-    if end_to_end:
-        fields["end_to_end"] = replace(PRESETS[fields.get("preset", "paper")].end_to_end, **end_to_end)
     config = IsvitConfig.from_preset(**fields)
+    if end_to_end:  # the preset's stage at these bits, with the options given
+        config = replace(config, end_to_end=replace(config.resolved().end_to_end, **end_to_end))
     recon = config.resolved().reconstruction
     unread = [("--round-lr", recon.rounding == "ste",
                "it is the learnt rounding's learning rate and the rounding here is ste (give --rounding adaround or offset)"),
@@ -586,14 +587,25 @@ def build_config(args) -> Config:
     return config
 
 
-def _estimate_printer(config: Config, device: torch.device) -> Callable[[float], None] | None:
+def _training_work(config: IsvitConfig, blocks: int) -> float:
+    """Roughly what a config's training costs, in images through one block forward and backward:
+    stage 1 and stage 3 on every block and the two ends (the patch embedding, the head), and the
+    end-to-end stage's steps through every block on the calibration images."""
+    recon, e2e = config.reconstruction, config.end_to_end
+    units = (blocks + 2) + (blocks + 1 if config.stage1 else 0)
+    return units * recon.iters * recon.batch_size + e2e.epochs * max(config.calib_size - e2e.holdout, 0) * blocks
+
+
+def _estimate_printer(config: Config, device: torch.device, model: torch.nn.Module) -> Callable[[float], None] | None:
     """For I&S-ViT's long presets (paper, thorough) on a CPU (hours of work): a callback that prints
-    the estimated duration of the block reconstruction once, and what the fast preset would take
-    instead (the same estimate scaled by its iterations x batch size)."""
+    the estimated duration of the reconstruction once, and what the fast preset would take instead
+    (the same estimate scaled by the two configs' ``_training_work``)."""
     if config.method != "isvit" or config.preset == "fast" or device.type != "cpu":
         return None
-    long, fast = config.resolved().reconstruction, PRESETS["fast"].at(config.w_bits, config.a_bits)
-    fast_share = fast.iters * fast.batch_size / (long.iters * long.batch_size)
+    blocks = sum(is_block(m) for m in model.modules())
+    fast = IsvitConfig.from_preset("fast", w_bits=config.w_bits, a_bits=config.a_bits, calib_size=config.calib_size,
+                                   stage1=config.stage1)
+    fast_share = _training_work(fast.resolved(), blocks) / _training_work(config.resolved(), blocks)
 
     def report(seconds: float) -> None:
         tqdm.write(f"{config.preset} preset: about {_duration(seconds)} on this CPU (estimated from the first steps); "
@@ -620,7 +632,7 @@ def run_quantize(args) -> dict:
                                     progress=_progress(args))
     losses, seconds = {}, {}
     qmodel = quantize(model, calib, config, device=device, progress=_progress(args), resume_dir=args.resume,
-                      on_estimate=_estimate_printer(config, device) if distributed.is_main() else None, losses=losses,
+                      on_estimate=_estimate_printer(config, device, model) if distributed.is_main() else None, losses=losses,
                       seconds=seconds)
     calib_seconds = distributed.max_over_ranks(time.perf_counter() - start)
     result.update(**applied_config(qmodel, config).to_dict(), calib_images=int(calib.shape[0]),

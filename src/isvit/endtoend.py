@@ -8,6 +8,7 @@ trained against. Here one loss is taken at the model's output, on the calibratio
     "kl" : KL(p_fp || p_q) of the output distributions (softmax over the last axis), per image
     "mse": each output token's squared error divided by its full-precision variance (the "token"
            loss of reconstruct.py), for models whose outputs are features
+    "auto": "kl" for a classifier, "mse" for a feature tower (``loss_of``)
 
 With ``augment``, each batch is a random view of the images (a flip and a crop, ``augment``) and
 the full-precision targets are computed on it: the block stages have fitted the calibration images
@@ -44,6 +45,7 @@ over the ranks before each step (``distributed.sum_gradients``), as in the block
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -127,6 +129,14 @@ def split_holdout(images: torch.Tensor, holdout: int) -> tuple[torch.Tensor, tor
     return images[: images.shape[0] - holdout], images[images.shape[0] - holdout:]
 
 
+def loss_of(model: nn.Module, loss: str) -> str:
+    """``loss`` with "auto" made "kl" for a classifier (timm's ``num_classes`` above 0) and "mse"
+    for a feature tower (``num_classes=0``: its outputs are features, not logits)."""
+    if loss != "auto":
+        return loss
+    return "kl" if getattr(model, "num_classes", 1) else "mse"
+
+
 def output_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Per image: the KL divergence of the output distributions ("kl"), or the mean over the output's
     tokens of the squared error relative to the target token's variance ("mse")."""
@@ -134,8 +144,10 @@ def output_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Ten
     if loss == "kl":
         log_q, log_p = out.log_softmax(dim=-1), target.log_softmax(dim=-1)
         per = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    else:
+    elif loss == "mse":
         per = (out - target).pow(2).sum(dim=-1) / target.var(dim=-1, unbiased=False).clamp_min(1e-6)
+    else:  # "auto" needs the model: loss_of
+        raise ValueError(f"output_loss takes 'kl' or 'mse', got {loss!r}")
     return per.reshape(out.shape[0], -1).mean(dim=1)
 
 
@@ -161,7 +173,7 @@ def backward_batch(qmodel: nn.Module, fp_model: nn.Module, local: torch.Tensor, 
     weighs 1/len(batch), so that the ranks' gradients summed (``distributed.sum_gradients``) are the
     whole batch's. With ``view`` (a seed), the chunks are cut by ``augment`` and their targets
     computed on the view. Returns this rank's part of the loss."""
-    loss = 0.0
+    loss, name = 0.0, loss_of(fp_model, settings.loss)
     with torch.enable_grad():
         for chunk in local_part(batch, shard).split(settings.micro_batch):
             x = local[chunk].to(device)
@@ -173,7 +185,7 @@ def backward_batch(qmodel: nn.Module, fp_model: nn.Module, local: torch.Tensor, 
                     target = fp_model(x)
             with autocast(device, settings.compute_dtype):
                 out = qmodel(x)
-            part = output_loss(out, target, settings.loss).sum() / len(batch)
+            part = output_loss(out, target, name).sum() / len(batch)
             part.backward()
             loss += part.item()
     return loss
@@ -199,6 +211,7 @@ def train_end_to_end(
     run = run or ResumeState()
     if settings.epochs == 0:
         return {}
+    settings = dataclasses.replace(settings, loss=loss_of(fp_model, settings.loss))
     images, kept = split_holdout(images, settings.holdout)
     shard, kept_shard = distributed.split(images.shape[0]), distributed.split(kept.shape[0])
     local, kept = images[shard.slice], kept[kept_shard.slice]

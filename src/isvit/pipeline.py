@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import Config, IsvitConfig, MinmaxConfig, Reconstruction, RepqConfig
 from .distributed import broadcast_state
-from .endtoend import split_holdout, train_end_to_end
+from .endtoend import loss_of, split_holdout, train_end_to_end
 from .errors import IsvitError
 from .gptq import gptq_unit
 from .modules import QuantLinear
@@ -169,7 +170,7 @@ ESTIMATE_STEPS = 5
 
 
 class DurationEstimate:
-    """The whole block reconstruction's duration, extrapolated once from its first steps.
+    """The whole reconstruction's duration (the end-to-end stage's with it), extrapolated once from its first steps.
 
     Times steps 1..ESTIMATE_STEPS of the first transformer block trained and calls
     ``callback(seconds)`` with their mean time multiplied by ``total_steps`` (the units trained in
@@ -199,14 +200,23 @@ class DurationEstimate:
             self.callback((time.perf_counter() - self.start) / self.timed_steps * self.total_steps)
 
 
-def reconstruction_steps(model: nn.Module, config: IsvitConfig) -> int:
+def reconstruction_steps(model: nn.Module, config: IsvitConfig, images: int = 0) -> int:
     """Training steps of ``config``'s block reconstruction on a wrapped ``model`` whose weight
     quantizers are still off (as before stage 1): stage 1 trains the units with an enabled
-    quantizer, stage 3 every unit with a quantizer; each for ``iters`` steps."""
+    quantizer, stage 3 every unit with a quantizer; each for ``iters`` steps. With the end-to-end
+    stage on ``images`` calibration images, each of its steps counts as one step of every block
+    (scaled by the two batch sizes): it runs the whole model forward and backward."""
     units = forward_units(model)
+    resolved = config.resolved()
     stage1 = sum(has_enabled_quantizer(unit) for unit in units) if config.stage1 else 0
     stage3 = sum(any(isinstance(m, Quantizer) for m in unit.modules()) for unit in units)
-    return (stage1 + stage3) * config.resolved().reconstruction.iters
+    steps = (stage1 + stage3) * resolved.reconstruction.iters
+    e2e = resolved.end_to_end
+    if e2e.epochs and images > e2e.holdout:
+        blocks = sum(is_block(unit.body) for unit in units)
+        e2e_steps = e2e.epochs * math.ceil((images - e2e.holdout) / e2e.batch_size)
+        steps += round(e2e_steps * blocks * e2e.batch_size / resolved.reconstruction.batch_size)
+    return steps
 
 
 @torch.no_grad()
@@ -368,7 +378,7 @@ def _isvit(
     set_quantizers(model, False, "weight")
     estimate = None
     if on_estimate is not None:
-        estimate = DurationEstimate(on_estimate, reconstruction_steps(model, config), settings.iters)
+        estimate = DurationEstimate(on_estimate, reconstruction_steps(model, config, len(all_images)), settings.iters)
     if not run.done("calibrate activations"):
         calibrate_activations(model, images[: config.init_size].to(device))
         broadcast_state(model)
@@ -473,9 +483,13 @@ def applied_config(model: nn.Module, config: Config) -> Config:
     """``config`` as ``quantize`` carried it out on ``model``: resolved (the preset's settings filled
     in), and ``rotate`` says whether the model was rotated (the presets skip a rotation the model
     cannot take, with a warning). The compute dtype "auto" of the reconstruction and the end-to-end
-    stage is recorded as the one they ran in on the model's device. Saved files and reports record
-    this, not what the preset asked."""
+    stage is recorded as the one they ran in on the model's device, the end-to-end loss "auto" of a
+    stage that ran as the one it took for this model. Saved files and reports record this, not what
+    the preset asked."""
     applied = dataclasses.replace(config.resolved(), rotate=is_rotated(model))
+    if isinstance(applied, IsvitConfig) and applied.end_to_end.epochs:
+        e2e = applied.end_to_end
+        applied = dataclasses.replace(applied, end_to_end=dataclasses.replace(e2e, loss=loss_of(model, e2e.loss)))
     return compute_dtypes_on(applied, next(model.parameters()).device)
 
 
