@@ -8,6 +8,7 @@ import torch
 
 import isvit
 from isvit import pipeline, reconstruct
+from isvit.cli import _training_work
 from isvit.config import PRESETS, EndToEnd, IsvitConfig, Reconstruction, RepqConfig
 from isvit.pipeline import (
     ESTIMATE_STEPS,
@@ -507,6 +508,18 @@ def test_reconstruction_steps_count_the_units_of_each_stage():
     config = IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=7, batch_size=32, end_to_end=e2e)
     assert reconstruction_steps(model, config, images=68) == (3 + 4) * 7 + 3 * 5 * 2 // 2
     assert reconstruction_steps(model, config) == (3 + 4) * 7  # no images counted: the blocks' steps alone
+
+
+def test_the_clis_count_before_wrapping_is_the_wrapped_models():
+    """The CLI's estimate of what --preset fast would take counts a ViT's units before it is wrapped
+    (its blocks, the patch embedding and the head; stage 1 without the patch embedding)."""
+    e2e = EndToEnd(epochs=3, batch_size=16, holdout=2)
+    for config in (IsvitConfig.from_preset(w_bits=3, a_bits=3, iters=7, batch_size=32, calib_size=68, end_to_end=e2e),
+                   IsvitConfig.from_preset(w_bits=4, a_bits=4, iters=5, batch_size=8, calib_size=40, stage1=False)):
+        model = wrap_model(small_vit(), config.placement())
+        set_quantizers(model, False, "weight")
+        steps = reconstruction_steps(model, config, images=config.calib_size)
+        assert _training_work(config, blocks=2) == steps * config.resolved().reconstruction.batch_size
 
 
 def test_quantize_isvit_reports_the_estimate_once_and_other_methods_never():

@@ -72,7 +72,7 @@ from .export import export_onnx
 from .files import FILE, FOLDER, NEW_FOLDER, check_output
 from .models import load_model
 from .openvino_ir import check_destination, write_openvino
-from .pipeline import applied_config, quantize
+from .pipeline import applied_config, quantize, training_steps
 from .quantizers import SOFTMAX_QUANTIZERS
 from .runtime import PRECISIONS, RUNTIMES, load_onnx
 from .wrap import is_block
@@ -587,13 +587,13 @@ def build_config(args) -> Config:
     return config
 
 
-def _training_work(config: IsvitConfig, blocks: int) -> float:
-    """Roughly what a config's training costs, in images through one block forward and backward:
-    stage 1 and stage 3 on every block and the two ends (the patch embedding, the head), and the
-    end-to-end stage's steps through every block on the calibration images."""
-    recon, e2e = config.reconstruction, config.end_to_end
-    units = (blocks + 2) + (blocks + 1 if config.stage1 else 0)
-    return units * recon.iters * recon.batch_size + e2e.epochs * max(config.calib_size - e2e.holdout, 0) * blocks
+def _training_work(config: IsvitConfig, blocks: int) -> int:
+    """What a config's training costs, in images through one block forward and backward, on a ViT
+    of ``blocks`` blocks not wrapped yet: its units are the blocks and the two ends (the patch
+    embedding, the head), and stage 1 skips the patch embedding (weights only, off in stage 1)."""
+    steps = training_steps(config, stage1_units=blocks + 1, stage3_units=blocks + 2, blocks=blocks,
+                           images=config.calib_size)
+    return steps * config.resolved().reconstruction.batch_size
 
 
 def _estimate_printer(config: Config, device: torch.device, model: torch.nn.Module) -> Callable[[float], None] | None:
@@ -605,7 +605,7 @@ def _estimate_printer(config: Config, device: torch.device, model: torch.nn.Modu
     blocks = sum(is_block(m) for m in model.modules())
     fast = IsvitConfig.from_preset("fast", w_bits=config.w_bits, a_bits=config.a_bits, calib_size=config.calib_size,
                                    stage1=config.stage1)
-    fast_share = _training_work(fast.resolved(), blocks) / _training_work(config.resolved(), blocks)
+    fast_share = _training_work(fast, blocks) / _training_work(config, blocks)
 
     def report(seconds: float) -> None:
         tqdm.write(f"{config.preset} preset: about {_duration(seconds)} on this CPU (estimated from the first steps); "

@@ -203,17 +203,23 @@ class DurationEstimate:
 def reconstruction_steps(model: nn.Module, config: IsvitConfig, images: int = 0) -> int:
     """Training steps of ``config``'s block reconstruction on a wrapped ``model`` whose weight
     quantizers are still off (as before stage 1): stage 1 trains the units with an enabled
-    quantizer, stage 3 every unit with a quantizer; each for ``iters`` steps. With the end-to-end
-    stage on ``images`` calibration images, each of its steps counts as one step of every block
-    (scaled by the two batch sizes): it runs the whole model forward and backward."""
+    quantizer, stage 3 every unit with a quantizer (``training_steps`` counts them)."""
     units = forward_units(model)
+    return training_steps(config, stage1_units=sum(has_enabled_quantizer(unit) for unit in units),
+                          stage3_units=sum(any(isinstance(m, Quantizer) for m in unit.modules()) for unit in units),
+                          blocks=sum(is_block(unit.body) for unit in units), images=images)
+
+
+def training_steps(config: IsvitConfig, *, stage1_units: int, stage3_units: int, blocks: int, images: int = 0) -> int:
+    """Steps of ``config``'s training, counted in block-steps of its reconstruction batch: stage 1
+    and stage 3 train their units ``iters`` steps each; with the end-to-end stage on ``images``
+    calibration images, each of its steps counts as one step of every block (scaled by the two
+    batch sizes): it runs the whole model forward and backward. Times the reconstruction's batch
+    size, it compares the work of two configs."""
     resolved = config.resolved()
-    stage1 = sum(has_enabled_quantizer(unit) for unit in units) if config.stage1 else 0
-    stage3 = sum(any(isinstance(m, Quantizer) for m in unit.modules()) for unit in units)
-    steps = (stage1 + stage3) * resolved.reconstruction.iters
+    steps = ((stage1_units if config.stage1 else 0) + stage3_units) * resolved.reconstruction.iters
     e2e = resolved.end_to_end
     if e2e.epochs and images > e2e.holdout:
-        blocks = sum(is_block(unit.body) for unit in units)
         e2e_steps = e2e.epochs * math.ceil((images - e2e.holdout) / e2e.batch_size)
         steps += round(e2e_steps * blocks * e2e.batch_size / resolved.reconstruction.batch_size)
     return steps
